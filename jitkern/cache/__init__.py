@@ -1,0 +1,1 @@
+"""Cache tiers below memory: the writable disk cache, read-only AOT directories, locks."""

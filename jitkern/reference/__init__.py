@@ -1,0 +1,1 @@
+"""Float64 PyTorch references of every op, for tests and users."""

@@ -1,0 +1,97 @@
+"""The cache key: stable across processes, directories and checkouts; sensitive to every input."""
+
+import shutil
+
+import pytest
+
+from conftest import ROOT, run_py
+from jitkern import toolchain
+from jitkern.family import Entry, KernelFamily, Param
+from jitkern.service import KernelService
+
+KEY_CODE = ("import json, jitkern; from jitkern.families.selftest import SELFTEST;"
+            "print(json.dumps(jitkern.key_of(SELFTEST, {'dtype': 'bf16', 'unroll': 4}, 'sm_90a')))")
+
+
+def test_key_is_identical_in_processes_started_in_different_directories(tmp_path, cache_env):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b" / "deeper").mkdir(parents=True)
+    k1, _ = run_py(KEY_CODE, cache_env, cwd=tmp_path / "a")
+    k2, _ = run_py(KEY_CODE, cache_env, cwd=tmp_path / "b" / "deeper")
+    assert k1 == k2 and len(k1) == 64
+
+
+def family_in(root, options=("-std=c++17",)):
+    return KernelFamily(name="keyfam", source="main.cu", source_dir=root, options=options,
+                        params=(Param("n", (1, 2)),), entries={"k": Entry("k")})
+
+
+def key(fam, config=None, arch="sm_90"):
+    return KernelService().key_for(fam.specialize(config or {"n": 1}), arch)
+
+
+@pytest.fixture
+def src(tmp_path):
+    root = tmp_path / "src"
+    root.mkdir()
+    (root / "main.cu").write_text('#include "inc/h.cuh"\n#include <cuda_bf16.h>\n'
+                                  "__global__ void k() {}\n")
+    (root / "inc").mkdir()
+    (root / "inc" / "h.cuh").write_text("#pragma once\n#define H 1\n")
+    return root
+
+
+def test_key_has_no_absolute_paths(src, tmp_path):
+    other = tmp_path / "elsewhere" / "copy"
+    shutil.copytree(src, other)
+    assert key(family_in(src)) == key(family_in(other))
+
+
+def test_key_changes_with_a_header_of_the_closure(src):
+    before = key(family_in(src))
+    (src / "inc" / "h.cuh").write_text("#pragma once\n#define H 2\n")
+    assert key(family_in(src)) != before
+
+
+def test_key_changes_with_the_main_source(src):
+    before = key(family_in(src))
+    (src / "main.cu").write_text((src / "main.cu").read_text() + "// comment\n")
+    assert key(family_in(src)) != before
+
+
+def test_key_changes_with_options_target_and_configuration(src):
+    base = key(family_in(src))
+    assert key(family_in(src, options=("-std=c++17", "-lineinfo"))) != base
+    assert key(family_in(src), arch="sm_90a") != base
+    assert key(family_in(src), arch="sm_100") != base
+    assert key(family_in(src), config={"n": 2}) != base
+
+
+def test_key_changes_with_nvrtc_version(src, monkeypatch):
+    base = key(family_in(src))
+    monkeypatch.setattr(toolchain, "nvrtc_version", lambda: "99.9")
+    assert key(family_in(src)) != base
+
+
+def test_key_changes_with_the_cuda_headers(src, tmp_path, monkeypatch):
+    base = key(family_in(src))
+    fake = tmp_path / "include"
+    fake.mkdir()
+    real = toolchain.cuda_include_dir()
+    for name in ("cuda_fp16.h", "cuda_bf16.h"):
+        shutil.copy(real / name, fake / name)
+    (fake / "cuda_bf16.h").write_text((fake / "cuda_bf16.h").read_text() + "\n// patched\n")
+    monkeypatch.setattr(toolchain, "cuda_include_dir", lambda: fake)
+    toolchain.header_digest.cache_clear()
+    try:
+        assert key(family_in(src)) != base
+    finally:
+        toolchain.header_digest.cache_clear()
+
+
+def test_header_digest_follows_includes_of_cuda_headers():
+    direct = toolchain.header_digest(("cuda_bf16.h",))
+    assert direct != toolchain.header_digest(("cuda_fp16.h",))
+    assert len(direct) == 64
+    assert toolchain.header_digest(("no_such_header.h",)) != toolchain.header_digest(("other.h",))
+    assert (ROOT / "kernels_src" / "selftest.cu").is_file()
