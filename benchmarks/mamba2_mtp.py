@@ -1,0 +1,262 @@
+"""Benchmark of the Mamba2 MTP SSM update: jitkern vs FlashInfer vs eager PyTorch, one run.
+
+For each configuration: time per call (median of CUDA-event timings of graph replays after
+warm-up), the bytes the spec's roofline says must move (state read, T intermediate states
+written, state written, plus the per-token tensors), achieved bandwidth, and that bandwidth as a
+percent of a large device-to-device copy measured in the same run. Peers in the same run:
+FlashInfer's selective_state_update (multi-token mode with its intermediate-state buffer; it has
+no draft-tree input, so it runs in chain rows only) when it imports, and the eager PyTorch
+implementation of the same math (fp32 compute).
+
+Small batches would otherwise run from L2: every timed graph holds R calls that use disjoint
+state slots and intermediate rows (R chosen so one replay touches >= 512 MiB), and the time per
+call is the replay time over R. FlashInfer runs through the same graphs and the same indices.
+
+    python benchmarks/mamba2_mtp.py                 # the full table
+    python benchmarks/mamba2_mtp.py --quick         # a subset
+    python benchmarks/mamba2_mtp.py --tune          # tiling sweep (threads per row, block size)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import math
+import statistics
+import sys
+
+import torch
+
+sys.path.insert(0, __import__("os").path.dirname(__import__("os").path.dirname(
+    __import__("os").path.abspath(__file__))))
+
+from jitkern.families.mamba2 import pick_tiling  # noqa: E402
+from jitkern.ops import mamba2 as m2  # noqa: E402
+
+DT = {"fp32": torch.float32, "bf16": torch.bfloat16}
+MIN_TOUCH = 512 << 20
+
+
+def median_ms(fn, warmup=3, reps=15):
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+def copy_bandwidth():
+    """GB/s of a 1 GiB device-to-device copy (bytes read + bytes written)."""
+    n = 1 << 28
+    src = torch.randn(n, device="cuda")
+    dst = torch.empty_like(src)
+    ms = median_ms(lambda: dst.copy_(src), warmup=3, reps=20)
+    return 2 * src.numel() * 4 / ms / 1e6
+
+
+class Problem:
+    """One configuration with R disjoint replicas of its batch (for cache-cold timing)."""
+
+    def __init__(self, H, G, P, N, T, Bt, state_dtype, tree, input_dtype=torch.bfloat16):
+        self.H, self.G, self.P, self.N, self.T, self.Bt = H, G, P, N, T, Bt
+        self.tree = tree
+        sd = state_dtype
+        es = torch.tensor([], dtype=sd).element_size()
+        per_seq = H * P * N * es * (T + 2)
+        self.R = R = max(1, min(256, math.ceil(MIN_TOUCH / (Bt * per_seq))))
+        S = R * Bt
+        dev = "cuda"
+        r = lambda *s, dt=input_dtype: (torch.randn(*s, device=dev) * 0.5).to(dt)  # noqa: E731
+        self.state = r(S, H, P, N, dt=sd)
+        self.inter = torch.empty(S, T, H, P, N, device=dev, dtype=sd)
+        self.x, self.B, self.C = r(Bt, T, H, P), r(Bt, T, G, N), r(Bt, T, G, N)
+        self.dt = r(Bt, T, H) - 1.0
+        self.A = -(torch.rand(H, device=dev) * 3 + 0.5)
+        self.D = r(H)
+        self.dt_bias = r(H) + 0.5
+        self.out = torch.empty(Bt, T, H, P, device=dev, dtype=input_dtype)
+        self.idx = [torch.arange(i * Bt, (i + 1) * Bt, device=dev, dtype=torch.int32)
+                    for i in range(R)]
+        par = torch.tensor([(t - 1) // 2 for t in range(T)], dtype=torch.int32, device=dev)
+        self.parent = par.expand(Bt, T).contiguous() if tree else None   # binary tree
+        # roofline bytes of one call: state read + T intermediates + state written, + small
+        self.bytes = Bt * H * P * N * es * (T + 2) + Bt * T * (
+            2 * H * P * 2 + 2 * G * N * 2 + H * 2)
+
+    def jitkern_call(self, i, tiling=None):
+        kw = dict(D=self.D, dt_bias=self.dt_bias, dt_softplus=True,
+                  state_batch_indices=self.idx[i], intermediate_states=self.inter,
+                  intermediate_state_indices=self.idx[i], retrieve_parent_token=self.parent,
+                  out=self.out)
+        if tiling is None:
+            return lambda: m2.mamba2_mtp_ssm_update(self.state, self.x, self.dt, self.A, self.B,
+                                                    self.C, **kw)
+        plan = m2._prepare_update(self.state, self.x, self.dt, self.A, self.B, self.C, self.D,
+                                  None, self.dt_bias, True, self.idx[i], -1, self.inter,
+                                  self.idx[i], self.parent, False, self.out, tiling=tiling)
+        args = (plan, self.state, self.x, self.dt, self.A, self.B, self.C, self.D, None,
+                self.dt_bias, self.idx[i], -1, self.inter, self.idx[i], self.parent, False,
+                self.out)
+        return lambda: m2._launch_update(*args)
+
+    def flashinfer_call(self, fi, i):
+        H, P, N, T, Bt = self.H, self.P, self.N, self.T, self.Bt
+        dt = self.dt[..., None].expand(Bt, T, H, P)          # FlashInfer's stride-0 forms
+        A = self.A[:, None, None].expand(H, P, N)
+        D = self.D[:, None].expand(H, P)
+        bias = self.dt_bias[:, None].expand(H, P)
+        return lambda: fi.selective_state_update(
+            self.state, self.x, dt, A, self.B, self.C, D, dt_bias=bias, dt_softplus=True,
+            state_batch_indices=self.idx[i], pad_slot_id=-1, out=self.out,
+            intermediate_states_buffer=self.inter, intermediate_state_indices=self.idx[i],
+            cache_steps=T)
+
+    def eager_call(self):
+        """The same math in eager PyTorch (fp32 compute), vectorized over the batch."""
+        idx = self.idx[0].long()
+        hpg = self.H // self.G
+
+        def run():
+            h = self.state[idx].float()                                   # [Bt, H, P, N]
+            d = torch.nn.functional.softplus(self.dt.float() + self.dt_bias.float(),
+                                             threshold=20.0)              # [Bt, T, H]
+            dA = torch.exp(self.A.float() * d)
+            Bh = self.B.float().repeat_interleave(hpg, dim=2)             # [Bt, T, H, N]
+            Ch = self.C.float().repeat_interleave(hpg, dim=2)
+            x = self.x.float()
+            for t in range(self.T):
+                if self.parent is not None and t > 0:
+                    p = self.parent[:, t].long()
+                    ok = (p >= 0) & (p < t)
+                    node = self.inter[idx, p.clamp(0, self.T - 1)].float()
+                    h = torch.where(ok[:, None, None, None], node, h)
+                h = h * dA[:, t, :, None, None] + \
+                    (x[:, t] * d[:, t, :, None])[..., None] * Bh[:, t, :, None, :]
+                self.inter[idx, t] = h.to(self.inter.dtype)
+                y = torch.einsum("bhpn,bhn->bhp", h, Ch[:, t]) + x[:, t] * self.D.float()[:, None]
+                self.out[:, t] = y.to(self.out.dtype)
+            self.state[idx] = h.to(self.state.dtype)
+
+        return run
+
+
+def graph_of(calls):
+    g = torch.cuda.CUDAGraph()
+    for c in calls:   # warm: compile, load, autotune outside the capture
+        c()
+    torch.cuda.synchronize()
+    with torch.cuda.graph(g):
+        for c in calls:
+            c()
+    return g
+
+
+def time_calls(calls):
+    g = graph_of(calls)
+    return median_ms(g.replay) / len(calls)
+
+
+def load_flashinfer():
+    try:
+        import flashinfer.mamba as fim
+
+        return fim
+    except Exception as err:   # noqa: BLE001 - any import failure means "not available"
+        print(f"# FlashInfer not available: {type(err).__name__}: {err}")
+        return None
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--tune", action="store_true")
+    ap.add_argument("--no-eager", action="store_true")
+    ap.add_argument("--no-flashinfer", action="store_true")
+    args = ap.parse_args()
+
+    name = torch.cuda.get_device_name()
+    bw = copy_bandwidth()
+    print(f"# device: {name}; date: {datetime.date.today()}; torch {torch.__version__}")
+    print(f"# copy bandwidth (1 GiB device-to-device, read + write): {bw:.0f} GB/s")
+    fi = None if args.no_flashinfer else load_flashinfer()
+
+    if args.tune:
+        tune(bw)
+        return
+
+    shapes = [(128, 8), (32, 2)]
+    states = ["fp32", "bf16"]
+    Ts = [1, 4, 8]
+    batches = [1, 8, 32, 128, 256]
+    if args.quick:
+        shapes, states, Ts, batches = [(128, 8)], ["fp32"], [8], [1, 32, 256]
+
+    print("\n## mamba2_mtp_ssm_update (P=64, N=128; bf16 x/B/C/dt/D/dt_bias, fp32 A, softplus, "
+          "binary tree in tree rows)")
+    hdr = ("| H | G | state | T | tree | batch | jitkern us | GB/s | % copy | FlashInfer us | "
+           "% copy | jk speedup | eager us | jk speedup |")
+    print(hdr)
+    print("|" + "---|" * (hdr.count("|") - 1))
+    for H, G in shapes:
+        for sd in states:
+            for T in Ts:
+                for tree in (False, True):
+                    for Bt in batches:
+                        row(bw, fi, H, G, sd, T, tree, Bt, not args.no_eager)
+
+
+def row(bw, fi, H, G, sd, T, tree, Bt, eager):
+    pr = Problem(H, G, 64, 128, T, Bt, DT[sd], tree)
+    ms = time_calls([pr.jitkern_call(i) for i in range(pr.R)])
+    gbs = pr.bytes / ms / 1e6
+    cells = [H, G, sd, T, "yes" if tree else "no", Bt, f"{ms * 1e3:.1f}", f"{gbs:.0f}",
+             f"{100 * gbs / bw:.0f}%"]
+    if fi is not None and not tree:
+        try:
+            fms = time_calls([pr.flashinfer_call(fi, i) for i in range(pr.R)])
+            cells += [f"{fms * 1e3:.1f}", f"{100 * pr.bytes / fms / 1e6 / bw:.0f}%",
+                      f"{fms / ms:.2f}x"]
+        except Exception as err:  # noqa: BLE001
+            cells += [f"error: {type(err).__name__}", "-", "-"]
+    else:
+        cells += ["-", "-", "-"]
+    if eager:
+        ems = median_ms(pr.eager_call(), warmup=1, reps=5)
+        cells += [f"{ems * 1e3:.0f}", f"{ems / ms:.1f}x"]
+    else:
+        cells += ["-", "-"]
+    print("| " + " | ".join(str(c) for c in cells) + " |", flush=True)
+    del pr
+    torch.cuda.empty_cache()
+
+
+def tune(bw):
+    """Threads per row x threads per block, chain and tree, small and large batches."""
+    print("\n## tiling sweep (H=128, G=8, P=64, N=128)")
+    print("| state | T | tree | batch | TPR | ROWS | us | % copy |")
+    print("|---|---|---|---|---|---|---|---|")
+    for sd, tprs in (("fp32", (32, 16, 8)), ("bf16", (16, 8, 4))):
+        for T in (8,):
+            for tree in (False, True):
+                for Bt in (1, 32, 256):
+                    pr = Problem(128, 8, 64, 128, T, Bt, DT[sd], tree)
+                    for tpr in tprs:
+                        for threads in (128, 256, 512):
+                            tiling = pick_tiling(128, sd, 64, threads=threads, tpr=tpr)
+                            ms = time_calls([pr.jitkern_call(i, tiling) for i in range(pr.R)])
+                            print(f"| {sd} | {T} | {'yes' if tree else 'no'} | {Bt} | "
+                                  f"{tiling[0]} | {tiling[1]} | {ms * 1e3:.1f} | "
+                                  f"{100 * pr.bytes / ms / 1e6 / bw:.0f}% |", flush=True)
+                    del pr
+                    torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()

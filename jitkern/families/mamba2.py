@@ -1,0 +1,133 @@
+"""The Mamba2 multi-token SSM update family: ``kernels_src/mamba2_mtp_ssm_update.cu``.
+
+Two entries in one module: ``update`` (the T-step state update with optional intermediate
+states and draft tree) and ``commit`` (copy an accepted intermediate node into the state pool).
+
+Compile-time parameters are those that change the code a thread runs: the row length ``N`` (the
+register array of a thread and the unrolled inner loop), the tiling (``TPR`` threads per state
+row, ``ROWS`` rows per block), the six dtypes, and the optional-tensor / mode flags. Everything
+that only enters address arithmetic (T, Bt, H, P, G, strides, indices, pad id,
+disable_state_update) is a run-time argument, so one specialization serves every batch, draft
+length and head count of a model. See jitkern.ops.mamba2 for how the tiling is chosen.
+"""
+
+from __future__ import annotations
+
+from .. import dtypes
+from ..family import Entry, IntRange, KernelFamily, Param, register_family
+
+FLOAT_DTYPES = ("fp32", "bf16", "fp16")
+ESIZE = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+# Field order and C types of jk_mamba2::UpdateParams / CommitParams (one struct by value).
+UPDATE_SIGNATURE = tuple(
+    [(n, "ptr") for n in ("state", "x", "dt", "A", "B", "C", "D", "z", "dt_bias", "out", "inter",
+                          "state_idx", "inter_idx", "parent")]
+    + [(n, "i64") for n in ("state_ss", "inter_ss", "x_sb", "x_st", "x_sh", "dt_sb", "dt_st",
+                            "dt_sh", "B_sb", "B_st", "B_sg", "C_sb", "C_st", "C_sg", "z_sb",
+                            "z_st", "z_sh", "out_sb", "out_st", "out_sh", "A_sh", "D_sh",
+                            "bias_sh")]
+    + [(n, "i32") for n in ("T", "H", "P", "heads_per_group", "S", "S2", "pad_slot_id",
+                            "disable_state_update")])
+
+COMMIT_SIGNATURE = tuple(
+    [(n, "ptr") for n in ("state", "inter", "accepted", "state_idx", "inter_idx")]
+    + [(n, "i64") for n in ("state_ss", "inter_ss", "step_stride", "vecs")]
+    + [(n, "i32") for n in ("T", "S", "S2", "pad_slot_id")])
+
+MAX_T = 16                # the kernel's per-step shared arrays
+COMMIT_THREADS = 256      # jk_mamba2::COMMIT_THREADS
+COMMIT_UNROLL = 4         # jk_mamba2::COMMIT_UNROLL
+
+
+def chunks_per_row(N: int, state_dtype: str) -> int:
+    """16-byte vectors in one state row of N elements."""
+    return N * ESIZE[state_dtype] // 16
+
+
+def pick_tiling(N: int, state_dtype: str, P: int, threads: int = 256, tpr: int = 32) -> tuple:
+    """(TPR, ROWS) for a row of N state elements and head_dim P (a multiple of 8).
+
+    TPR: the largest power of two <= ``tpr`` that divides the row's 16-byte chunks (each thread
+    then holds N / TPR elements). ROWS: the most rows per block with TPR * ROWS <= ``threads``,
+    ROWS dividing P and whole warps. Defaults chosen by measurement (BENCHMARKS.md)."""
+    chunks = chunks_per_row(N, state_dtype)
+    t = tpr
+    while chunks % t:
+        t //= 2
+    for rows in (64, 32, 16, 8, 4, 2, 1):
+        if rows * t <= max(threads, 32) and P % rows == 0 and (rows * t) % 32 == 0:
+            return t, rows
+    # no divisor of P makes whole warps (P = 8 with 2 threads per row): one warp of rows,
+    # the kernel masks the rows past P
+    return t, 32 // t
+
+
+def _validate(cfg: dict) -> None:
+    if cfg["tree"] and not cfg["intermediate"]:
+        raise ValueError("mamba2_mtp_ssm_update: tree=True needs intermediate=True (the parent "
+                         "nodes are read back from the intermediate states)")
+    chunks = chunks_per_row(cfg["N"], cfg["state_dtype"])
+    if chunks % cfg["TPR"]:
+        raise ValueError(f"mamba2_mtp_ssm_update: TPR={cfg['TPR']} must divide the {chunks} "
+                         f"16-byte chunks of a row (N={cfg['N']}, state {cfg['state_dtype']})")
+    threads = cfg["TPR"] * cfg["ROWS"]
+    if threads % 32 or threads > 1024:
+        raise ValueError(f"mamba2_mtp_ssm_update: TPR * ROWS = {threads} must be a multiple of "
+                         f"32 and at most 1024")
+
+
+def _dtype_param(name: str) -> Param:
+    return Param(name, FLOAT_DTYPES, render=dtypes.C_TYPE)
+
+
+def nemotron_config(state_dtype: str, tree: bool, intermediate: bool = True) -> dict:
+    """The Nemotron-H / Nemotron 3 decode configuration: N=128, bf16 x/B/C and dt/D/dt_bias
+    (one dtype for the three, as FlashInfer and TensorRT-LLM callers pass them), fp32 A, softplus
+    on, no z (the gate is applied by the gated RMSNorm after the op)."""
+    tpr, rows = pick_tiling(128, state_dtype, 64)
+    return dict(N=128, TPR=tpr, ROWS=rows, state_dtype=state_dtype, input_dtype="bf16",
+                dt_dtype="bf16", A_dtype="fp32", D_dtype="bf16", dt_bias_dtype="bf16",
+                has_D=True, has_z=False, has_dt_bias=True, dt_softplus=True, tree=tree,
+                intermediate=intermediate)
+
+
+def _warmup() -> tuple:
+    out = []
+    for sd in ("fp32", "bf16"):
+        out.append(nemotron_config(sd, tree=True))
+        out.append(nemotron_config(sd, tree=False))
+        out.append(nemotron_config(sd, tree=False, intermediate=False))   # plain decode, T = 1
+    return tuple(out)
+
+
+MAMBA2 = register_family(KernelFamily(
+    name="mamba2_mtp_ssm_update",
+    source="mamba2_mtp_ssm_update.cu",
+    description="Mamba2 multi-token SSM state update (chain or draft tree) and accepted-state commit",
+    params=(
+        Param("N", IntRange(16, 512, multiple_of=16)),
+        Param("TPR", (1, 2, 4, 8, 16, 32)),
+        Param("ROWS", (1, 2, 4, 8, 16, 32, 64)),
+        _dtype_param("state_dtype"),
+        _dtype_param("input_dtype"),
+        _dtype_param("dt_dtype"),
+        _dtype_param("A_dtype"),
+        _dtype_param("D_dtype"),
+        _dtype_param("dt_bias_dtype"),
+        Param("has_D", (False, True), macro="JK_HAS_D"),
+        Param("has_z", (False, True), macro="JK_HAS_Z"),
+        Param("has_dt_bias", (False, True), macro="JK_HAS_DT_BIAS"),
+        Param("dt_softplus", (False, True), macro="JK_DT_SOFTPLUS"),
+        Param("tree", (False, True), macro="JK_TREE"),
+        Param("intermediate", (False, True), macro="JK_INTERMEDIATE"),
+    ),
+    entries={
+        "update": Entry("jk_mamba2::mtp_ssm_update", signature=UPDATE_SIGNATURE, packed=True),
+        "commit": Entry("jk_mamba2::commit_accepted_state", signature=COMMIT_SIGNATURE,
+                        packed=True),
+    },
+    options=("-std=c++17",),
+    validate=_validate,
+    warmup=_warmup(),
+))
