@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.util
+import json
 import os
 import re
 from pathlib import Path
@@ -29,8 +30,29 @@ def nvrtc():
 
 @functools.lru_cache(maxsize=None)
 def nvrtc_version() -> str:
+    """'13.0'-style NVRTC version. Remembered per library file (path, size, mtime) in the
+    toolchain memo, so a process that only reads the cache never loads libnvrtc."""
+    lib = _nvrtc_library_file()
+    memo_key = None
+    if lib is not None:
+        st = lib.stat()
+        memo_key = f"nvrtc:{lib}:{st.st_size}:{st.st_mtime_ns}"
+        cached = _MEMO.get(memo_key)
+        if isinstance(cached, str):
+            return cached
     major, minor = nvrtc().getVersion()
-    return f"{major}.{minor}"
+    version = f"{major}.{minor}"
+    if memo_key is not None:
+        _MEMO.put(memo_key, version)
+    return version
+
+
+def _nvrtc_library_file() -> Path | None:
+    """The libnvrtc of the nvidia-cuda-nvrtc wheel, which CuPy loads first, if installed."""
+    for inc in _wheel_include_dirs():
+        for lib in sorted((inc.parent / "lib").glob("libnvrtc.so.*")):
+            return lib
+    return None
 
 
 @functools.lru_cache(maxsize=None)
@@ -68,8 +90,32 @@ def cuda_include_dir() -> Path:
 def header_digest(names: tuple) -> str:
     """SHA-256 over the CUDA headers reachable from ``names`` (their relative names and bytes).
 
-    Names that resolve to no file (NVRTC's built-in headers, e.g. <cstdint>) enter by name."""
+    Names that resolve to no file (NVRTC's built-in headers, e.g. <cstdint>) enter by name.
+    The digest is remembered in the toolchain memo with each file's size and mtime, and reused
+    while none of them changed (what make and ccache do), sparing each new process the reads."""
     inc = cuda_include_dir()
+    memo_key = f"headers:{inc}:{','.join(names)}"
+    cached = _MEMO.get(memo_key)
+    if isinstance(cached, dict) and _stamps_match(inc, cached.get("files", {})):
+        return cached["digest"]
+    digest, files = _header_digest(inc, names)
+    _MEMO.put(memo_key, {"digest": digest, "files": files})
+    return digest
+
+
+def _stamp(path: Path):
+    try:
+        st = path.stat()
+        return [st.st_size, st.st_mtime_ns]
+    except OSError:
+        return None
+
+
+def _stamps_match(inc: Path, files: dict) -> bool:
+    return bool(files) and all(_stamp(inc / name) == stamp for name, stamp in files.items())
+
+
+def _header_digest(inc: Path, names: tuple):
     seen: dict[str, bytes | None] = {}
     todo = list(names)
     while todo:
@@ -92,7 +138,48 @@ def header_digest(names: tuple) -> str:
         h.update(f"{name}\0{-1 if data is None else len(data)}\0".encode())
         if data:
             h.update(data)
-    return h.hexdigest()
+    return h.hexdigest(), {name: _stamp(inc / name) for name in sorted(seen)}
+
+
+class _Memo:
+    """A small JSON file beside the cache (toolchain.json): facts about the toolchain that are
+    slow to establish and keyed by what they depend on. Best effort: unreadable or unwritable
+    means recompute."""
+
+    def __init__(self):
+        self._data = None
+
+    def _path(self) -> Path:
+        from . import settings
+
+        return settings.cache_dir() / "toolchain.json"
+
+    def _load(self) -> dict:
+        if self._data is None:
+            try:
+                self._data = json.loads(self._path().read_text())
+            except (OSError, ValueError):
+                self._data = {}
+        return self._data
+
+    def get(self, key: str):
+        return self._load().get(key)
+
+    def put(self, key: str, value) -> None:
+        data = self._load()
+        data[key] = value
+        path = self._path()
+        try:
+            if not path.parent.exists():
+                path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            tmp = path.with_name(f".toolchain.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(data))
+            os.replace(tmp, path)
+        except OSError:
+            pass
+
+
+_MEMO = _Memo()
 
 
 _ARCH = re.compile(r"^(?:sm_?|compute_)?(\d)\.?(\d{1,2})([af]?)$")
