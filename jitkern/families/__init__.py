@@ -4,3 +4,4 @@ Family modules declare only (no torch import), so the CLI can list and compile t
 
 from . import selftest  # noqa: F401
 from . import mamba2  # noqa: F401
+from . import spec_dec_attention  # noqa: F401

@@ -1,0 +1,290 @@
+"""Benchmark: spec_dec_attention vs its peers, one table.
+
+Columns: configuration, KV bytes, time (median over CUDA-graph replays, L2 defeated by rotating
+through enough copies of the inputs), percent of the read bandwidth measured in the same run
+(a large ``sum``), FlashInfer's ``xqa`` (when ``import flashinfer`` works) and our speedup over
+it, FlexAttention (tree as ``mask_mod``, dense gathered K/V), SDPA on a gathered dense copy, and
+for trees the percent of the bf16 matmul rate measured with ``torch.matmul``.
+
+    python benchmarks/spec_dec_attention.py [--quick] [--no-flex] [--rows N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import math
+import random
+import statistics
+import sys
+
+import torch
+
+sys.path.insert(0, __import__("os").path.dirname(__import__("os").path.dirname(__file__)))
+
+from jitkern.ops import spec_dec_attention  # noqa: E402
+from jitkern.reference.spec_dec_attention import (chain_parents, pack_tree_masks,  # noqa: E402
+                                                  random_eagle_tree, tree_visibility)
+
+L2_DEFEAT_BYTES = 256 << 20
+
+
+# ---- measurement -------------------------------------------------------------------------------
+
+def time_graph(calls, reps: int = 15) -> float:
+    """Median seconds per call: ``calls`` (a list of thunks, one per input copy) captured in one
+    CUDA graph, replayed ``reps`` times after a warm-up; falls back to an eager loop if a call
+    cannot be captured."""
+    for c in calls:
+        c()
+    torch.cuda.synchronize()
+    try:
+        g = torch.cuda.CUDAGraph()
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            with torch.cuda.graph(g, stream=s):
+                for c in calls:
+                    c()
+        torch.cuda.current_stream().wait_stream(s)
+        run = g.replay
+    except Exception:
+        torch.cuda.synchronize()
+
+        def run():
+            for c in calls:
+                c()
+    run()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        run()
+        b.record()
+        b.synchronize()
+        ts.append(a.elapsed_time(b) / 1e3 / len(calls))
+    return statistics.median(ts)
+
+
+def read_bandwidth() -> float:
+    x = torch.empty(1 << 30, dtype=torch.bfloat16, device="cuda").normal_()   # 2 GiB
+    t = time_graph([lambda: x.sum()], reps=10)
+    del x
+    return (1 << 31) / t
+
+
+def matmul_rate() -> float:
+    a = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+    b = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+    t = time_graph([lambda: torch.matmul(a, b)], reps=10)
+    return 2 * 8192 ** 3 / t
+
+
+# ---- inputs (built on the GPU: benchmark sizes reach several GB) --------------------------------
+
+def build(batch, hq, hkv, d, ctx, draft, kv_dtype, page_size=64, layout="NHD", seed=0):
+    """One input set: uniform draft (parent array), prefix ``ctx``, shuffled pages."""
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    n = len(draft)
+    L = ctx + n
+    npg = (L + page_size - 1) // page_size
+    pool = batch * npg
+    table = torch.randperm(pool, device="cuda", generator=gen).to(torch.int32).view(batch, npg)
+    shape = (pool, page_size, hkv, d) if layout == "NHD" else (pool, hkv, page_size, d)
+    kc = torch.randn(shape, device="cuda", generator=gen, dtype=torch.bfloat16)
+    vc = torch.randn(shape, device="cuda", generator=gen, dtype=torch.bfloat16)
+    if kv_dtype == torch.float8_e4m3fn:
+        kc, vc = (kc * 2).to(kv_dtype), (vc * 2).to(kv_dtype)
+    q = torch.randn(batch * n, hq, d, device="cuda", generator=gen, dtype=torch.bfloat16)
+    mask = pack_tree_masks([draft] * batch).cuda() if n > 1 else None
+    return dict(q=q, k_cache=kc, v_cache=vc, block_tables=table,
+                seq_lens=torch.full((batch,), L, dtype=torch.int32, device="cuda"),
+                tree_mask=mask, kv_layout=layout,
+                kv_scale=0.5 if kv_dtype == torch.float8_e4m3fn else None)
+
+
+def gathered(a, d):
+    """Dense [B, Hkv, L, D] bf16 copies of K and V (fp8 dequantized), for SDPA and Flex."""
+    kc, vc, bt = a["k_cache"], a["v_cache"], a["block_tables"]
+    batch, npg = bt.shape
+    ks = a["kv_scale"] or 1.0
+    L = int(a["seq_lens"][0])
+    k = kc[bt.long()].to(torch.bfloat16) * ks      # [B, npg, PS, Hkv, D]
+    v = vc[bt.long()].to(torch.bfloat16) * ks
+    k = k.reshape(batch, -1, k.shape[-2], d)[:, :L].transpose(1, 2).contiguous()
+    v = v.reshape(batch, -1, v.shape[-2], d)[:, :L].transpose(1, 2).contiguous()
+    return k, v
+
+
+# ---- peers -------------------------------------------------------------------------------------
+
+def xqa_thunk(a, n, hkv, page_size):
+    import flashinfer
+
+    q = a["q"]
+    batch = a["seq_lens"].shape[0]
+    hq, d = q.shape[1], q.shape[2]
+    if n > 1:
+        qv = q.view(batch, 1, n, hq, d)
+        m = a["tree_mask"].view(torch.uint16).reshape(batch, n, -1).contiguous()
+    else:
+        qv = q.view(batch, 1, hq, d)
+        m = None
+    out = torch.empty_like(qv)
+    ws = torch.zeros(256 << 20, dtype=torch.uint8, device="cuda")
+    sem = torch.zeros(2 << 20, dtype=torch.uint32, device="cuda")
+    sl = a["seq_lens"].view(batch, 1).to(torch.uint32)
+    ks = a["kv_scale"] or 1.0
+
+    def call():
+        flashinfer.xqa(qv, a["k_cache"], a["v_cache"], a["block_tables"], sl, out, ws, sem, hkv,
+                       page_size, kv_scale=ks, kv_layout=a["kv_layout"], q_seq_len=n, mask=m)
+    return call, out
+
+
+def sdpa_thunk(a, n, k, v, vis):
+    import torch.nn.functional as F
+
+    batch = a["seq_lens"].shape[0]
+    hq, d = a["q"].shape[1], a["q"].shape[2]
+    q = a["q"].view(batch, n, hq, d).transpose(1, 2)
+    mask = vis.view(1, 1, n, -1)
+
+    def call():
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    return call
+
+
+_FLEX = {}
+
+
+def flex_thunk(a, n, k, v, vis):
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    if "fn" not in _FLEX:
+        _FLEX["fn"] = torch.compile(flex_attention, dynamic=False)
+    batch = a["seq_lens"].shape[0]
+    hq, d = a["q"].shape[1], a["q"].shape[2]
+    q = a["q"].view(batch, n, hq, d).transpose(1, 2)
+    L = k.shape[2]
+    visd = vis.contiguous()
+
+    def mask_mod(b, h, qi, ki):
+        return visd[qi, ki]
+    bm = create_block_mask(mask_mod, None, None, n, L, device="cuda")
+
+    def call():
+        return _FLEX["fn"](q, k, v, block_mask=bm, enable_gqa=True)
+    return call
+
+
+# ---- the table ---------------------------------------------------------------------------------
+
+def grid(quick: bool):
+    rows = []
+    main = (32, 8, 128)
+    qspecs = (("1", 1), ("4 chain", 4), ("16 tree", 16), ("64 tree", 64))
+    ctxs = (1024, 8192, 32768)
+    batches = (1, 8, 64)
+    if quick:
+        for q in (qspecs[0], qspecs[2], qspecs[3]):
+            for c, b in ((8192, 1), (8192, 64), (1024, 8)):
+                for kv in ("bf16", "fp8"):
+                    rows.append((main, q, c, b, kv))
+        return rows
+    for q in qspecs:
+        for c in ctxs:
+            for b in batches:
+                if q[1] == 64 and c == 32768 and b == 64:
+                    continue   # 64 x 32k x 64 rows: minutes of peers; 8k covers the shape
+                for kv in ("bf16", "fp8"):
+                    rows.append((main, q, c, b, kv))
+    for shape in ((8, 1, 128), (64, 8, 128), (16, 16, 64), (8, 4, 256)):
+        for q in (qspecs[0], qspecs[2], qspecs[3]):
+            for b in (1, 64):
+                rows.append((shape, q, 8192, b, "bf16"))
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--no-flex", action="store_true")
+    ap.add_argument("--rows", type=int, default=0, help="run only the first N rows")
+    ap.add_argument("--page-size", type=int, default=64)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    dev = torch.cuda.get_device_name()
+    bw = read_bandwidth()
+    mm = matmul_rate()
+    try:
+        import flashinfer  # noqa: F401
+        have_xqa = True
+        xqa_note = "flashinfer " + getattr(flashinfer, "__version__", "?")
+    except Exception as e:   # noqa: BLE001
+        have_xqa = False
+        xqa_note = f"flashinfer unavailable ({type(e).__name__}: {e})"
+    print(f"# spec_dec_attention on {dev}, {datetime.date.today()}; read bandwidth (sum of 2 GiB) "
+          f"{bw / 1e12:.2f} TB/s; bf16 matmul {mm / 1e12:.0f} TFLOP/s; {xqa_note}; page {args.page_size}")
+    print("| Hq/Hkv/D | q | ctx | batch | KV | KV MB | ours us | ours %BW | XQA us | XQA %BW | "
+          "vs XQA | XQA err | Flex us | SDPA us | ours %MMA |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    rows = grid(args.quick)
+    if args.rows:
+        rows = rows[:args.rows]
+    rng = random.Random(0)
+    for (hq, hkv, d), (qname, n), ctx, batch, kvn in rows:
+        kv_dtype = torch.float8_e4m3fn if kvn == "fp8" else torch.bfloat16
+        draft = chain_parents(n) if "tree" not in qname else random_eagle_tree(n, rng)
+        ps = args.page_size
+        a0 = build(batch, hq, hkv, d, ctx - n, draft, kv_dtype, ps)
+        L = ctx
+        kv_bytes = batch * L * hkv * d * 2 * a0["k_cache"].element_size()
+        copies = max(1, min(16, math.ceil(L2_DEFEAT_BYTES / kv_bytes)))
+        sets = [a0] + [build(batch, hq, hkv, d, ctx - n, draft, kv_dtype, ps, seed=s)
+                       for s in range(1, copies)]
+        outs = [torch.empty_like(s["q"]) for s in sets]
+        ours_calls = [(lambda s=s, o=o: spec_dec_attention(**s, out=o)) for s, o in zip(sets, outs)]
+        t_ours = time_graph(ours_calls)
+        cells = dict(ours=t_ours)
+        xerr = ""
+        if have_xqa:
+            try:
+                xs = [xqa_thunk(s, n, hkv, ps) for s in sets]
+                t_x = time_graph([c for c, _ in xs])
+                cells["xqa"] = t_x
+                xo = xs[0][1].reshape(outs[0].shape).float()
+                xerr = f"{float((xo - outs[0].float()).norm() / outs[0].float().norm()):.1e}"
+            except Exception as e:   # noqa: BLE001
+                xerr = f"fail: {type(e).__name__}"
+        vis = None
+        try:
+            k, v = gathered(a0, d)
+            ctxp = L - n
+            tv = tree_visibility(draft).cuda()
+            vis = torch.cat([torch.ones(n, ctxp, dtype=torch.bool, device="cuda"), tv], 1)
+            cells["sdpa"] = time_graph([sdpa_thunk(a0, n, k, v, vis)], reps=5)
+            if not args.no_flex and "tree" in qname and batch <= 8:
+                cells["flex"] = time_graph([flex_thunk(a0, n, k, v, vis)], reps=5)
+            del k, v
+        except Exception as e:   # noqa: BLE001
+            print(f"<!-- dense peers failed: {type(e).__name__}: {e} -->")
+
+        def us(key):
+            return f"{cells[key] * 1e6:.1f}" if key in cells else "-"
+
+        def pct(key):
+            return f"{100 * kv_bytes / cells[key] / bw:.0f}%" if key in cells else "-"
+        ratio = f"{cells['xqa'] / t_ours:.2f}x" if "xqa" in cells else "-"
+        flops = 4 * batch * n * hq * L * d
+        mma = f"{100 * flops / t_ours / mm:.1f}%" if "tree" in qname else ""
+        print(f"| {hq}/{hkv}/{d} | {qname} | {ctx // 1024}k | {batch} | {kvn} | "
+              f"{kv_bytes / 1e6:.1f} | {us('ours')} | {pct('ours')} | {us('xqa')} | {pct('xqa')} | "
+              f"{ratio} | {xerr} | {us('flex')} | {us('sdpa')} | {mma} |", flush=True)
+        del sets, outs, ours_calls
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""Speculative-decoding attention over a paged KV cache: the kernel family (declaration only).
+
+Compile-time parameters (see docs/spec_dec_attention.md): head_dim, input dtype, KV dtype
+(the input's 16-bit type or fp8 e4m3), KV layout, page size, mode (decode / chain / tree), the
+query tile (rows per CTA: 16 rows per warp slab; 16 and 32 split each KV tile across warps, 64 and
+128 give each warp all of it) and whether the split-KV path is compiled in.
+"""
+
+from __future__ import annotations
+
+from ..family import Entry, KernelFamily, Param, register_family
+
+HEAD_DIMS = (64, 128, 256)
+PAGE_SIZES = (16, 32, 64, 128)
+MODES = ("decode", "chain", "tree")
+Q_TILES = (16, 32, 64, 128)
+KV_TILE = 64  # KV positions per pipeline stage (fixed in the source)
+
+ATTN_SIGNATURE = (
+    ("q", "ptr"), ("k_cache", "ptr"), ("v_cache", "ptr"), ("block_tables", "ptr"),
+    ("seq_lens", "ptr"), ("q_cu", "ptr"), ("mask", "ptr"), ("out", "ptr"), ("ws_o", "ptr"),
+    ("ws_ml", "ptr"), ("kv_scale_ptr", "ptr"),
+    ("total_q", "i32"), ("hq", "i32"), ("hkv", "i32"), ("group", "i32"), ("q_len", "i32"),
+    ("bt_stride", "i32"), ("mask_words", "i32"), ("num_splits", "i32"), ("row_tiles", "i32"),
+    ("window", "i32"), ("scale_log2", "f32"), ("kv_scale", "f32"),
+)
+MERGE_SIGNATURE = (("ws_o", "ptr"), ("ws_ml", "ptr"), ("out", "ptr"), ("rows", "i32"),
+                   ("num_splits", "i32"))
+
+
+def _validate(cfg: dict) -> None:
+    if cfg["kv_dtype"] != "fp8_e4m3" and cfg["kv_dtype"] != cfg["dtype"]:
+        raise ValueError(f"spec_dec_attention: kv_dtype {cfg['kv_dtype']!r} must equal dtype "
+                         f"{cfg['dtype']!r} or be 'fp8_e4m3' (tensor-core operands share one type)")
+
+
+def warps(q_tile: int) -> int:
+    """Warps per CTA for a query tile: one 16-row slab each, at least 4."""
+    return max(4, q_tile // 16)
+
+
+def shared_bytes(cfg: dict) -> int:
+    """Dynamic shared memory of one CTA; mirrors SMEM_BYTES in the source."""
+    d, qt = cfg["head_dim"], cfg["q_tile"]
+    kvb = 1 if cfg["kv_dtype"] == "fp8_e4m3" else 2
+    wm = qt // 16
+    wn = warps(qt) // wm
+    kv_row = d * kvb + 16
+    stages = 2 if (d * kvb >= 512 or qt >= 64) else 3
+    pipe = stages * 2 * KV_TILE * kv_row
+    epi = (wn * qt * (d + 4) + 2 * wn * qt) * 4
+    return qt * (d + 8) * 2 + max(pipe, epi)
+
+
+SPEC_DEC_ATTENTION = register_family(KernelFamily(
+    name="spec_dec_attention",
+    source="spec_dec_attention.cu",
+    description="speculative-decoding (tree/chain) attention over a paged KV cache, XQA semantics",
+    params=(
+        Param("head_dim", HEAD_DIMS),
+        Param("dtype", ("fp16", "bf16"), macro="JK_IN_BF16", render={"fp16": "0", "bf16": "1"}),
+        Param("kv_dtype", ("fp16", "bf16", "fp8_e4m3"), macro="JK_KV_FP8",
+              render={"fp16": "0", "bf16": "0", "fp8_e4m3": "1"}),
+        Param("kv_layout", ("NHD", "HND"), macro="JK_KV_HND", render={"NHD": "0", "HND": "1"}),
+        Param("page_size", PAGE_SIZES),
+        Param("mode", MODES, render={"decode": "0", "chain": "1", "tree": "2"}),
+        Param("q_tile", Q_TILES),
+        Param("split_kv", (False, True), default=True),
+    ),
+    entries={
+        "attention": Entry("jk_sd::spec_dec_attention", signature=ATTN_SIGNATURE, packed=True),
+        "merge": Entry("jk_sd::spec_dec_merge", signature=MERGE_SIGNATURE, packed=True),
+    },
+    options=("-std=c++17", "--use_fast_math"),
+    validate=_validate,
+    warmup=tuple(
+        dict(head_dim=128, dtype="bf16", kv_dtype=kv, kv_layout="NHD", page_size=ps, mode=mode,
+             q_tile=qt, split_kv=True)
+        for kv in ("bf16", "fp8_e4m3")
+        for ps in (16, 64)
+        # Llama-3-8B (G=4) and 70B-TP8 (G=8): decode packs G rows into a 16-row tile, a 4-chain
+        # 16/32 rows, trees of 16..64 nodes 64..512 rows
+        for mode, qt in (("decode", 16), ("chain", 32), ("tree", 64))
+    ),
+))

@@ -1,0 +1,416 @@
+"""``spec_dec_attention``: the verification-pass attention of speculative decoding over a paged
+KV cache (chain or tree drafts in XQA's packed mask format). See docs/spec_dec_attention.md.
+
+The public wrapper validates (shapes, dtypes, layouts, devices; values too with
+``check_values=True``), picks the specialization (mode, query tile) and the number of KV splits,
+and calls the custom op ``jitkern::spec_dec_attention``, which only launches. Nothing on the launch
+path allocates while a CUDA graph is being captured: the split-KV workspace is a per-device cached
+buffer grown by an uncaptured call (or passed in by the caller).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from ..families.spec_dec_attention import (HEAD_DIMS, KV_TILE, PAGE_SIZES, SPEC_DEC_ATTENTION,
+                                           shared_bytes, warps)
+from ..service import get_kernel
+from ..torch_ops import custom_op
+
+_IN_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16"}
+_KV_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float8_e4m3fn: "fp8_e4m3"}
+_LOG2E = 1.4426950408889634
+MAX_SPLITS = 64
+MIN_TILES_PER_SPLIT = 2          # a split reads at least 128 positions
+WORKSPACE_CAP_BYTES = 256 << 20  # splits are reduced before the workspace would outgrow this
+
+
+# ---- launch (the custom op) --------------------------------------------------------------------
+
+_LAUNCH: dict = {}   # (config items, device index) -> (kernel, smem bytes, threads)
+
+
+def kernel_config(dtype, kv_dtype, head_dim, kv_layout, mode, page_size, q_tile) -> tuple:
+    """The family configuration (canonical item tuple) a call runs."""
+    return (("dtype", _IN_DTYPES[dtype]), ("head_dim", head_dim), ("kv_dtype", _KV_DTYPES[kv_dtype]),
+            ("kv_layout", kv_layout), ("mode", mode), ("page_size", page_size), ("q_tile", q_tile),
+            ("split_kv", True))
+
+
+def _launcher(cfg: tuple, index: int):
+    hit = _LAUNCH.get((cfg, index))
+    if hit is None:
+        conf = dict(cfg)
+        kern = get_kernel(SPEC_DEC_ATTENTION, conf, index)
+        hit = _LAUNCH[(cfg, index)] = (kern, shared_bytes(conf), 32 * warps(conf["q_tile"]))
+    return hit
+
+
+@custom_op("jitkern::spec_dec_attention", mutates_args=("out", "workspace"))
+def _spec_dec_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           block_tables: torch.Tensor, seq_lens: torch.Tensor,
+                           q_cu_seqlens: Optional[torch.Tensor], tree_mask: Optional[torch.Tensor],
+                           kv_scale_t: Optional[torch.Tensor], out: torch.Tensor,
+                           workspace: torch.Tensor, scale: float, kv_scale: float, kv_layout: str,
+                           mode: str, q_tile: int, page_size: int, q_len: int, row_tiles: int,
+                           num_splits: int, window: int) -> None:
+    """Launch only: arguments were validated and resolved by ``spec_dec_attention``."""
+    total_q, hq, d = q.shape
+    hkv = k_cache.shape[2] if kv_layout == "NHD" else k_cache.shape[1]
+    bt = seq_lens.shape[0]
+    cfg = kernel_config(q.dtype, k_cache.dtype, d, kv_layout, mode, page_size, q_tile)
+    kern, smem, threads = _launcher(cfg, q.device.index)
+    rows = total_q * hq
+    ws_o = workspace
+    ws_ml = workspace.data_ptr() + num_splits * rows * d * 4 if num_splits > 1 else None
+    kern.launch("attention", grid=(row_tiles * hkv, num_splits, bt), block=(threads, 1, 1),
+                args=(q, k_cache, v_cache, block_tables, seq_lens, q_cu_seqlens, tree_mask, out,
+                      ws_o if num_splits > 1 else None, ws_ml, kv_scale_t,
+                      total_q, hq, hkv, hq // hkv, q_len, block_tables.shape[1],
+                      tree_mask.shape[1] if tree_mask is not None else 0, num_splits, row_tiles,
+                      window, scale * _LOG2E, kv_scale),
+                shared_mem=smem)
+    if num_splits > 1:
+        kern.launch("merge", grid=((rows + 3) // 4, 1, 1), block=(128, 1, 1),
+                    args=(ws_o, ws_ml, out, rows, num_splits))
+
+
+# ---- workspace ---------------------------------------------------------------------------------
+
+_WORKSPACE: dict = {}   # device index -> float32 buffer
+_KEEP: list = []        # buffers replaced after a capture used them (a graph may still hold them)
+
+
+def workspace_floats(total_q: int, num_heads: int, head_dim: int, num_splits: int) -> int:
+    """float32 elements of the split-KV workspace: partial outputs plus (max, sum) pairs."""
+    if num_splits <= 1:
+        return 0
+    return num_splits * total_q * num_heads * (head_dim + 2)
+
+
+def reserve_workspace(device, floats: int) -> torch.Tensor:
+    """Grow the cached workspace of ``device`` to at least ``floats`` float32 elements (call
+    before capturing a CUDA graph whose calls need a larger one)."""
+    index = torch.device(device).index
+    if index is None:
+        index = torch.cuda.current_device()
+    ws = _WORKSPACE.get(index)
+    if ws is not None and ws.numel() >= floats:
+        return ws
+    if torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            f"spec_dec_attention: the split-KV workspace ({floats} float32 needed, "
+            f"{0 if ws is None else ws.numel()} cached) cannot grow during CUDA graph capture; "
+            f"run the same call once before capturing, call reserve_workspace(), or pass workspace=")
+    if ws is not None:
+        _KEEP.append(ws)  # never free a buffer an earlier capture may reference
+    ws = torch.empty(max(floats, 1 << 16), dtype=torch.float32, device=torch.device("cuda", index))
+    _WORKSPACE[index] = ws
+    return ws
+
+
+_NO_WS: dict = {}
+
+
+def _empty_ws(device) -> torch.Tensor:
+    t = _NO_WS.get(device)
+    if t is None:
+        if torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("spec_dec_attention: call once before CUDA graph capture")
+        t = _NO_WS[device] = torch.empty(1, dtype=torch.float32, device=device)
+    return t
+
+
+# ---- choices -----------------------------------------------------------------------------------
+
+_SMS: dict = {}
+
+
+def _sm_count(device) -> int:
+    n = _SMS.get(device)
+    if n is None:
+        n = _SMS[device] = torch.cuda.get_device_properties(device).multi_processor_count
+    return n
+
+
+def pick_q_tile(rows: int) -> int:
+    """Query rows per CTA for ``rows = max_q_len * G`` rows per KV head."""
+    for qt in (16, 32):
+        if rows <= qt:
+            return qt
+    return 64
+
+
+def pick_num_splits(ctas: int, max_kv_len: int, sm_count: int, rows_total: int, head_dim: int) -> int:
+    """KV splits so that ``ctas`` (batch x KV heads x row tiles) fill the GPU: about two CTAs per
+    SM, each split reading at least MIN_TILES_PER_SPLIT tiles, the workspace capped."""
+    if ctas >= sm_count:
+        return 1
+    want = -(-2 * sm_count // ctas)
+    by_len = max(1, -(-max_kv_len // KV_TILE) // MIN_TILES_PER_SPLIT)
+    by_ws = max(1, WORKSPACE_CAP_BYTES // max(1, rows_total * (head_dim + 2) * 4))
+    return max(1, min(want, by_len, by_ws, MAX_SPLITS))
+
+
+# ---- validation --------------------------------------------------------------------------------
+
+def _tensor(name, t, dtypes, ndim, what):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in dtypes:
+        raise TypeError(f"{name} must have dtype {what}, got {t.dtype}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
+    if not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous (strides {t.stride()} for shape {tuple(t.shape)})")
+
+
+_INT32 = (torch.int32,)
+
+
+def prepare(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                       block_tables: torch.Tensor, seq_lens: torch.Tensor,
+                       q_cu_seqlens: torch.Tensor | None = None,
+                       tree_mask: torch.Tensor | None = None, scale: float | None = None,
+                       kv_scale: float | torch.Tensor | None = None, kv_layout: str = "NHD",
+                       sliding_window: int | None = None, out: torch.Tensor | None = None, *,
+                       max_q_len: int | None = None, max_seq_len: int | None = None,
+                       num_kv_splits: int | None = None, workspace: torch.Tensor | None = None,
+                       check_values: bool = False) -> tuple:
+    """Validate and resolve the arguments of ``spec_dec_attention`` (which see) into the
+    custom op's argument tuple. Raises TypeError/ValueError naming the argument."""
+    _tensor("q", q, _IN_DTYPES, 3, "float16 or bfloat16")
+    total_q, hq, d = q.shape
+    if d not in HEAD_DIMS:
+        raise ValueError(f"q: head_dim {d} is not supported; supported: {HEAD_DIMS}")
+    if hq == 0:
+        raise ValueError("q: number of heads must be positive")
+    if kv_layout not in ("NHD", "HND"):
+        raise ValueError(f"kv_layout must be 'NHD' or 'HND', got {kv_layout!r}")
+    _tensor("k_cache", k_cache, _KV_DTYPES, 4, "float16, bfloat16 or float8_e4m3fn")
+    _tensor("v_cache", v_cache, _KV_DTYPES, 4, "float16, bfloat16 or float8_e4m3fn")
+    if v_cache.dtype != k_cache.dtype:
+        raise TypeError(f"v_cache dtype {v_cache.dtype} must equal k_cache dtype {k_cache.dtype}")
+    fp8 = k_cache.dtype == torch.float8_e4m3fn
+    if not fp8 and k_cache.dtype != q.dtype:
+        raise TypeError(f"k_cache dtype {k_cache.dtype} must equal q dtype {q.dtype} "
+                        f"(or be float8_e4m3fn)")
+    if v_cache.shape != k_cache.shape:
+        raise ValueError(f"v_cache shape {tuple(v_cache.shape)} must equal k_cache shape "
+                         f"{tuple(k_cache.shape)}")
+    if kv_layout == "NHD":
+        num_pages, page_size, hkv, dk = k_cache.shape
+        layout_txt = "[num_pages, page_size, Hkv, D] (NHD)"
+    else:
+        num_pages, hkv, page_size, dk = k_cache.shape
+        layout_txt = "[num_pages, Hkv, page_size, D] (HND)"
+    if dk != d:
+        raise ValueError(f"k_cache: head_dim {dk} (shape {tuple(k_cache.shape)} as {layout_txt}) "
+                         f"must equal q's head_dim {d}")
+    if page_size not in PAGE_SIZES:
+        raise ValueError(f"k_cache: page_size {page_size} (shape {tuple(k_cache.shape)} as "
+                         f"{layout_txt}) is not supported; supported: {PAGE_SIZES}")
+    if hkv == 0 or hq % hkv:
+        raise ValueError(f"q heads {hq} must be a multiple of the KV heads {hkv} "
+                         f"(k_cache shape {tuple(k_cache.shape)} as {layout_txt})")
+    _tensor("block_tables", block_tables, _INT32, 2, "int32")
+    _tensor("seq_lens", seq_lens, _INT32, 1, "int32")
+    bt = seq_lens.shape[0]
+    if bt == 0:
+        raise ValueError("seq_lens: the batch must not be empty")
+    if block_tables.shape[0] != bt:
+        raise ValueError(f"block_tables has {block_tables.shape[0]} rows, seq_lens has {bt} sequences")
+    if block_tables.shape[1] == 0:
+        raise ValueError("block_tables: max_pages_per_seq must be positive")
+    g = hq // hkv
+    uniform = q_cu_seqlens is None
+    if uniform:
+        if total_q % bt:
+            raise ValueError(f"q: total_q {total_q} is not a multiple of the batch {bt}; pass "
+                             f"q_cu_seqlens for ragged drafts")
+        q_len = total_q // bt
+        if max_q_len is not None and max_q_len != q_len:
+            raise ValueError(f"max_q_len {max_q_len} must equal total_q / batch = {q_len} "
+                             f"without q_cu_seqlens")
+    else:
+        _tensor("q_cu_seqlens", q_cu_seqlens, _INT32, 1, "int32")
+        if q_cu_seqlens.shape[0] != bt + 1:
+            raise ValueError(f"q_cu_seqlens must have batch + 1 = {bt + 1} entries, got "
+                             f"{q_cu_seqlens.shape[0]}")
+        q_len = 0
+    if max_q_len is not None and (not isinstance(max_q_len, int) or max_q_len < 1):
+        raise ValueError(f"max_q_len must be a positive int, got {max_q_len!r}")
+    if tree_mask is not None:
+        _tensor("tree_mask", tree_mask, (torch.int32, torch.uint32), 2, "int32 or uint32")
+        if tree_mask.shape[0] != total_q:
+            raise ValueError(f"tree_mask must have total_q = {total_q} rows, got {tree_mask.shape[0]}")
+        w = tree_mask.shape[1]
+        longest = q_len if uniform else (max_q_len or min(total_q, 32 * w))
+        if w != max(1, math.ceil(longest / 32)):
+            raise ValueError(f"tree_mask width {w} must be ceil(max_q_len / 32) = "
+                             f"{max(1, math.ceil(longest / 32))} (max_q_len {longest})")
+        if sliding_window is not None:
+            raise ValueError("sliding_window is supported in chain mode only (tree_mask is set)")
+        tree_mask = tree_mask.view(torch.int32) if tree_mask.dtype != torch.int32 else tree_mask
+    else:
+        longest = q_len if uniform else (max_q_len or total_q)
+    if sliding_window is not None and (not isinstance(sliding_window, int) or sliding_window < 1):
+        raise ValueError(f"sliding_window must be a positive int, got {sliding_window!r}")
+    if scale is None:
+        scale = 1.0 / math.sqrt(d)
+    elif not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite float, got {scale!r}")
+    kv_scale_t = None
+    kv_scale_f = 1.0
+    if kv_scale is not None:
+        if not fp8:
+            raise ValueError(f"kv_scale is the dequantization scale of an fp8 cache; the cache is "
+                             f"{k_cache.dtype}")
+        if isinstance(kv_scale, torch.Tensor):
+            if kv_scale.dtype != torch.float32 or kv_scale.numel() != 1:
+                raise ValueError(f"kv_scale tensor must be one float32 element, got dtype "
+                                 f"{kv_scale.dtype} with {kv_scale.numel()} elements")
+            kv_scale_t = kv_scale
+        elif isinstance(kv_scale, (int, float)) and math.isfinite(kv_scale):
+            kv_scale_f = float(kv_scale)
+        else:
+            raise ValueError(f"kv_scale must be a finite float or a float32 tensor, got {kv_scale!r}")
+    if out is None:
+        out = torch.empty_like(q)
+    else:
+        _tensor("out", out, (q.dtype,), 3, str(q.dtype))
+        if out.shape != q.shape:
+            raise ValueError(f"out shape {tuple(out.shape)} must equal q shape {tuple(q.shape)}")
+    mode = "tree" if tree_mask is not None else (
+        "decode" if uniform and q_len == 1 and sliding_window is None else "chain")
+    max_kv = block_tables.shape[1] * page_size
+    if max_seq_len is not None:
+        if not isinstance(max_seq_len, int) or max_seq_len < 1:
+            raise ValueError(f"max_seq_len must be a positive int, got {max_seq_len!r}")
+        max_kv = min(max_kv, max_seq_len)
+    if num_kv_splits is not None and (not isinstance(num_kv_splits, int)
+                                      or not 1 <= num_kv_splits <= 1024):
+        raise ValueError(f"num_kv_splits must be an int in 1..1024, got {num_kv_splits!r}")
+    if workspace is not None:
+        _tensor("workspace", workspace, (torch.float32,), 1, "float32")
+    if check_values:
+        _check_values(q_cu_seqlens, seq_lens, block_tables, total_q, q_len, longest, num_pages,
+                      page_size, tree_mask, max_kv)
+
+    dev = q.device
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache), ("block_tables", block_tables),
+                    ("seq_lens", seq_lens), ("q_cu_seqlens", q_cu_seqlens),
+                    ("tree_mask", tree_mask), ("kv_scale", kv_scale_t), ("out", out),
+                    ("workspace", workspace)):
+        if t is not None and t.device != dev:
+            raise ValueError(f"{name} is on {t.device}, q is on {dev}: all tensors must be on "
+                             f"one device")
+    if dev.type != "cuda":
+        raise ValueError(f"q must be on a CUDA device, got {dev}")
+
+    rows = max(1, longest) * g
+    q_tile = pick_q_tile(rows)
+    row_tiles = -(-rows // q_tile)
+    if num_kv_splits is None:
+        splits = pick_num_splits(bt * hkv * row_tiles, max_kv, _sm_count(dev), total_q * hq, d)
+    else:
+        splits = num_kv_splits
+    need = workspace_floats(total_q, hq, d, splits)
+    if workspace is not None:
+        if workspace.numel() < need:
+            raise ValueError(f"workspace has {workspace.numel()} float32 elements, {need} needed "
+                             f"(workspace_floats)")
+        ws = workspace
+    elif splits > 1:
+        ws = reserve_workspace(dev, need)
+    else:
+        ws = _empty_ws(dev)
+    return (q, k_cache, v_cache, block_tables, seq_lens, q_cu_seqlens, tree_mask, kv_scale_t, out,
+            ws, float(scale), kv_scale_f, kv_layout, mode, q_tile, page_size, q_len, row_tiles,
+            splits, sliding_window or 0)
+
+
+def spec_dec_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                       block_tables: torch.Tensor, seq_lens: torch.Tensor,
+                       q_cu_seqlens: torch.Tensor | None = None,
+                       tree_mask: torch.Tensor | None = None, scale: float | None = None,
+                       kv_scale: float | torch.Tensor | None = None, kv_layout: str = "NHD",
+                       sliding_window: int | None = None, out: torch.Tensor | None = None, *,
+                       max_q_len: int | None = None, max_seq_len: int | None = None,
+                       num_kv_splits: int | None = None, workspace: torch.Tensor | None = None,
+                       check_values: bool = False) -> torch.Tensor:
+    """Attention of the draft tokens of speculative decoding over a paged KV cache.
+
+    Args:
+        q: ``[total_q, Hq, D]`` fp16/bf16, sequences back to back (D in 64, 128, 256).
+        k_cache, v_cache: ``[num_pages, page_size, Hkv, D]`` ("NHD") or
+            ``[num_pages, Hkv, page_size, D]`` ("HND"); q's dtype or float8_e4m3fn.
+        block_tables: int32 ``[Bt, max_pages_per_seq]``: logical page i of sequence b is
+            physical page ``block_tables[b, i]``.
+        seq_lens: int32 ``[Bt]``: KV length of each sequence, its draft tokens included.
+        q_cu_seqlens: optional int32 ``[Bt + 1]`` ragged draft offsets (default: ``total_q / Bt``
+            tokens each).
+        tree_mask: optional int32/uint32 ``[total_q, W]``, ``W = ceil(max_q_len / 32)``, packed
+            bits LSB first (see ``jitkern.reference.spec_dec_attention.pack_tree_masks``);
+            default: causal chain.
+        scale: softmax scale, default ``1/sqrt(D)``.
+        kv_scale: float or 1-element float32 CUDA tensor, dequantization scale of an fp8 cache.
+        kv_layout: "NHD" or "HND".
+        sliding_window: chain mode only: query at position P sees positions > P - window.
+        out: optional output like ``q``; returned.
+        max_q_len: longest draft when ``q_cu_seqlens`` is ragged (default: bound from the mask
+            width or ``total_q``); max_seq_len: longest KV length (default: page-table width x
+            page size); both only size the launch and must not be exceeded.
+        num_kv_splits: force the number of KV splits (default: from batch x KV heads vs SMs).
+        workspace: float32 CUDA tensor of at least ``workspace_floats(...)`` elements for the
+            split path (default: a cached per-device buffer; graph-capture safe once grown).
+        check_values: also check the index tensors' values (reads them back: synchronizes).
+
+    Returns:
+        ``out``: ``[total_q, Hq, D]``, q's dtype.
+    """
+    args = prepare(q, k_cache, v_cache, block_tables, seq_lens, q_cu_seqlens, tree_mask, scale,
+                   kv_scale, kv_layout, sliding_window, out, max_q_len=max_q_len,
+                   max_seq_len=max_seq_len, num_kv_splits=num_kv_splits, workspace=workspace,
+                   check_values=check_values)
+    if q.shape[0]:
+        _spec_dec_attention_op(*args)
+    return args[8]
+
+
+def planned_config(*args, **kwargs) -> dict:
+    """The family configuration ``spec_dec_attention(*args, **kwargs)`` would run (validates
+    the arguments the same way; used to compile ahead, e.g. in parallel)."""
+    a = prepare(*args, **kwargs)
+    return dict(kernel_config(a[0].dtype, a[1].dtype, a[0].shape[2], a[12], a[13], a[15], a[14]))
+
+
+def _check_values(q_cu, seq_lens, block_tables, total_q, q_len, longest, num_pages, page_size,
+                  tree_mask, max_kv):
+    lens = seq_lens.cpu().long()
+    if q_cu is not None:
+        cu = q_cu.cpu().long()
+        if int(cu[0]) != 0 or int(cu[-1]) != total_q:
+            raise ValueError(f"q_cu_seqlens must start at 0 and end at total_q = {total_q}, got "
+                             f"{int(cu[0])} .. {int(cu[-1])}")
+        ql = cu[1:] - cu[:-1]
+        if bool((ql < 0).any()):
+            raise ValueError("q_cu_seqlens must be non-decreasing")
+        if int(ql.max()) > longest:
+            raise ValueError(f"a draft of {int(ql.max())} tokens exceeds max_q_len {longest}")
+    else:
+        ql = torch.full_like(lens, q_len)
+    if bool((lens < ql).any()):
+        b = int((lens < ql).nonzero()[0])
+        raise ValueError(f"seq_lens[{b}] = {int(lens[b])} is shorter than its {int(ql[b])} draft tokens")
+    if int(lens.max()) > max_kv:
+        raise ValueError(f"seq_lens max {int(lens.max())} exceeds the page table's capacity / "
+                         f"max_seq_len ({max_kv} tokens)")
+    bt_host = block_tables.cpu()
+    for b in range(lens.shape[0]):
+        used = bt_host[b, :(int(lens[b]) + page_size - 1) // page_size]
+        if used.numel() and (int(used.min()) < 0 or int(used.max()) >= num_pages):
+            raise ValueError(f"block_tables[{b}] holds a page outside 0..{num_pages - 1}")

@@ -1,0 +1,90 @@
+// Warp-level building blocks of the spec-dec attention kernel (sm_80+ instructions, run on sm_90):
+// tensor-core MMA m16n8k16 with fp32 accumulation, ldmatrix fragment loads from shared memory,
+// cp.async 16-byte copies global -> shared (zero-filling rows that do not exist), and the
+// fp8 e4m3 -> 16-bit conversion used when the KV cache is quantized.
+#pragma once
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+#include <cuda_fp8.h>
+
+namespace jk_sd {
+
+typedef unsigned int u32;
+typedef unsigned char u8;
+
+// ---- input element type (query, output, and the MMA operands) --------------------------------
+#if JK_IN_BF16
+typedef __nv_bfloat16 in_t;
+typedef __nv_bfloat162 in2_t;
+__device__ __forceinline__ u32 pack2(float lo, float hi) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<u32*>(&v);
+}
+__device__ __forceinline__ in_t to_in(float x) { return __float2bfloat16_rn(x); }
+#define JK_SD_MMA_TYPE "bf16"
+#else
+typedef __half in_t;
+typedef __half2 in2_t;
+__device__ __forceinline__ u32 pack2(float lo, float hi) {
+    __half2 v = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<u32*>(&v);
+}
+__device__ __forceinline__ in_t to_in(float x) { return __float2half_rn(x); }
+#define JK_SD_MMA_TYPE "f16"
+#endif
+
+// D(16x8, fp32) += A(16x16, row) * B(16x8, col). Fragment ownership (lane = 4*g + t):
+// A: a0 (g, 2t..2t+1) a1 (g+8, 2t..) a2 (g, 2t+8..) a3 (g+8, 2t+8..)
+// B: b0 (k 2t..2t+1, n g) b1 (k 2t+8.., n g);  C: c0,c1 (g, 2t..2t+1) c2,c3 (g+8, 2t..2t+1)
+__device__ __forceinline__ void mma16816(float c[4], const u32 a[4], u32 b0, u32 b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32." JK_SD_MMA_TYPE "." JK_SD_MMA_TYPE ".f32 "
+        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ u32 smem_u32(const void* p) {
+    return static_cast<u32>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void ldsm_x4(u32 r[4], u32 addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+}
+
+__device__ __forceinline__ void ldsm_x4_t(u32 r[4], u32 addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+}
+
+// 16-byte async copy; src_bytes = 0 writes zeros (rows past the sequence end never hold garbage:
+// a NaN there times a zero probability would still poison the output).
+__device__ __forceinline__ void cp_async16(u32 dst, const void* src, int src_bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+// Two e4m3 values (low byte = lower index) -> two input-type values, exact.
+__device__ __forceinline__ u32 fp8x2_to_in2(u32 v16) {
+    __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(v16 & 0xffffu), __NV_E4M3);
+#if JK_IN_BF16
+    float2 f = __half22float2(*reinterpret_cast<__half2*>(&h));
+    return pack2(f.x, f.y);
+#else
+    return *reinterpret_cast<u32*>(&h);
+#endif
+}
+
+__device__ __forceinline__ float warp_max4(float v) {  // over the 4 lanes of a quad (same row)
+    v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
+    return fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
+}
+__device__ __forceinline__ float warp_sum4(float v) {
+    v += __shfl_xor_sync(0xffffffffu, v, 1);
+    return v + __shfl_xor_sync(0xffffffffu, v, 2);
+}
+
+}  // namespace jk_sd

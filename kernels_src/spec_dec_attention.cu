@@ -1,0 +1,478 @@
+// Speculative-decoding attention over a paged KV cache (the verification pass), XQA semantics.
+//
+// Work decomposition
+//   One CTA owns (sequence b, KV head hk, query-row tile rt, KV split s). Its query rows are the
+//   (draft token t, group member gq) pairs of sequence b that read KV head hk, row r = t*G + gq,
+//   rows [rt*QT, rt*QT + QT). Every K/V tile it loads serves all of them, so a KV head's cache is
+//   read once for all q_len*G query rows (not once per query head).
+//   The CTA walks its share of the KV positions in tiles of 64, staged through shared memory by
+//   cp.async, STAGES deep. Warps are laid out WM x WN: WM slabs of 16 query rows (the MMA M), and
+//   WN slices of each KV tile. Each warp keeps a private online softmax (m, l, O) over the
+//   positions it saw; the epilogue merges the WN warps of a row slab through shared memory and
+//   either writes the output (one split) or an unnormalized partial (O, m, l) for the merge kernel.
+//
+// Numerics: S = Q K^T and O = P V on tensor cores (m16n8k16, fp32 accumulate), softmax in the
+// log2 domain in fp32, P rounded to the input type before P V (as XQA does). fp8 e4m3 K/V are
+// converted to the input type in registers; kv_scale is folded into the softmax scale (K) and the
+// final output (V), which is exact math.
+//
+// Masking (applied only on tiles that reach the draft region, the window edge, or the end):
+//   prefix positions < ctx = L - n always visible; draft j = pos - ctx visible iff
+//   chain: j <= t;  tree: bit j%32 of word j/32 of the row's mask;  positions >= L never.
+//   A row that sees nothing produces zeros (m stays -inf, l = 0).
+#include "spec_dec/primitives.cuh"
+
+#ifndef JK_HEAD_DIM
+#define JK_HEAD_DIM 128
+#endif
+#ifndef JK_IN_BF16
+#define JK_IN_BF16 1
+#endif
+#ifndef JK_KV_FP8
+#define JK_KV_FP8 0
+#endif
+#ifndef JK_KV_HND
+#define JK_KV_HND 0
+#endif
+#ifndef JK_PAGE_SIZE
+#define JK_PAGE_SIZE 64
+#endif
+#ifndef JK_MODE
+#define JK_MODE 2  // 0 decode (one query token), 1 chain, 2 tree
+#endif
+#ifndef JK_Q_TILE
+#define JK_Q_TILE 64
+#endif
+#ifndef JK_SPLIT_KV
+#define JK_SPLIT_KV 1
+#endif
+
+namespace jk_sd {
+
+constexpr int D = JK_HEAD_DIM;
+constexpr int PS = JK_PAGE_SIZE;
+constexpr int MODE = JK_MODE;
+constexpr int TILE = 64;                       // KV positions per pipeline stage
+constexpr int QT = JK_Q_TILE;                  // query rows per CTA
+constexpr int WM = QT / 16;                    // warps along rows (16 rows each: the MMA M)
+constexpr int NWARPS = WM > 4 ? WM : 4;
+constexpr int WN = NWARPS / WM;                // warps along the KV tile
+constexpr int NT = 32 * NWARPS;
+constexpr int NW = TILE / WN;                  // KV positions per warp per tile (16, 32, 64)
+constexpr int NJ = NW / 8;                     // S column chunks (n8) per warp
+constexpr int NKC = D / 16;                    // k16 chunks over the head dim
+constexpr int NDC = D / 8;                     // n8 chunks of the output
+#if JK_KV_FP8
+constexpr int KV_BYTES = 1;
+#else
+constexpr int KV_BYTES = 2;
+#endif
+// Shared rows are padded by 16 bytes: consecutive rows then start 4 banks apart, which makes the
+// ldmatrix (16-bit KV) and the 32-bit fragment loads (fp8 KV) below conflict-free.
+constexpr int KV_ROW = D * KV_BYTES + 16;
+constexpr int KV_TILE_BYTES = TILE * KV_ROW;
+// 3 stages for the small-tile (memory-bound) shapes; 2 where shared memory would otherwise
+// limit an SM to one CTA
+constexpr int STAGES = (D * KV_BYTES >= 512 || QT >= 64) ? 2 : 3;
+constexpr int Q_ROW = (D + 8) * 2;
+constexpr int CPR = D * KV_BYTES / 16;         // 16-byte chunks per KV row
+constexpr int ROWS_PER_PASS = NT / CPR;
+constexpr int RPT = TILE / ROWS_PER_PASS;      // KV rows each thread copies per tile (K and V)
+constexpr int NP = PS >= TILE ? 1 : TILE / PS; // pages per KV tile
+constexpr int O_ROW = D + 4;                   // floats per row of the epilogue staging
+constexpr bool Q_IN_REGS = D <= 128;           // D = 256 reloads Q fragments (register budget)
+constexpr int SMEM_PIPE = STAGES * 2 * KV_TILE_BYTES;
+constexpr int SMEM_EPI = (WN * QT * O_ROW + 2 * WN * QT) * 4;
+constexpr int SMEM_BYTES = QT * Q_ROW + (SMEM_PIPE > SMEM_EPI ? SMEM_PIPE : SMEM_EPI);
+static_assert(NJ % 2 == 0 && ROWS_PER_PASS >= 1 && TILE % ROWS_PER_PASS == 0, "tile shape");
+static_assert(D % 32 == 0, "head dim");
+
+struct Params {
+    const in_t* q;              // [total_q, hq, D]
+    const u8* k_cache;     // paged pools, NHD [pages, PS, hkv, D] or HND [pages, hkv, PS, D]
+    const u8* v_cache;
+    const int* block_tables;    // [Bt, bt_stride]
+    const int* seq_lens;        // [Bt]
+    const int* q_cu;            // [Bt + 1] or null (uniform q_len)
+    const u32* mask;       // [total_q, mask_words] (tree mode)
+    in_t* out;                  // [total_q, hq, D]
+    float* ws_o;                // [num_splits, total_q, hq, D] partial outputs (split path)
+    float2* ws_ml;              // [num_splits, total_q, hq] (m in log2 units, l)
+    const float* kv_scale_ptr;  // null: use kv_scale
+    int total_q, hq, hkv, group, q_len, bt_stride, mask_words, num_splits, row_tiles, window;
+    float scale_log2;           // softmax scale * log2(e)
+    float kv_scale;
+};
+
+__device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000u); }
+
+__device__ __forceinline__ u32 lds32(const u8* p) { return *reinterpret_cast<const u32*>(p); }
+
+__global__ void __launch_bounds__(NT) spec_dec_attention(const Params p) {
+    extern __shared__ __align__(128) u8 smem[];
+    u8* q_s = smem;
+    u8* kv_s = smem + QT * Q_ROW;
+
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int wm = warp % WM, wn = warp / WM;
+    const int g = lane >> 2, t4 = lane & 3;
+    const int rt = blockIdx.x % p.row_tiles, hk = blockIdx.x / p.row_tiles;
+    const int split = blockIdx.y, b = blockIdx.z;
+
+    int q_start, n;
+    if (MODE == 0) { q_start = b; n = 1; }
+    else if (p.q_cu != nullptr) { q_start = p.q_cu[b]; n = p.q_cu[b + 1] - q_start; }
+    else { q_start = b * p.q_len; n = p.q_len; }
+    const int G = p.group;
+    const int R = n * G;
+    const int row0 = rt * QT;
+    if (row0 >= R) return;   // no query rows here (ragged drafts): nothing to write
+
+    const int L = p.seq_lens[b];
+    const int ctx = L - n;   // first draft position
+    const int window = (MODE == 1) ? p.window : 0;
+
+    // KV tiles of this split. With a sliding window, tiles before the earliest visible position
+    // (of draft token 0) are skipped outright.
+    const int first = window > 0 ? max(0, ctx - window + 1) / TILE : 0;
+    const int ntiles = (L + TILE - 1) / TILE;
+    const int span = max(ntiles - first, 0);
+    const int per = (span + p.num_splits - 1) / p.num_splits;
+    const int t_begin = first + split * per;
+    const int t_end = min(t_begin + per, ntiles);
+
+    const float ks = p.kv_scale_ptr != nullptr ? *p.kv_scale_ptr : p.kv_scale;
+    const float sl2 = JK_KV_FP8 ? p.scale_log2 * ks : p.scale_log2;
+    const float vscale = JK_KV_FP8 ? ks : 1.0f;
+
+    // ---- Q rows -> shared (zero rows past the end, so padded MMA rows stay finite) ----------
+    for (int i = tid; i < QT * (D / 8); i += NT) {
+        const int r = i / (D / 8), c = i % (D / 8);
+        const int gr = row0 + r;
+        const in_t* src = p.q;
+        int bytes = 0;
+        if (gr < R) {
+            const int t = gr / G, gq = gr - t * G;
+            src = p.q + ((size_t)(q_start + t) * p.hq + hk * G + gq) * D + c * 8;
+            bytes = 16;
+        }
+        cp_async16(smem_u32(q_s + r * Q_ROW + c * 16), src, bytes);
+    }
+
+    // ---- K/V tile loader: logical page -> physical page through the block table -------------
+    const int* bt = p.block_tables + (size_t)b * p.bt_stride;
+    const int npages = (L + PS - 1) / PS;
+    int pg[NP];
+    auto load_pages = [&](int tile) {   // page ids of `tile`, one tile ahead of their use
+#pragma unroll
+        for (int k = 0; k < NP; ++k) {
+            const int lp = PS >= TILE ? (tile * TILE) / PS : tile * NP + k;
+            pg[k] = (tile < t_end && lp < npages) ? __ldg(bt + lp) : -1;
+        }
+    };
+    auto issue = [&](int tile, int stage) {
+        u8* ksm = kv_s + stage * 2 * KV_TILE_BYTES;
+        u8* vsm = ksm + KV_TILE_BYTES;
+        const int c = tid % CPR;
+#pragma unroll
+        for (int k = 0; k < RPT; ++k) {
+            const int r = tid / CPR + k * ROWS_PER_PASS;
+            const int pos = tile * TILE + r;
+            int page = pg[0];
+#pragma unroll
+            for (int s = 1; s < NP; ++s)
+                if (r / PS == s) page = pg[s];
+            const int off = pos % PS;
+            const bool ok = pos < L && page >= 0;
+#if JK_KV_HND
+            const size_t elem = (((size_t)page * p.hkv + hk) * PS + off) * D;
+#else
+            const size_t elem = (((size_t)page * PS + off) * p.hkv + hk) * D;
+#endif
+            const size_t byte = ok ? elem * KV_BYTES + c * 16 : 0;
+            cp_async16(smem_u32(ksm + r * KV_ROW + c * 16), p.k_cache + byte, ok ? 16 : 0);
+            cp_async16(smem_u32(vsm + r * KV_ROW + c * 16), p.v_cache + byte, ok ? 16 : 0);
+        }
+    };
+
+    // prologue: STAGES-1 tiles in flight (the Q copies ride in the first group)
+    load_pages(t_begin);
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) {
+        if (t_begin + s < t_end) {
+            issue(t_begin + s, s);
+            load_pages(t_begin + s + 1);
+        }
+        cp_async_commit();
+    }
+
+    // per-thread rows (g and g+8 of this warp's slab): draft token index and mask row
+    int tok[2];
+    const u32* mrow[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const int gr = row0 + wm * 16 + g + 8 * h;
+        tok[h] = gr < R ? gr / G : 0;
+        mrow[h] = MODE == 2 ? p.mask + (size_t)(q_start + tok[h]) * p.mask_words : nullptr;
+    }
+
+    float acc[NDC][4];
+#pragma unroll
+    for (int i = 0; i < NDC; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+    float m_run[2] = {neg_inf(), neg_inf()}, l_run[2] = {0.f, 0.f};
+    u32 qf[Q_IN_REGS ? NKC : 1][4];
+
+    auto q_frag = [&](int kc, u32 a[4]) {
+        const u8* base = q_s + (wm * 16) * Q_ROW;
+#if JK_KV_FP8
+        // k index permuted to match the fp8 K fragments: logical (2t, 2t+1 | 2t+8, 2t+9)
+        // <-> head-dim (4t, 4t+1 | 4t+2, 4t+3) within the 16-wide chunk
+        const uint2 lo = *reinterpret_cast<const uint2*>(base + g * Q_ROW + (16 * kc + 4 * t4) * 2);
+        const uint2 hi = *reinterpret_cast<const uint2*>(base + (g + 8) * Q_ROW + (16 * kc + 4 * t4) * 2);
+        a[0] = lo.x; a[2] = lo.y; a[1] = hi.x; a[3] = hi.y;
+#else
+        ldsm_x4(a, smem_u32(base + (lane & 15) * Q_ROW + (16 * kc + 8 * (lane >> 4)) * 2));
+#endif
+    };
+
+    for (int tile = t_begin; tile < t_end; ++tile) {
+        const int it = tile - t_begin;
+        {   // keep STAGES-1 tiles in flight: issue tile+STAGES-1 into the buffer freed last round
+            const int nt = tile + STAGES - 1;
+            if (nt < t_end) {
+                issue(nt, (it + STAGES - 1) % STAGES);
+                load_pages(nt + 1);
+            }
+            cp_async_commit();
+        }
+        cp_async_wait<STAGES - 1>();
+        __syncthreads();
+        if (Q_IN_REGS && tile == t_begin) {
+#pragma unroll
+            for (int kc = 0; kc < (Q_IN_REGS ? NKC : 0); ++kc) q_frag(kc, qf[kc]);
+        }
+
+        const u8* ksm = kv_s + (it % STAGES) * 2 * KV_TILE_BYTES;
+        const u8* vsm = ksm + KV_TILE_BYTES;
+        const int kv_row0 = wn * NW;            // this warp's slice of the tile
+
+        // ---- S = Q K^T over the warp's NW positions ----
+        float s[NJ][4];
+#pragma unroll
+        for (int j = 0; j < NJ; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+#pragma unroll
+        for (int kc = 0; kc < NKC; ++kc) {
+            u32 a_buf[4];
+            const u32* a;
+            if (Q_IN_REGS) a = qf[Q_IN_REGS ? kc : 0];
+            else { q_frag(kc, a_buf); a = a_buf; }
+#if JK_KV_FP8
+#pragma unroll
+            for (int j = 0; j < NJ; ++j) {
+                const u32 w = lds32(ksm + (kv_row0 + 8 * j + g) * KV_ROW + 16 * kc + 4 * t4);
+                mma16816(s[j], a, fp8x2_to_in2(w), fp8x2_to_in2(w >> 16));
+            }
+#else
+#pragma unroll
+            for (int j = 0; j < NJ; j += 2) {
+                u32 bb[4];
+                ldsm_x4(bb, smem_u32(ksm + (kv_row0 + 8 * j + (lane & 7) + 8 * (lane >> 4)) * KV_ROW +
+                                     (16 * kc + 8 * ((lane >> 3) & 1)) * 2));
+                mma16816(s[j], a, bb[0], bb[1]);
+                mma16816(s[j + 1], a, bb[2], bb[3]);
+            }
+#endif
+        }
+
+        // ---- scale, mask (only where needed), online softmax ----
+        const int pos0 = tile * TILE + kv_row0;
+        const bool need_mask = (tile + 1) * TILE > ctx || (window > 0 && tile * TILE < L - window);
+#pragma unroll
+        for (int j = 0; j < NJ; ++j) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                float v = s[j][e] * sl2;
+                if (need_mask) {
+                    const int pos = pos0 + 8 * j + 2 * t4 + (e & 1);
+                    const int h = e >> 1;
+                    bool vis = pos < L;
+                    if (pos >= ctx) {
+                        const int jd = pos - ctx;
+                        if (MODE == 1) vis = vis && jd <= tok[h];
+                        if (MODE == 2) vis = vis && ((__ldg(mrow[h] + (jd >> 5)) >> (jd & 31)) & 1u);
+                    }
+                    if (MODE == 1 && window > 0) vis = vis && pos > ctx + tok[h] - window;
+                    if (!vis) v = neg_inf();
+                }
+                s[j][e] = v;
+            }
+        }
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            float mx = neg_inf();
+#pragma unroll
+            for (int j = 0; j < NJ; ++j) mx = fmaxf(mx, fmaxf(s[j][2 * h], s[j][2 * h + 1]));
+            mx = warp_max4(mx);
+            const float m_new = fmaxf(m_run[h], mx);
+            const float m_ref = m_new == neg_inf() ? 0.f : m_new;   // all masked so far: p = 0
+            const float alpha = exp2f(m_run[h] - m_ref);
+            m_run[h] = m_new;
+            float rs = 0.f;
+#pragma unroll
+            for (int j = 0; j < NJ; ++j) {
+                s[j][2 * h] = exp2f(s[j][2 * h] - m_ref);
+                s[j][2 * h + 1] = exp2f(s[j][2 * h + 1] - m_ref);
+                rs += s[j][2 * h] + s[j][2 * h + 1];
+            }
+            l_run[h] = l_run[h] * alpha + rs;
+#pragma unroll
+            for (int i = 0; i < NDC; ++i) { acc[i][2 * h] *= alpha; acc[i][2 * h + 1] *= alpha; }
+        }
+
+        // ---- O += P V (P rounded to the input type) ----
+#pragma unroll
+        for (int i = 0; i < NJ / 2; ++i) {
+            u32 a[4];
+            a[0] = pack2(s[2 * i][0], s[2 * i][1]);
+            a[1] = pack2(s[2 * i][2], s[2 * i][3]);
+            a[2] = pack2(s[2 * i + 1][0], s[2 * i + 1][1]);
+            a[3] = pack2(s[2 * i + 1][2], s[2 * i + 1][3]);
+#if JK_KV_FP8
+            // thread (g, t) gathers V[pos 2t, 2t+1, 2t+8, 2t+9][d = 32q + 4g + j], j = 0..3: the
+            // four bytes of one 32-bit load per position feed four n8 chunks (output column g of
+            // chunk 4q+j is head-dim 32q + 4g + j; the epilogue undoes this order).
+            const u8* vb = vsm + (kv_row0 + 16 * i + 2 * t4) * KV_ROW + 4 * g;
+#pragma unroll
+            for (int qd = 0; qd < D / 32; ++qd) {
+                const u32 w0 = lds32(vb + 32 * qd), w1 = lds32(vb + KV_ROW + 32 * qd);
+                const u32 w2 = lds32(vb + 8 * KV_ROW + 32 * qd), w3 = lds32(vb + 9 * KV_ROW + 32 * qd);
+                const u32 x01 = __byte_perm(w0, w1, 0x5140), y01 = __byte_perm(w0, w1, 0x7362);
+                const u32 x23 = __byte_perm(w2, w3, 0x5140), y23 = __byte_perm(w2, w3, 0x7362);
+                mma16816(acc[4 * qd + 0], a, fp8x2_to_in2(x01), fp8x2_to_in2(x23));
+                mma16816(acc[4 * qd + 1], a, fp8x2_to_in2(x01 >> 16), fp8x2_to_in2(x23 >> 16));
+                mma16816(acc[4 * qd + 2], a, fp8x2_to_in2(y01), fp8x2_to_in2(y23));
+                mma16816(acc[4 * qd + 3], a, fp8x2_to_in2(y01 >> 16), fp8x2_to_in2(y23 >> 16));
+            }
+#else
+#pragma unroll
+            for (int dc = 0; dc < NDC; dc += 2) {
+                u32 bb[4];
+                ldsm_x4_t(bb, smem_u32(vsm + (kv_row0 + 16 * i + (lane & 7) + 8 * ((lane >> 3) & 1)) * KV_ROW +
+                                       (8 * dc + 8 * (lane >> 4)) * 2));
+                mma16816(acc[dc], a, bb[0], bb[1]);
+                mma16816(acc[dc + 1], a, bb[2], bb[3]);
+            }
+#endif
+        }
+        __syncthreads();   // this stage's buffer is refilled by the next round's issue
+    }
+    cp_async_wait<0>();
+    __syncthreads();
+
+    // ---- epilogue: merge the WN warps of each row slab, then write ----
+    float* o_s = reinterpret_cast<float*>(kv_s);      // [WN][QT][O_ROW] (reuses the pipeline)
+    float* m_s = o_s + WN * QT * O_ROW;                // [WN][QT]
+    float* l_s = m_s + WN * QT;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        l_run[h] = warp_sum4(l_run[h]);
+        if (t4 == 0) {
+            m_s[wn * QT + wm * 16 + g + 8 * h] = m_run[h];
+            l_s[wn * QT + wm * 16 + g + 8 * h] = l_run[h];
+        }
+    }
+    __syncthreads();
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const int r = wm * 16 + g + 8 * h;
+        float M = neg_inf();
+#pragma unroll
+        for (int w = 0; w < WN; ++w) M = fmaxf(M, m_s[w * QT + r]);
+        const float f = m_run[h] == neg_inf() ? 0.f : exp2f(m_run[h] - M);
+        float* orow = o_s + (wn * QT + r) * O_ROW;
+#pragma unroll
+        for (int i = 0; i < NDC; ++i) {
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                const int col = 2 * t4 + e;
+#if JK_KV_FP8
+                const int d = 32 * (i >> 2) + 4 * col + (i & 3);
+#else
+                const int d = 8 * i + col;
+#endif
+                orow[d] = acc[i][2 * h + e] * f;
+            }
+        }
+    }
+    __syncthreads();
+
+    for (int i = tid; i < QT * (D / 4); i += NT) {
+        const int r = i / (D / 4), d = (i % (D / 4)) * 4;
+        const int gr = row0 + r;
+        if (gr >= R) continue;
+        float M = neg_inf();
+#pragma unroll
+        for (int w = 0; w < WN; ++w) M = fmaxf(M, m_s[w * QT + r]);
+        float Ls = 0.f;
+        float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+        for (int w = 0; w < WN; ++w) {
+            if (M != neg_inf()) Ls += l_s[w * QT + r] * exp2f(m_s[w * QT + r] - M);
+            const float4 v = *reinterpret_cast<const float4*>(o_s + (w * QT + r) * O_ROW + d);
+            o.x += v.x; o.y += v.y; o.z += v.z; o.w += v.w;
+        }
+        const int t = gr / G, gq = gr - t * G;
+        const size_t idx = (size_t)(q_start + t) * p.hq + hk * G + gq;
+        if (!JK_SPLIT_KV || p.num_splits == 1) {
+            const float inv = Ls > 0.f ? vscale / Ls : 0.f;
+            uint2 packed;
+            packed.x = pack2(o.x * inv, o.y * inv);
+            packed.y = pack2(o.z * inv, o.w * inv);
+            *reinterpret_cast<uint2*>(p.out + idx * D + d) = packed;
+        } else {
+            const size_t widx = (size_t)split * p.total_q * p.hq + idx;
+            *reinterpret_cast<float4*>(p.ws_o + widx * D + d) =
+                make_float4(o.x * vscale, o.y * vscale, o.z * vscale, o.w * vscale);
+            if (d == 0) p.ws_ml[widx] = make_float2(M, Ls);
+        }
+    }
+}
+
+// ---- split-KV merge: one warp per (query row, head) -------------------------------------------
+struct MergeParams {
+    const float* ws_o;     // [num_splits, rows, D]
+    const float2* ws_ml;   // [num_splits, rows]
+    in_t* out;             // [rows, D]
+    int rows;              // total_q * hq
+    int num_splits;
+};
+
+__global__ void __launch_bounds__(128) spec_dec_merge(const MergeParams p) {
+    const int lane = threadIdx.x & 31;
+    const int idx = blockIdx.x * 4 + (threadIdx.x >> 5);
+    if (idx >= p.rows) return;
+    float M = neg_inf();
+    for (int s = 0; s < p.num_splits; ++s) M = fmaxf(M, p.ws_ml[(size_t)s * p.rows + idx].x);
+    float Ls = 0.f;
+    for (int s = 0; s < p.num_splits; ++s) {
+        const float2 ml = p.ws_ml[(size_t)s * p.rows + idx];
+        if (ml.x != neg_inf()) Ls += ml.y * exp2f(ml.x - M);
+    }
+    const float inv = Ls > 0.f ? 1.f / Ls : 0.f;
+    for (int d = lane * 4; d < D; d += 128) {
+        float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
+        for (int s = 0; s < p.num_splits; ++s) {
+            const float2 ml = p.ws_ml[(size_t)s * p.rows + idx];
+            if (ml.x == neg_inf()) continue;
+            const float f = exp2f(ml.x - M) * inv;
+            const float4 v = *reinterpret_cast<const float4*>(p.ws_o + ((size_t)s * p.rows + idx) * D + d);
+            o.x += f * v.x; o.y += f * v.y; o.z += f * v.z; o.w += f * v.w;
+        }
+        uint2 packed;
+        packed.x = pack2(o.x, o.y);
+        packed.y = pack2(o.z, o.w);
+        *reinterpret_cast<uint2*>(p.out + (size_t)idx * D + d) = packed;
+    }
+}
+
+}  // namespace jk_sd

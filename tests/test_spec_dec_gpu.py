@@ -1,0 +1,230 @@
+"""GPU: spec_dec_attention against the float64 reference over a randomized sweep, graph replay,
+and a small subset meant to run under compute-sanitizer (``-k sanitizer_subset``)."""
+
+from __future__ import annotations
+
+import os
+import random
+from concurrent.futures import ProcessPoolExecutor
+
+import pytest
+import torch
+
+from jitkern.reference.spec_dec_attention import (random_eagle_tree, random_paged_inputs,
+                                                  spec_dec_attention_ref)
+
+pytestmark = pytest.mark.gpu
+
+SHAPES = ((32, 8, 128), (8, 1, 128), (64, 8, 128), (8, 4, 256), (16, 16, 64))
+BOUND = {torch.bfloat16: 1e-2, torch.float16: 5e-3}
+N_CASES = 220
+
+
+def _case(i: int) -> dict:
+    """Case i of the sweep: shapes cycle, everything else drawn from a per-case RNG."""
+    rng = random.Random(7919 * i + 1)
+    hq, hkv, d = SHAPES[i % len(SHAPES)]
+    mode = ("decode", "chain", "tree", "tree")[(i // len(SHAPES)) % 4]
+    dtype = torch.bfloat16 if rng.random() < 0.7 else torch.float16
+    kv = torch.float8_e4m3fn if rng.random() < 0.35 else dtype
+    layout = "HND" if rng.random() < 0.4 else "NHD"
+    ps = rng.choice((16, 32, 64, 128))
+    long = i % 11 == 0                       # about 20 cases reach 8k .. 32k tokens
+    batch = 1 if long else rng.choice((1, 2, 3, 4, 6, 8))
+    ctx = []
+    for _ in range(batch):
+        if long:
+            ctx.append(rng.randint(8192, 32768))
+        else:
+            ctx.append(rng.choice((0, 1, rng.randint(1, ps), rng.randint(ps, 4 * ps),
+                                   rng.randint(64, 3000))))
+    if mode == "decode":
+        drafts = [1] * batch
+    elif mode == "chain":
+        n = rng.randint(2, 8)
+        drafts = [n] * batch if rng.random() < 0.5 else [rng.randint(1, 8) for _ in range(batch)]
+    else:
+        big = rng.random() < 0.4
+        drafts = [random_eagle_tree(rng.randint(33, 64) if big else rng.randint(2, 32), rng)
+                  for _ in range(batch)]
+        if rng.random() < 0.5:   # uniform tree size across the batch
+            drafts = [random_eagle_tree(len(drafts[0]), rng) for _ in range(batch)]
+    ctx = [max(c, 0 if mode != "decode" else c) for c in ctx]
+    extra = {}
+    r = rng.random()
+    if r < 0.2:
+        extra["num_kv_splits"] = rng.randint(2, 9)       # forced splits (empty ones included)
+    elif r < 0.3:
+        extra["num_kv_splits"] = 1
+    if mode == "chain" and rng.random() < 0.2:
+        extra["sliding_window"] = rng.randint(1, 300)
+    if rng.random() < 0.2:
+        extra["scale"] = rng.uniform(0.02, 0.3)
+    kv_scale = rng.uniform(0.25, 2.0) if kv == torch.float8_e4m3fn else None
+    return dict(seed=i, shape=(hq, hkv, d), dtype=dtype, kv=kv, layout=layout, ps=ps, ctx=ctx,
+                drafts=drafts, tree=mode == "tree", extra=extra, kv_scale=kv_scale,
+                scale_tensor=kv is torch.float8_e4m3fn and rng.random() < 0.5)
+
+
+def _inputs(c: dict, device="cuda") -> dict:
+    hq, hkv, d = c["shape"]
+    gen = torch.Generator().manual_seed(c["seed"])
+    a = random_paged_inputs(c["ctx"], c["drafts"], num_heads=hq, num_kv_heads=hkv, head_dim=d,
+                            dtype=c["dtype"], kv_dtype=c["kv"], kv_layout=c["layout"],
+                            page_size=c["ps"], tree=c["tree"], kv_scale=c["kv_scale"],
+                            device=device, generator=gen)
+    a.update(c["extra"])
+    if c["scale_tensor"]:
+        a["kv_scale"] = torch.tensor([a["kv_scale"]], dtype=torch.float32, device=device)
+    return a
+
+
+def _ref_args(a: dict) -> dict:
+    r = {k: v for k, v in a.items() if k not in ("num_kv_splits", "max_q_len", "max_seq_len")}
+    if isinstance(r.get("kv_scale"), torch.Tensor):
+        r["kv_scale"] = float(r["kv_scale"].item())
+    return r
+
+
+def _plan(i: int):
+    from jitkern.ops.spec_dec_attention import planned_config
+
+    a = _inputs(_case(i))
+    return planned_config(**a)
+
+
+def _compile(cfg, arch):
+    import jitkern
+    from jitkern.families.spec_dec_attention import SPEC_DEC_ATTENTION
+
+    jitkern.compile(SPEC_DEC_ATTENTION, cfg, arch=arch)
+    return True
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _precompile():
+    """Compile every configuration the sweep needs, in parallel processes, into the disk cache
+    (the tests then load them from there)."""
+    if os.environ.get("JITKERN_TEST_NO_PRECOMPILE"):
+        yield
+        return
+    from jitkern import toolchain
+    from jitkern.families.spec_dec_attention import SPEC_DEC_ATTENTION
+
+    cfgs = {tuple(sorted(_plan(i).items())) for i in range(N_CASES)}
+    arch = toolchain.resolve_arch(SPEC_DEC_ATTENTION, None,
+                                  capability=torch.cuda.get_device_capability())
+    workers = min(16, os.cpu_count() or 1)
+    import multiprocessing as mp
+
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as ex:
+        list(ex.map(_compile, [dict(c) for c in cfgs], [arch] * len(cfgs)))
+    yield
+
+
+def _check(a: dict, out: torch.Tensor, dtype) -> float:
+    ref = spec_dec_attention_ref(**_ref_args(a))
+    assert not torch.isnan(out).any(), "NaN in the output (unwritten or poisoned elements)"
+    err = (out.double() - ref).norm() / ref.norm().clamp_min(1e-30)
+    return float(err)
+
+
+@pytest.mark.parametrize("i", range(N_CASES))
+def test_sweep(i):
+    from jitkern.ops import spec_dec_attention
+
+    c = _case(i)
+    a = _inputs(c)
+    out = torch.full_like(a["q"], float("nan"))
+    spec_dec_attention(**a, out=out)
+    torch.cuda.synchronize()
+    err = _check(a, out, c["dtype"])
+    assert err < BOUND[c["dtype"]], f"case {c}: relative error {err:.3e}"
+
+
+def test_empty_prefix_row_without_bits_is_zero():
+    """L - n == 0 and a mask row with no bit set: that row is zeros, never NaN."""
+    from jitkern.ops import spec_dec_attention
+
+    a = random_paged_inputs([0], [[-1, 0, 0, 1]], num_heads=8, num_kv_heads=2, head_dim=128,
+                            page_size=16, generator=torch.Generator().manual_seed(3))
+    a["tree_mask"][2] = 0
+    out = torch.full_like(a["q"], float("nan"))
+    spec_dec_attention(**a, out=out)
+    assert torch.equal(out[2], torch.zeros_like(out[2]))
+    err = _check(a, out, torch.bfloat16)
+    assert err < 1e-2
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_graph_replay_identical(fp8):
+    """A captured call (split-KV path, workspace grown before capture) replays bit-identically
+    to the eager call on new inputs copied into the same buffers."""
+    from jitkern.ops import spec_dec_attention
+
+    rng = random.Random(5)
+    trees = [random_eagle_tree(16, rng) for _ in range(2)]
+    kv = torch.float8_e4m3fn if fp8 else torch.bfloat16
+    a = random_paged_inputs([3000, 5000], trees, num_heads=32, num_kv_heads=8, head_dim=128,
+                            kv_dtype=kv, page_size=64, generator=torch.Generator().manual_seed(1))
+    if fp8:
+        a["kv_scale"] = torch.tensor([0.5], device="cuda")
+    out = torch.empty_like(a["q"])
+    spec_dec_attention(**a, out=out, num_kv_splits=6)    # warm: compile, load, grow workspace
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        with torch.cuda.graph(g, stream=s):
+            spec_dec_attention(**a, out=out, num_kv_splits=6)
+    torch.cuda.current_stream().wait_stream(s)
+    for seed in (11, 12):
+        b = random_paged_inputs([3000, 5000], trees, num_heads=32, num_kv_heads=8, head_dim=128,
+                                kv_dtype=kv, page_size=64, generator=torch.Generator().manual_seed(seed))
+        for k in ("q", "k_cache", "v_cache"):
+            a[k].copy_(b[k])
+        out.fill_(float("nan"))
+        g.replay()
+        torch.cuda.synchronize()
+        eager = spec_dec_attention(**a, num_kv_splits=6)
+        assert torch.equal(out, eager)
+        assert _check(a, out, torch.bfloat16) < 1e-2
+
+
+def test_capture_refuses_to_grow_workspace():
+    from jitkern.ops import spec_dec_attention
+    from jitkern.ops.spec_dec_attention import _KEEP, _WORKSPACE
+
+    a = random_paged_inputs([4000], [4], num_heads=64, num_kv_heads=8, head_dim=128, tree=False,
+                            generator=torch.Generator().manual_seed(2))
+    idx = torch.cuda.current_device()
+    if idx in _WORKSPACE:
+        _KEEP.append(_WORKSPACE.pop(idx))          # start from no cached workspace
+    splits = 4
+    spec_dec_attention(**a, num_kv_splits=1)       # compile and load outside the capture
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="cannot grow during CUDA graph capture"):
+        with torch.cuda.graph(g):
+            spec_dec_attention(**a, num_kv_splits=splits)
+
+
+SANITIZER_CASES = (0, 2, 7, 13, 24, 31, 48, 61)
+
+
+@pytest.mark.parametrize("i", SANITIZER_CASES)
+def test_sanitizer_subset(i):
+    """Short cases (contexts capped) covering modes, fp8, both layouts and the split path;
+    run under compute-sanitizer memcheck."""
+    from jitkern.ops import spec_dec_attention
+
+    c = _case(i)
+    c["ctx"] = [min(x, 700) for x in c["ctx"]][:3]
+    c["drafts"] = c["drafts"][:3]
+    c["extra"]["num_kv_splits"] = 3
+    a = _inputs(c)
+    out = torch.full_like(a["q"], float("nan"))
+    spec_dec_attention(**a, out=out)
+    torch.cuda.synchronize()
+    assert _check(a, out, c["dtype"]) < BOUND[c["dtype"]]

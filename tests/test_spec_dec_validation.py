@@ -1,0 +1,147 @@
+"""CPU: every argument error of spec_dec_attention names the argument and what was expected
+(raised before anything compiles or launches), and every built-in configuration compiles."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from jitkern.ops import spec_dec_attention
+from jitkern.reference.spec_dec_attention import pack_tree_masks
+
+
+def base(**over):
+    """Valid CPU arguments: batch 2, drafts of 4 (tree), Hq 8, Hkv 2, D 128, page 16."""
+    a = dict(q=torch.randn(8, 8, 128, dtype=torch.bfloat16),
+             k_cache=torch.randn(6, 16, 2, 128, dtype=torch.bfloat16),
+             v_cache=torch.randn(6, 16, 2, 128, dtype=torch.bfloat16),
+             block_tables=torch.tensor([[0, 1, 2], [3, 4, 5]], dtype=torch.int32),
+             seq_lens=torch.tensor([40, 20], dtype=torch.int32),
+             tree_mask=pack_tree_masks([[-1, 0, 0, 1]] * 2))
+    a.update(over)
+    return a
+
+
+def raises(exc, match, **over):
+    with pytest.raises(exc, match=match):
+        spec_dec_attention(**base(**over))
+
+
+def test_valid_cpu_arguments_reach_the_device_check():
+    raises(ValueError, "q must be on a CUDA device, got cpu")
+
+
+@pytest.mark.parametrize("over,exc,match", [
+    (dict(q=[1.0]), TypeError, "q must be a torch.Tensor, got list"),
+    (dict(q=torch.randn(8, 8, 128)), TypeError, "q must have dtype float16 or bfloat16, got torch.float32"),
+    (dict(q=torch.randn(8, 1024, dtype=torch.bfloat16)), ValueError, "q must be 3-D, got shape \\(8, 1024\\)"),
+    (dict(q=torch.randn(8, 128, 8, dtype=torch.bfloat16).transpose(1, 2)), ValueError, "q must be contiguous"),
+    (dict(q=torch.randn(8, 8, 96, dtype=torch.bfloat16)), ValueError, "q: head_dim 96 is not supported; supported: \\(64, 128, 256\\)"),
+    (dict(q=torch.randn(8, 0, 128, dtype=torch.bfloat16)), ValueError, "q: number of heads must be positive"),
+    (dict(kv_layout="NCHW"), ValueError, "kv_layout must be 'NHD' or 'HND', got 'NCHW'"),
+    (dict(k_cache=torch.zeros(6, 16, 2, 128, dtype=torch.int8)), TypeError, "k_cache must have dtype float16, bfloat16 or float8_e4m3fn"),
+    (dict(v_cache=torch.zeros(6, 16, 256, dtype=torch.bfloat16)), ValueError, "v_cache must be 4-D"),
+    (dict(k_cache=torch.randn(6, 16, 2, 128, dtype=torch.bfloat16).transpose(0, 1)), ValueError, "k_cache must be contiguous"),
+    (dict(v_cache=torch.zeros(6, 16, 2, 128, dtype=torch.float16)), TypeError, "v_cache dtype torch.float16 must equal k_cache dtype torch.bfloat16"),
+    (dict(k_cache=torch.zeros(6, 16, 2, 128, dtype=torch.float16), v_cache=torch.zeros(6, 16, 2, 128, dtype=torch.float16)),
+     TypeError, "k_cache dtype torch.float16 must equal q dtype torch.bfloat16 \\(or be float8_e4m3fn\\)"),
+    (dict(v_cache=torch.zeros(7, 16, 2, 128, dtype=torch.bfloat16)), ValueError, "v_cache shape \\(7, 16, 2, 128\\) must equal k_cache shape"),
+    (dict(k_cache=torch.zeros(6, 16, 2, 64, dtype=torch.bfloat16), v_cache=torch.zeros(6, 16, 2, 64, dtype=torch.bfloat16)),
+     ValueError, "k_cache: head_dim 64 .* must equal q's head_dim 128"),
+    (dict(k_cache=torch.zeros(6, 8, 2, 128, dtype=torch.bfloat16), v_cache=torch.zeros(6, 8, 2, 128, dtype=torch.bfloat16)),
+     ValueError, "k_cache: page_size 8 .* is not supported; supported: \\(16, 32, 64, 128\\)"),
+    (dict(k_cache=torch.zeros(6, 16, 3, 128, dtype=torch.bfloat16), v_cache=torch.zeros(6, 16, 3, 128, dtype=torch.bfloat16)),
+     ValueError, "q heads 8 must be a multiple of the KV heads 3"),
+    (dict(kv_layout="HND"), ValueError, "k_cache: page_size 2 .*\\(HND\\)"),
+    (dict(block_tables=torch.zeros(2, 3, dtype=torch.int64)), TypeError, "block_tables must have dtype int32, got torch.int64"),
+    (dict(seq_lens=torch.zeros(2, 1, dtype=torch.int32)), ValueError, "seq_lens must be 1-D"),
+    (dict(seq_lens=torch.zeros(0, dtype=torch.int32), block_tables=torch.zeros(0, 3, dtype=torch.int32)), ValueError, "seq_lens: the batch must not be empty"),
+    (dict(block_tables=torch.zeros(3, 3, dtype=torch.int32)), ValueError, "block_tables has 3 rows, seq_lens has 2 sequences"),
+    (dict(block_tables=torch.zeros(2, 0, dtype=torch.int32)), ValueError, "block_tables: max_pages_per_seq must be positive"),
+    (dict(q=torch.randn(7, 8, 128, dtype=torch.bfloat16), tree_mask=None), ValueError, "q: total_q 7 is not a multiple of the batch 2; pass q_cu_seqlens"),
+    (dict(max_q_len=3), ValueError, "max_q_len 3 must equal total_q / batch = 4 without q_cu_seqlens"),
+    (dict(q_cu_seqlens=torch.tensor([0, 4, 8], dtype=torch.int64)), TypeError, "q_cu_seqlens must have dtype int32"),
+    (dict(q_cu_seqlens=torch.tensor([0, 8], dtype=torch.int32)), ValueError, "q_cu_seqlens must have batch \\+ 1 = 3 entries, got 2"),
+    (dict(q_cu_seqlens=torch.tensor([0, 4, 8], dtype=torch.int32), max_q_len=0), ValueError, "max_q_len must be a positive int, got 0"),
+    (dict(tree_mask=torch.zeros(8, 1)), TypeError, "tree_mask must have dtype int32 or uint32, got torch.float32"),
+    (dict(tree_mask=torch.zeros(7, 1, dtype=torch.int32)), ValueError, "tree_mask must have total_q = 8 rows, got 7"),
+    (dict(tree_mask=torch.zeros(8, 2, dtype=torch.int32)), ValueError, "tree_mask width 2 must be ceil\\(max_q_len / 32\\) = 1 \\(max_q_len 4\\)"),
+    (dict(sliding_window=16), ValueError, "sliding_window is supported in chain mode only"),
+    (dict(tree_mask=None, sliding_window=0), ValueError, "sliding_window must be a positive int, got 0"),
+    (dict(scale=math.nan), ValueError, "scale must be a finite float, got nan"),
+    (dict(kv_scale=0.5), ValueError, "kv_scale is the dequantization scale of an fp8 cache; the cache is torch.bfloat16"),
+    (dict(out=torch.empty(8, 8, 128, dtype=torch.float16)), TypeError, "out must have dtype torch.bfloat16, got torch.float16"),
+    (dict(out=torch.empty(8, 4, 128, dtype=torch.bfloat16)), ValueError, "out shape \\(8, 4, 128\\) must equal q shape \\(8, 8, 128\\)"),
+    (dict(max_seq_len=0), ValueError, "max_seq_len must be a positive int, got 0"),
+    (dict(num_kv_splits=0), ValueError, "num_kv_splits must be an int in 1..1024, got 0"),
+    (dict(workspace=torch.empty(10, dtype=torch.float16)), TypeError, "workspace must have dtype float32"),
+    (dict(k_cache=torch.empty(6, 16, 2, 128, dtype=torch.bfloat16, device="meta"),
+          v_cache=torch.empty(6, 16, 2, 128, dtype=torch.bfloat16, device="meta")),
+     ValueError, "k_cache is on meta, q is on cpu: all tensors must be on one device"),
+    (dict(out=torch.empty(8, 8, 128, dtype=torch.bfloat16, device="meta")), ValueError, "out is on meta, q is on cpu"),
+])
+def test_argument_errors(over, exc, match):
+    raises(exc, match, **over)
+
+
+FP8 = dict(k_cache=torch.zeros(6, 16, 2, 128, dtype=torch.float8_e4m3fn),
+           v_cache=torch.zeros(6, 16, 2, 128, dtype=torch.float8_e4m3fn))
+
+
+@pytest.mark.parametrize("ks,exc,match", [
+    (torch.ones(2), ValueError, "kv_scale tensor must be one float32 element, got dtype torch.float32 with 2 elements"),
+    (torch.ones(1, dtype=torch.float16), ValueError, "kv_scale tensor must be one float32 element"),
+    ("1.0", ValueError, "kv_scale must be a finite float or a float32 tensor, got '1.0'"),
+    (math.inf, ValueError, "kv_scale must be a finite float"),
+])
+def test_kv_scale_errors(ks, exc, match):
+    raises(exc, match, kv_scale=ks, **FP8)
+
+
+def test_fp8_cache_with_scale_is_accepted_up_to_the_device():
+    raises(ValueError, "q must be on a CUDA device", kv_scale=torch.ones(1), **FP8)
+
+
+@pytest.mark.parametrize("over,match", [
+    (dict(q_cu_seqlens=torch.tensor([1, 4, 8], dtype=torch.int32)), "q_cu_seqlens must start at 0 and end at total_q = 8, got 1 .. 8"),
+    (dict(q_cu_seqlens=torch.tensor([0, 5, 4], dtype=torch.int32), q=torch.randn(4, 8, 128, dtype=torch.bfloat16), tree_mask=None, max_q_len=5),
+     "q_cu_seqlens must be non-decreasing"),
+    (dict(q_cu_seqlens=torch.tensor([0, 6, 8], dtype=torch.int32), max_q_len=4), "a draft of 6 tokens exceeds max_q_len 4"),
+    (dict(seq_lens=torch.tensor([40, 3], dtype=torch.int32)), "seq_lens\\[1\\] = 3 is shorter than its 4 draft tokens"),
+    (dict(seq_lens=torch.tensor([49, 20], dtype=torch.int32)), "seq_lens max 49 exceeds the page table's capacity / max_seq_len \\(48 tokens\\)"),
+    (dict(block_tables=torch.tensor([[0, 1, 2], [3, 6, 5]], dtype=torch.int32)), "block_tables\\[1\\] holds a page outside 0..5"),
+    (dict(block_tables=torch.tensor([[0, 1, -1], [3, 4, 5]], dtype=torch.int32)), "block_tables\\[0\\] holds a page outside 0..5"),
+])
+def test_value_errors_with_check_values(over, match):
+    raises(ValueError, match, check_values=True, **over)
+
+
+def test_unused_page_table_entries_are_not_checked():
+    # sequence 1 (20 tokens, page 16) uses two pages: its third entry may hold anything
+    raises(ValueError, "q must be on a CUDA device", check_values=True,
+           block_tables=torch.tensor([[0, 1, 2], [3, 4, -1]], dtype=torch.int32))
+
+
+def test_warmup_configs_compile_for_sm90a():
+    """Every built-in (warm-up) configuration compiles with NVRTC for sm_90a (and one for sm_90)."""
+    import jitkern
+    from jitkern.families.spec_dec_attention import SPEC_DEC_ATTENTION
+
+    cfgs = SPEC_DEC_ATTENTION.warmup_configs()
+    assert len(cfgs) >= 8
+    shapes = {(c["kv_dtype"], c["page_size"], c["mode"]) for c in cfgs}
+    assert {("bf16", 16, "chain"), ("fp8_e4m3", 64, "tree"), ("bf16", 64, "decode")} <= shapes
+    for cfg in cfgs:
+        e = jitkern.compile(SPEC_DEC_ATTENTION, cfg, arch="sm_90a")
+        assert len(e.cubin) > 1000 and set(e.lowered_names) == {"attention", "merge"}
+    assert len(jitkern.compile(SPEC_DEC_ATTENTION, cfgs[0], arch="sm_90").cubin) > 1000
+
+
+def test_family_rejects_mixed_16bit_types():
+    from jitkern.families.spec_dec_attention import SPEC_DEC_ATTENTION
+
+    cfg = dict(SPEC_DEC_ATTENTION.warmup_configs()[0], dtype="fp16", kv_dtype="bf16")
+    with pytest.raises(ValueError, match="kv_dtype 'bf16' must equal dtype 'fp16' or be 'fp8_e4m3'"):
+        SPEC_DEC_ATTENTION.specialize(cfg)
