@@ -95,3 +95,38 @@ def test_header_digest_follows_includes_of_cuda_headers():
     assert len(direct) == 64
     assert toolchain.header_digest(("no_such_header.h",)) != toolchain.header_digest(("other.h",))
     assert (ROOT / "kernels_src" / "selftest.cu").is_file()
+
+
+def test_header_digest_memo_is_reused_until_a_header_changes(tmp_path, monkeypatch):
+    monkeypatch.setenv("JITKERN_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(toolchain, "_MEMO", toolchain._Memo())
+    inc = tmp_path / "include"
+    inc.mkdir()
+    (inc / "cuda_fp16.h").write_text('#include "cuda_fp16.hpp"\n')
+    (inc / "cuda_fp16.hpp").write_text("// v1\n")
+    monkeypatch.setattr(toolchain, "cuda_include_dir", lambda: inc)
+    toolchain.header_digest.cache_clear()
+    try:
+        first = toolchain.header_digest(("cuda_fp16.h",))
+        memo = (tmp_path / "cache" / "toolchain.json").read_text()
+        assert "cuda_fp16.hpp" in memo  # the transitive include is stamped too
+        toolchain.header_digest.cache_clear()
+        monkeypatch.setattr(toolchain, "_header_digest", None)  # a memo hit must not recompute
+        assert toolchain.header_digest(("cuda_fp16.h",)) == first
+        monkeypatch.undo()
+        monkeypatch.setenv("JITKERN_CACHE_DIR", str(tmp_path / "cache"))
+        monkeypatch.setattr(toolchain, "cuda_include_dir", lambda: inc)
+        (inc / "cuda_fp16.hpp").write_text("// v2, longer\n")  # size and mtime change
+        toolchain.header_digest.cache_clear()
+        assert toolchain.header_digest(("cuda_fp16.h",)) != first
+    finally:
+        toolchain.header_digest.cache_clear()
+
+
+def test_a_process_reading_the_cache_does_not_load_nvrtc(cache_env):
+    code = ("import json, sys, jitkern; from jitkern.families.selftest import SELFTEST;"
+            "jitkern.compile(SELFTEST, {'dtype': 'fp16'}, arch='sm_90');"
+            "print(json.dumps(['cupy_backends.cuda.libs.nvrtc' in sys.modules,"
+            " jitkern.stats()['compiles']]))")
+    assert run_py(code, cache_env)[0] == [True, 1]
+    assert run_py(code, cache_env)[0] == [False, 0]
