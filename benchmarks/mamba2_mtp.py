@@ -237,25 +237,31 @@ def row(bw, fi, H, G, sd, T, tree, Bt, eager):
     torch.cuda.empty_cache()
 
 
+TUNE = {   # (threads per block, threads per row, rows per thread) candidates
+    "fp32": [(256, 16, 1), (128, 8, 1), (128, 8, 2), (256, 8, 2), (64, 8, 2), (128, 8, 4),
+             (128, 16, 2), (128, 4, 2), (128, 4, 4)],
+    "bf16": [(128, 4, 1), (128, 4, 2), (256, 4, 2), (64, 4, 2), (128, 4, 4), (128, 8, 2),
+             (128, 2, 2), (64, 2, 4)],
+}
+
+
 def tune(bw):
-    """Threads per row x threads per block, chain and tree, small and large batches."""
-    print("\n## tiling sweep (H=128, G=8, P=64, N=128)")
-    print("| state | T | tree | batch | TPR | ROWS | us | % copy |")
-    print("|---|---|---|---|---|---|---|---|")
-    for sd, tprs in (("fp32", (32, 16, 8)), ("bf16", (16, 8, 4))):
-        for T in (8,):
-            for tree in (False, True):
-                for Bt in (1, 32, 256):
-                    pr = Problem(128, 8, 64, 128, T, Bt, DT[sd], tree)
-                    for tpr in tprs:
-                        for threads in (128, 256, 512):
-                            tiling = pick_tiling(128, sd, 64, threads=threads, tpr=tpr)
-                            ms = time_calls([pr.jitkern_call(i, tiling) for i in range(pr.R)])
-                            print(f"| {sd} | {T} | {'yes' if tree else 'no'} | {Bt} | "
-                                  f"{tiling[0]} | {tiling[1]} | {ms * 1e3:.1f} | "
-                                  f"{100 * pr.bytes / ms / 1e6 / bw:.0f}% |", flush=True)
-                    del pr
-                    torch.cuda.empty_cache()
+    """Tilings x chain/tree x small and large batches (H=128, G=8, P=64, N=128, T=8)."""
+    print("\n## tiling sweep (H=128, G=8, P=64, N=128, T=8)")
+    print("| state | tree | batch | threads | TPR | ROWS | RPT | us | % copy |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for sd, cands in TUNE.items():
+        for tree in (False, True):
+            for Bt in (1, 32, 256):
+                pr = Problem(128, 8, 64, 128, 8, Bt, DT[sd], tree)
+                for threads, tpr, rpt in cands:
+                    tiling = pick_tiling(128, sd, 64, tree, threads=threads, tpr=tpr, rpt=rpt)
+                    ms = time_calls([pr.jitkern_call(i, tiling) for i in range(pr.R)])
+                    print(f"| {sd} | {'yes' if tree else 'no'} | {Bt} | {threads} | "
+                          f"{tiling[0]} | {tiling[1]} | {tiling[2]} | {ms * 1e3:.1f} | "
+                          f"{100 * pr.bytes / ms / 1e6 / bw:.0f}% |", flush=True)
+                del pr
+                torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":

@@ -9,17 +9,24 @@
 // Work split. The op is memory bound: per live sequence it reads the state [H, P, N] once and
 // writes it T+1 times (T intermediate nodes + the final state). One thread block owns one
 // (sequence b, head h, slice of ROWS consecutive rows p of the head), so batch 1 still launches
-// H * P / ROWS blocks. Inside the block TPR consecutive threads own one row: each keeps K 16-byte
-// vectors of that row (N / TPR elements) in fp32 registers for all T steps, so the state is read
-// from memory once and every intermediate write is a coalesced 16-byte store. y is the sum of the
-// row's TPR partial sums, taken with xor-shuffles inside those TPR lanes.
+// H * P / ROWS blocks. Inside the block TPR consecutive threads (a row group) own RPT rows
+// (grp, grp + GROUPS, ...): each thread keeps K 16-byte vectors of each of its rows (N / TPR
+// elements per row) in fp32 registers for all T steps, so the state is read from memory once and
+// every intermediate write is a coalesced 16-byte store. A thread's rows share every B/C read
+// from shared memory and the per-step scalars (measured: shared-memory traffic and per-thread
+// overhead, not DRAM, limited the one-row version). y is the sum of a row's TPR partial sums,
+// taken with xor-shuffles inside the group's lanes.
 //
 // Shared memory holds what every row of the block needs for all T steps, loaded once before the
 // step loop: B and C of the head's group ([T][N] fp32 each, dynamic), and per step the head's
 // processed dt and exp(A*dt), this block's x and z rows, and the tree parent.
 //
-// Compile-time (macros set by the family): N, TPR, ROWS, the dtypes, and the flags HAS_D, HAS_Z,
-// HAS_DT_BIAS, DT_SOFTPLUS, TREE, INTERMEDIATE. Run-time: T, Bt (grid), H, P, G, strides,
+// Tree mode: a step whose parent is the previous step rounds its registers to the stored dtype
+// (the same value a re-read would give); any other parent 0 <= p < t is re-read from the
+// intermediate states, loaded one step ahead so the load latency hides behind a step of work.
+//
+// Compile-time (macros set by the family): N, TPR, ROWS, RPT, the dtypes, and the flags HAS_D,
+// HAS_Z, HAS_DT_BIAS, DT_SOFTPLUS, TREE, INTERMEDIATE. Run-time: T, Bt (grid), H, P, G, strides,
 // indices, pad_slot_id, disable_state_update. All element offsets are 64-bit.
 
 #include <cuda_bf16.h>
@@ -41,7 +48,9 @@ using bias_t = JK_DT_BIAS_DTYPE;  // dt_bias
 constexpr int N = JK_N;
 constexpr int TPR = JK_TPR;                       // threads per state row
 constexpr int ROWS = JK_ROWS;                     // state rows (p) per block
-constexpr int THREADS = ROWS * TPR;
+constexpr int RPT = JK_RPT;                       // rows per thread (they share B/C reads)
+constexpr int GROUPS = ROWS / RPT;                // row groups of TPR threads
+constexpr int THREADS = GROUPS * TPR;
 constexpr int VEC = 16 / (int)sizeof(state_t);    // state elements per 16-byte access
 constexpr int CHUNKS = N / VEC;                   // 16-byte chunks per row
 constexpr int K = CHUNKS / TPR;                   // chunks per thread
@@ -51,7 +60,8 @@ constexpr int STAGE = 4;                          // B/C staging loads in flight
 static_assert(N % 16 == 0 && N >= 16 && N <= 512, "N must be a multiple of 16 in [16, 512]");
 static_assert((TPR & (TPR - 1)) == 0 && TPR <= 32, "TPR must be a power of two <= 32");
 static_assert(CHUNKS % TPR == 0, "TPR must divide the row's 16-byte chunks");
-static_assert(THREADS % 32 == 0 && THREADS <= 1024, "ROWS * TPR must be whole warps");
+static_assert(ROWS % RPT == 0, "RPT must divide ROWS");
+static_assert(THREADS % 32 == 0 && THREADS <= 1024, "ROWS / RPT * TPR must be whole warps");
 
 // ---- scalar conversions (fp32 is the compute type) ----
 __device__ __forceinline__ float to_f(float v) { return v; }
@@ -125,23 +135,28 @@ __global__ void __launch_bounds__(THREADS) mtp_ssm_update(const UpdateParams prm
 #endif
 
     const int T = prm.T;
-    const int row = threadIdx.x / TPR;          // which row of the slice this thread owns
-    const int lane = threadIdx.x % TPR;         // which chunks of the row
+    const int grp = threadIdx.x / TPR;          // row group: rows grp + j * GROUPS, j < RPT
+    const int lane = threadIdx.x % TPR;         // which chunks of those rows
     const int h = blockIdx.y;
     const long long b = blockIdx.z;
     const int p0 = blockIdx.x * ROWS;
-    const int p = p0 + row;
     const int g = h / prm.heads_per_group;
     // Rows past P exist only when ROWS does not divide P: they load and store nothing but still
     // take part in the shuffles and the barrier.
-    const bool active = p < prm.P;
+    bool active[RPT];
+#pragma unroll
+    for (int j = 0; j < RPT; ++j) active[j] = p0 + grp + j * GROUPS < prm.P;
 
     const int slot = prm.state_idx ? prm.state_idx[b] : (int)b;
-    input_t* out_row = prm.out + b * prm.out_sb + (long long)h * prm.out_sh + p;
+    input_t* out_b = prm.out + b * prm.out_sb + (long long)h * prm.out_sh + p0 + grp;
 
     if (slot == prm.pad_slot_id) {   // padded sequence: zeros out, state untouched
-        if (lane == 0 && active)
-            for (int t = 0; t < T; ++t) out_row[t * prm.out_st] = from_f<input_t>(0.f);
+        if (lane == 0)
+#pragma unroll
+            for (int j = 0; j < RPT; ++j)
+                if (active[j])
+                    for (int t = 0; t < T; ++t)
+                        out_b[t * prm.out_st + j * GROUPS] = from_f<input_t>(0.f);
         return;
     }
 #if JK_INTERMEDIATE
@@ -151,13 +166,20 @@ __global__ void __launch_bounds__(THREADS) mtp_ssm_update(const UpdateParams prm
     const bool bad_index = slot < 0 || slot >= prm.S;
 #endif
     if (bad_index) {   // out-of-range index (not checked on the host: that would sync): NaN out
-        if (lane == 0 && active)
-            for (int t = 0; t < T; ++t) out_row[t * prm.out_st] = from_f<input_t>(__int_as_float(0x7fc00000));
+        if (lane == 0)
+#pragma unroll
+            for (int j = 0; j < RPT; ++j)
+                if (active[j])
+                    for (int t = 0; t < T; ++t)
+                        out_b[t * prm.out_st + j * GROUPS] =
+                            from_f<input_t>(__int_as_float(0x7fc00000));
         return;
     }
 
-    // Row-major [P, N] inside a head: this thread's first element of the row.
-    const long long head_off = ((long long)h * prm.P + p) * N + (long long)lane * VEC;
+    // Row-major [P, N] inside a head: this thread's first element of its first row. Row j is
+    // j * GROUPS rows further, chunk k is k * TPR * VEC elements further.
+    const long long head_off = ((long long)h * prm.P + p0 + grp) * N + (long long)lane * VEC;
+    constexpr int ROW_J = GROUPS * N;   // elements between a thread's consecutive rows
     state_t* st_row = prm.state + (long long)slot * prm.state_ss + head_off;
 #if JK_INTERMEDIATE
     const long long step_stride = (long long)prm.H * prm.P * N;   // one node of intermediate
@@ -165,10 +187,13 @@ __global__ void __launch_bounds__(THREADS) mtp_ssm_update(const UpdateParams prm
 #endif
 
     // 1. Issue the state loads first: their latency overlaps the staging below.
-    uint4 raw[K];
+    uint4 raw[RPT][K];
 #pragma unroll
-    for (int k = 0; k < K; ++k)
-        raw[k] = active ? *reinterpret_cast<const uint4*>(st_row + k * TPR * VEC) : make_uint4(0, 0, 0, 0);
+    for (int j = 0; j < RPT; ++j)
+#pragma unroll
+        for (int k = 0; k < K; ++k)
+            raw[j][k] = active[j] ? *reinterpret_cast<const uint4*>(st_row + j * ROW_J + k * TPR * VEC)
+                                  : make_uint4(0, 0, 0, 0);
 
     // 2. Stage B and C of this group, and the per-step scalars, in shared memory.
     float* sB = smem;
@@ -223,12 +248,23 @@ __global__ void __launch_bounds__(THREADS) mtp_ssm_update(const UpdateParams prm
     }
     __syncthreads();
 
-    float hs[K][VEC];   // this thread's part of the row, fp32, for all steps
+    float hs[RPT][K][VEC];   // this thread's parts of its rows, fp32, for all steps
 #pragma unroll
-    for (int k = 0; k < K; ++k) unpack(raw[k], hs[k]);
+    for (int j = 0; j < RPT; ++j)
+#pragma unroll
+        for (int k = 0; k < K; ++k) unpack(raw[j][k], hs[j][k]);
 
 #if JK_HAS_D
     const float Dh = to_f(prm.D[(long long)h * prm.D_sh]);
+#endif
+#if JK_TREE
+    // The parent node of the next step, loaded one step ahead so its latency hides behind the
+    // current step. This thread wrote exactly these elements earlier, so a plain load sees them.
+    uint4 pre[RPT][K];
+#pragma unroll
+    for (int j = 0; j < RPT; ++j)
+#pragma unroll
+        for (int k = 0; k < K; ++k) pre[j][k] = make_uint4(0, 0, 0, 0);
 #endif
 
     // 3. The T steps.
@@ -236,66 +272,108 @@ __global__ void __launch_bounds__(THREADS) mtp_ssm_update(const UpdateParams prm
 #if JK_TREE
         if (t > 0) {
             const int par = s_parent[t];
-            if (par >= 0 && par < t && active) {
-                // Restart from the stored (rounded) node of the parent. This thread wrote exactly
-                // these elements at step par, so a plain load sees them (same-thread order).
+            if (par == t - 1) {
+                // The parent is the previous step, still in registers: the stored node is its
+                // rounded value, so round in place (a no-op for fp32 state).
+                if (sizeof(state_t) != sizeof(float)) {
 #pragma unroll
-                for (int k = 0; k < K; ++k) {
-                    const uint4 u = *reinterpret_cast<const uint4*>(
-                        it_row + (long long)par * step_stride + k * TPR * VEC);
-                    unpack(u, hs[k]);
+                    for (int j = 0; j < RPT; ++j)
+#pragma unroll
+                        for (int k = 0; k < K; ++k) unpack(pack(hs[j][k]), hs[j][k]);
                 }
+            } else if (par >= 0 && par < t) {
+#pragma unroll
+                for (int j = 0; j < RPT; ++j)
+#pragma unroll
+                    for (int k = 0; k < K; ++k) unpack(pre[j][k], hs[j][k]);
+            }
+        }
+        if (t + 1 < T) {   // prefetch step t+1's parent when it is already stored (< t)
+            const int np = s_parent[t + 1];
+            if (np >= 0 && np < t) {
+#pragma unroll
+                for (int j = 0; j < RPT; ++j)
+#pragma unroll
+                    for (int k = 0; k < K; ++k)
+                        if (active[j])
+                            pre[j][k] = *reinterpret_cast<const uint4*>(
+                                it_row + (long long)np * step_stride + j * ROW_J + k * TPR * VEC);
             }
         }
 #endif
         const float dA = s_dA[t];
-        const float xv = s_x[t][row];
-        const float xdt = xv * s_dt[t];
+        const float dtt = s_dt[t];
+        float xv[RPT], xdt[RPT], y[RPT];
+#pragma unroll
+        for (int j = 0; j < RPT; ++j) {
+            xv[j] = s_x[t][grp + j * GROUPS];
+            xdt[j] = xv[j] * dtt;
+            y[j] = 0.f;
+        }
         const float* Bt = sB + t * N + lane * VEC;
         const float* Ct = sC + t * N + lane * VEC;
-        float y = 0.f;
 #pragma unroll
         for (int k = 0; k < K; ++k) {
 #pragma unroll
             for (int v = 0; v < VEC; v += 4) {
+                // one read of B and C serves all RPT rows of this thread
                 const float4 bv = *reinterpret_cast<const float4*>(Bt + k * TPR * VEC + v);
                 const float4 cv = *reinterpret_cast<const float4*>(Ct + k * TPR * VEC + v);
-                hs[k][v + 0] = fmaf(hs[k][v + 0], dA, bv.x * xdt);
-                hs[k][v + 1] = fmaf(hs[k][v + 1], dA, bv.y * xdt);
-                hs[k][v + 2] = fmaf(hs[k][v + 2], dA, bv.z * xdt);
-                hs[k][v + 3] = fmaf(hs[k][v + 3], dA, bv.w * xdt);
-                y = fmaf(hs[k][v + 0], cv.x, y);
-                y = fmaf(hs[k][v + 1], cv.y, y);
-                y = fmaf(hs[k][v + 2], cv.z, y);
-                y = fmaf(hs[k][v + 3], cv.w, y);
+#pragma unroll
+                for (int j = 0; j < RPT; ++j) {
+                    float* hv = &hs[j][k][v];
+                    hv[0] = fmaf(hv[0], dA, bv.x * xdt[j]);
+                    hv[1] = fmaf(hv[1], dA, bv.y * xdt[j]);
+                    hv[2] = fmaf(hv[2], dA, bv.z * xdt[j]);
+                    hv[3] = fmaf(hv[3], dA, bv.w * xdt[j]);
+                    y[j] = fmaf(hv[0], cv.x, y[j]);
+                    y[j] = fmaf(hv[1], cv.y, y[j]);
+                    y[j] = fmaf(hv[2], cv.z, y[j]);
+                    y[j] = fmaf(hv[3], cv.w, y[j]);
+                }
             }
         }
 #if JK_INTERMEDIATE
-        if (active) {
 #pragma unroll
-            for (int k = 0; k < K; ++k)
-                *reinterpret_cast<uint4*>(it_row + (long long)t * step_stride + k * TPR * VEC) = pack(hs[k]);
+        for (int j = 0; j < RPT; ++j) {
+            if (active[j]) {
+#pragma unroll
+                for (int k = 0; k < K; ++k)
+                    *reinterpret_cast<uint4*>(it_row + (long long)t * step_stride + j * ROW_J +
+                                              k * TPR * VEC) = pack(hs[j][k]);
+            }
         }
 #endif
         // y = sum over the row's TPR lanes (consecutive lanes of one warp).
 #pragma unroll
-        for (int o = TPR / 2; o > 0; o >>= 1) y += __shfl_xor_sync(0xffffffffu, y, o);
-        if (lane == 0 && active) {
+        for (int o = TPR / 2; o > 0; o >>= 1)
+#pragma unroll
+            for (int j = 0; j < RPT; ++j) y[j] += __shfl_xor_sync(0xffffffffu, y[j], o);
+        if (lane == 0) {
+#pragma unroll
+            for (int j = 0; j < RPT; ++j) {
+                if (!active[j]) continue;
+                float yj = y[j];
 #if JK_HAS_D
-            y = fmaf(xv, Dh, y);
+                yj = fmaf(xv[j], Dh, yj);
 #endif
 #if JK_HAS_Z
-            const float zv = s_z[t][row];
-            y *= zv / (1.f + expf(-zv));
+                const float zv = s_z[t][grp + j * GROUPS];
+                yj *= zv / (1.f + expf(-zv));
 #endif
-            out_row[t * prm.out_st] = from_f<input_t>(y);
+                out_b[t * prm.out_st + j * GROUPS] = from_f<input_t>(yj);
+            }
         }
     }
 
     // 4. The state after the last step.
-    if (!prm.disable_state_update && active) {
+    if (!prm.disable_state_update) {
 #pragma unroll
-        for (int k = 0; k < K; ++k) *reinterpret_cast<uint4*>(st_row + k * TPR * VEC) = pack(hs[k]);
+        for (int j = 0; j < RPT; ++j)
+            if (active[j])
+#pragma unroll
+                for (int k = 0; k < K; ++k)
+                    *reinterpret_cast<uint4*>(st_row + j * ROW_J + k * TPR * VEC) = pack(hs[j][k]);
     }
 }
 

@@ -193,6 +193,43 @@ def test_sweep(i):
     _run_case(i)
 
 
+@pytest.mark.parametrize("tiling", [(32, 8, 1), (16, 16, 1), (8, 16, 2), (8, 64, 4), (4, 64, 2),
+                                    (4, 32, 4), (16, 32, 2), (2, 32, 2)])
+@pytest.mark.parametrize("state_dtype", ["fp32", "bf16"])
+def test_tilings(tiling, state_dtype):
+    """Every tiling the benchmark's sweep may choose computes the same thing (tree, pads, z, D)."""
+    from jitkern.ops import mamba2 as m2
+
+    update_ref, _ = _ref()
+    rng = random.Random(SEED + 7)
+    c = dict(_random_case(rng), H=8, P=64, N=128, G=2, T=8, Bt=4, state=state_dtype, inp="bf16",
+             dt="bf16", A="fp32", Dd="bf16", biasd="bf16", has_D=True, has_z=True, has_bias=True,
+             softplus=True, inter=True, tree=True, tree_kind="random", sbi=True, pads=True,
+             iidx=False, expanded=False, squeeze=False, disable=False)
+    tpr, rows, rpt = tiling
+    if state_dtype == "fp32" and tpr < 4 or state_dtype == "bf16" and tpr > 16:
+        pytest.skip("not a valid tiling for this state dtype")
+    kw, _ = _build(c, rng)
+    rkw = {k: v for k, v in kw.items() if k != "out"}
+    rkw["state"] = kw["state"].clone()
+    rkw["intermediate_states"] = kw["intermediate_states"].clone()
+    y_ref = update_ref(**rkw)
+    args = [kw[k] for k in ("state", "x", "dt", "A", "B", "C", "D", "z", "dt_bias", "dt_softplus",
+                            "state_batch_indices", "pad_slot_id", "intermediate_states",
+                            "intermediate_state_indices", "retrieve_parent_token",
+                            "disable_state_update", "out")]
+    plan = m2._prepare_update(*args, tiling=tiling)
+    a = dict(zip(("state", "x", "dt", "A", "B", "C", "D", "z", "dt_bias", "dt_softplus", "sbi",
+                  "pad", "inter", "iidx", "parent", "disable", "out"), args))
+    m2._launch_update(plan, a["state"], a["x"], a["dt"], a["A"], a["B"], a["C"], a["D"], a["z"],
+                      a["dt_bias"], a["sbi"], a["pad"], a["inter"], a["iidx"], a["parent"],
+                      a["disable"], a["out"])
+    ctx = f"seed {SEED} tiling {tiling} {state_dtype}"
+    _check("out", kw["out"], y_ref, 2e-2, ctx)
+    _check("state", kw["state"], rkw["state"], 2e-2, ctx)
+    _check("intermediate_states", kw["intermediate_states"], rkw["intermediate_states"], 2e-2, ctx)
+
+
 def test_sweep_covers_the_space():
     """The sweep's generator reaches every feature (so a green sweep means something)."""
     rng_cases = [_random_case(random.Random(SEED * 1000 + i)) for i in range(CASES)]

@@ -348,24 +348,30 @@ def test_family_configuration_errors():
         MAMBA2.specialize(dict(cfg, tree=True, intermediate=False))
     with pytest.raises(ValueError, match=r"TPR=32 must divide the 2 16-byte chunks of a row "
                                          r"\(N=16, state bf16\)"):
-        MAMBA2.specialize(dict(cfg, N=16, state_dtype="bf16"))
-    with pytest.raises(ValueError, match=r"TPR \* ROWS = 16 must be a multiple of 32"):
-        MAMBA2.specialize(dict(cfg, TPR=8, ROWS=2))
+        MAMBA2.specialize(dict(cfg, N=16, TPR=32, state_dtype="bf16"))
+    with pytest.raises(ValueError, match=r"ROWS / RPT \* TPR = 16 threads must be a multiple "
+                                         r"of 32"):
+        MAMBA2.specialize(dict(cfg, TPR=8, ROWS=2, RPT=1))
+    with pytest.raises(ValueError, match=r"RPT=4 must divide ROWS=2"):
+        MAMBA2.specialize(dict(cfg, TPR=32, ROWS=2, RPT=4))
     with pytest.raises(ValueError, match=r"parameter 'N' = 24 is not allowed; allowed values: "
                                          r"multiples of 16 from 16 to 512"):
         MAMBA2.specialize(dict(cfg, N=24))
 
 
 def test_tiling_is_valid_for_every_shape():
-    for n, sd, p in itertools.product(range(16, 513, 16), ("fp32", "bf16", "fp16"),
-                                      range(8, 257, 8)):
-        tpr, rows = pick_tiling(n, sd, p)
-        assert chunks_per_row(n, sd) % tpr == 0
-        assert (tpr * rows) % 32 == 0 and tpr * rows <= 1024
-        MAMBA2.canonical(dict(nemotron_config(sd, tree=False), N=n, TPR=tpr, ROWS=rows,
+    for n, sd, p, tree in itertools.product(range(16, 513, 16), ("fp32", "bf16", "fp16"),
+                                            range(8, 257, 8), (False, True)):
+        tpr, rows, rpt = pick_tiling(n, sd, p, tree)
+        assert chunks_per_row(n, sd) % tpr == 0 and rows % rpt == 0
+        threads = rows // rpt * tpr
+        assert threads % 32 == 0 and threads <= 1024
+        MAMBA2.canonical(dict(nemotron_config(sd, tree=tree), N=n, TPR=tpr, ROWS=rows, RPT=rpt,
                               state_dtype=sd))
-    assert pick_tiling(128, "fp32", 64) == (32, 8)
-    assert pick_tiling(128, "bf16", 80) == (16, 16)
+    # an explicit request is honoured where the shape allows it
+    assert pick_tiling(128, "fp32", 64, threads=256, tpr=16, rpt=1) == (16, 16, 1)
+    assert pick_tiling(128, "bf16", 80, threads=128, tpr=4, rpt=2) == (4, 16, 2)
+    assert pick_tiling(16, "bf16", 8, tpr=4, rpt=2) == (2, 16, 1)   # masked rows past P
 
 
 @pytest.fixture
@@ -391,9 +397,11 @@ def test_warmup_set_compiles_for_hopper(own_cache):
 
 
 def test_odd_configs_compile(own_cache):
-    for cfg in (dict(N=16, TPR=2, ROWS=16, state_dtype="fp16", input_dtype="fp32"),
-                dict(N=512, TPR=32, ROWS=8, state_dtype="fp32", has_z=True, dt_softplus=False),
-                dict(N=48, TPR=2, ROWS=16, state_dtype="bf16", input_dtype="fp16",
+    for cfg in (dict(N=16, TPR=2, ROWS=16, RPT=1, state_dtype="fp16", input_dtype="fp32"),
+                dict(N=512, TPR=32, ROWS=8, RPT=1, state_dtype="fp32", has_z=True,
+                     dt_softplus=False),
+                dict(N=256, TPR=8, ROWS=64, RPT=4, state_dtype="fp32"),
+                dict(N=48, TPR=2, ROWS=32, RPT=2, state_dtype="bf16", input_dtype="fp16",
                      dt_dtype="fp32", A_dtype="bf16", D_dtype="fp16", dt_bias_dtype="fp32")):
         full = dict(nemotron_config("fp32", tree=True), **cfg)
         assert len(jitkern.compile(MAMBA2, full, arch="sm_90").cubin) > 1000

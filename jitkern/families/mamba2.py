@@ -5,7 +5,7 @@ states and draft tree) and ``commit`` (copy an accepted intermediate node into t
 
 Compile-time parameters are those that change the code a thread runs: the row length ``N`` (the
 register array of a thread and the unrolled inner loop), the tiling (``TPR`` threads per state
-row, ``ROWS`` rows per block), the six dtypes, and the optional-tensor / mode flags. Everything
+row, ``ROWS`` rows per block, ``RPT`` rows per thread), the six dtypes, and the optional-tensor / mode flags. Everything
 that only enters address arithmetic (T, Bt, H, P, G, strides, indices, pad id,
 disable_state_update) is a run-time argument, so one specialization serves every batch, draft
 length and head count of a model. See jitkern.ops.mamba2 for how the tiling is chosen.
@@ -45,22 +45,35 @@ def chunks_per_row(N: int, state_dtype: str) -> int:
     return N * ESIZE[state_dtype] // 16
 
 
-def pick_tiling(N: int, state_dtype: str, P: int, threads: int = 256, tpr: int = 32) -> tuple:
-    """(TPR, ROWS) for a row of N state elements and head_dim P (a multiple of 8).
+# (threads per block, threads per row, rows per thread) by state element size and tree mode,
+# chosen by measurement on an H200 (BENCHMARKS.md, "tiling sweep").
+DEFAULT_TILING = {
+    (4, False): (128, 8, 2), (4, True): (128, 8, 2),
+    (2, False): (128, 4, 2), (2, True): (128, 4, 2),
+}
 
-    TPR: the largest power of two <= ``tpr`` that divides the row's 16-byte chunks (each thread
-    then holds N / TPR elements). ROWS: the most rows per block with TPR * ROWS <= ``threads``,
-    ROWS dividing P and whole warps. Defaults chosen by measurement (BENCHMARKS.md)."""
+
+def pick_tiling(N: int, state_dtype: str, P: int, tree: bool = False, threads: int | None = None,
+                tpr: int | None = None, rpt: int | None = None) -> tuple:
+    """(TPR, ROWS, RPT) for rows of N state elements and head_dim P (a multiple of 8).
+
+    TPR threads per row: the largest power of two <= ``tpr`` dividing the row's 16-byte chunks.
+    RPT rows per thread. ROWS rows per block: the most with ROWS / RPT * TPR <= ``threads``,
+    whole warps, ROWS dividing P. Unset arguments come from DEFAULT_TILING."""
+    d_threads, d_tpr, d_rpt = DEFAULT_TILING[(ESIZE[state_dtype], bool(tree))]
+    threads = threads or d_threads
+    t = tpr or d_tpr
+    r = rpt or d_rpt
     chunks = chunks_per_row(N, state_dtype)
-    t = tpr
     while chunks % t:
         t //= 2
-    for rows in (64, 32, 16, 8, 4, 2, 1):
-        if rows * t <= max(threads, 32) and P % rows == 0 and (rows * t) % 32 == 0:
-            return t, rows
-    # no divisor of P makes whole warps (P = 8 with 2 threads per row): one warp of rows,
-    # the kernel masks the rows past P
-    return t, 32 // t
+    for rows in (128, 64, 32, 16, 8, 4, 2, 1):
+        th = rows // r * t
+        if rows % r == 0 and th <= max(threads, 32) and th % 32 == 0 and P % rows == 0:
+            return t, rows, r
+    # no divisor of P makes whole warps (P = 8 with 2 threads per row): one warp of one-row
+    # threads; the kernel masks the rows past P
+    return t, 32 // t, 1
 
 
 def _validate(cfg: dict) -> None:
@@ -71,10 +84,12 @@ def _validate(cfg: dict) -> None:
     if chunks % cfg["TPR"]:
         raise ValueError(f"mamba2_mtp_ssm_update: TPR={cfg['TPR']} must divide the {chunks} "
                          f"16-byte chunks of a row (N={cfg['N']}, state {cfg['state_dtype']})")
-    threads = cfg["TPR"] * cfg["ROWS"]
+    if cfg["ROWS"] % cfg["RPT"]:
+        raise ValueError(f"mamba2_mtp_ssm_update: RPT={cfg['RPT']} must divide ROWS={cfg['ROWS']}")
+    threads = cfg["ROWS"] // cfg["RPT"] * cfg["TPR"]
     if threads % 32 or threads > 1024:
-        raise ValueError(f"mamba2_mtp_ssm_update: TPR * ROWS = {threads} must be a multiple of "
-                         f"32 and at most 1024")
+        raise ValueError(f"mamba2_mtp_ssm_update: ROWS / RPT * TPR = {threads} threads must be a "
+                         f"multiple of 32 and at most 1024")
 
 
 def _dtype_param(name: str) -> Param:
@@ -85,8 +100,8 @@ def nemotron_config(state_dtype: str, tree: bool, intermediate: bool = True) -> 
     """The Nemotron-H / Nemotron 3 decode configuration: N=128, bf16 x/B/C and dt/D/dt_bias
     (one dtype for the three, as FlashInfer and TensorRT-LLM callers pass them), fp32 A, softplus
     on, no z (the gate is applied by the gated RMSNorm after the op)."""
-    tpr, rows = pick_tiling(128, state_dtype, 64)
-    return dict(N=128, TPR=tpr, ROWS=rows, state_dtype=state_dtype, input_dtype="bf16",
+    tpr, rows, rpt = pick_tiling(128, state_dtype, 64, tree)
+    return dict(N=128, TPR=tpr, ROWS=rows, RPT=rpt, state_dtype=state_dtype, input_dtype="bf16",
                 dt_dtype="bf16", A_dtype="fp32", D_dtype="bf16", dt_bias_dtype="bf16",
                 has_D=True, has_z=False, has_dt_bias=True, dt_softplus=True, tree=tree,
                 intermediate=intermediate)
@@ -108,7 +123,8 @@ MAMBA2 = register_family(KernelFamily(
     params=(
         Param("N", IntRange(16, 512, multiple_of=16)),
         Param("TPR", (1, 2, 4, 8, 16, 32)),
-        Param("ROWS", (1, 2, 4, 8, 16, 32, 64)),
+        Param("ROWS", (1, 2, 4, 8, 16, 32, 64, 128)),
+        Param("RPT", (1, 2, 4)),
         _dtype_param("state_dtype"),
         _dtype_param("input_dtype"),
         _dtype_param("dt_dtype"),

@@ -311,8 +311,9 @@ def _prepare_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, sbi, pad_
                   ("out", out)), dev)
 
     # --- the specialization and its launch geometry
-    tpr, rows = tiling if tiling is not None else pick_tiling(N, state_dt, P)
-    cfg = dict(N=N, TPR=tpr, ROWS=rows, state_dtype=state_dt, input_dtype=in_dt, dt_dtype=dt_dt,
+    tpr, rows, rpt = tiling if tiling is not None else pick_tiling(N, state_dt, P,
+                                                                   parent is not None)
+    cfg = dict(N=N, TPR=tpr, ROWS=rows, RPT=rpt, state_dtype=state_dt, input_dtype=in_dt, dt_dtype=dt_dt,
                A_dtype=A_dt, D_dtype=D_dt, dt_bias_dtype=bias_dt, has_D=D is not None,
                has_z=z is not None, has_dt_bias=dt_bias is not None, dt_softplus=dt_softplus,
                tree=parent is not None, intermediate=inter is not None)
@@ -335,7 +336,7 @@ def _prepare_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, sbi, pad_
     grid = (-(-P // rows), H, Bt)
     smem = 2 * T * N * 4
     align = tuple(n for n, t in (("state", state), ("intermediate_states", inter)) if t is not None)
-    return _Plan(kernel, grid, (tpr * rows, 1, 1), smem, static, squeeze, align)
+    return _Plan(kernel, grid, (rows // rpt * tpr, 1, 1), smem, static, squeeze, align)
 
 
 def _update_impl(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor,
