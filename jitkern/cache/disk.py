@@ -20,6 +20,8 @@ from pathlib import Path
 
 log = logging.getLogger("jitkern")
 
+_HIT = "UPDATE Cache SET access_count = access_count + 1 WHERE key = ? AND raw = 1"
+
 
 class DiskTier:
     def __init__(self, directory: Path, size_limit: int):
@@ -49,14 +51,80 @@ class DiskTier:
     def writable(self) -> bool:
         return self.cache is not None
 
-    def get(self, key: str) -> bytes | None:
+    def get(self, key: str, count_hit: bool = True) -> bytes | None:
+        """The stored bytes of ``key`` (a use: LRU order), or None. ``count_hit``: also count a
+        hit in the entry's ``access_count`` (shown by ``jitkern cache ls``)."""
         if self.cache is None:
             return None
         try:
-            return self.cache.get(key, default=None, read=False)
+            blob = self.cache.get(key, default=None, read=False)
         except Exception as e:
             log.warning("jitkern: disk cache read of %s failed: %s", key[:16], e)
             return None
+        if blob is not None and count_hit:
+            try:  # diskcache keeps access_count only for its LFU policy: count hits ourselves
+                self.cache._sql(_HIT, (key,))
+            except Exception:
+                pass
+        return blob
+
+    # --- inspection and maintenance (the CLI); reads diskcache's documented Cache table
+    def rows(self) -> list[dict]:
+        """Every jitkern entry's index row: key, size (bytes), stored, used (access time),
+        hits, filename (relative to the directory, or None for an inline value)."""
+        if self.cache is None:
+            return []
+        cur = self.cache._sql("SELECT key, size, store_time, access_time, access_count, filename "
+                              "FROM Cache WHERE raw = 1")
+        return [dict(key=k, size=size or 0, stored=st or 0.0, used=at or 0.0, hits=n or 0,
+                     filename=fn)
+                for k, size, st, at, n, fn in cur.fetchall()
+                if isinstance(k, str) and not k.startswith("jitkern:")]
+
+    def peek(self, key: str) -> bytes | None:
+        """The stored bytes of ``key`` without counting a use (no LRU or hit update)."""
+        if self.cache is None:
+            return None
+        try:
+            row = self.cache._sql("SELECT mode, filename, value FROM Cache WHERE key = ? AND raw = 1",
+                                  (key,)).fetchone()
+            if row is None:
+                return None
+            mode, filename, value = row
+            if filename:
+                return (self.directory / filename).read_bytes()
+            return bytes(value) if isinstance(value, (bytes, memoryview)) else None
+        except Exception as e:
+            log.warning("jitkern: disk cache read of %s failed: %s", key[:16], e)
+            return None
+
+    def orphan_files(self, min_age: float = 60.0) -> list[Path]:
+        """Value files that no index row names (left by a process killed between writing the
+        file and committing its row), older than ``min_age`` seconds so that a write in flight
+        in another process is never taken for one."""
+        if self.cache is None:
+            return []
+        import time
+
+        named = {r[0] for r in self.cache._sql(
+            "SELECT filename FROM Cache WHERE filename IS NOT NULL").fetchall()}
+        now = time.time()
+        out = []
+        for p in self.directory.glob("[0-9a-f][0-9a-f]/[0-9a-f][0-9a-f]/*.val"):
+            rel = p.relative_to(self.directory).as_posix()
+            try:
+                old = now - p.stat().st_mtime >= min_age
+            except OSError:
+                continue
+            if rel not in named and old:
+                out.append(p)
+        return out
+
+    def clear(self) -> int:
+        """Remove every entry; returns how many there were."""
+        if self.cache is None:
+            return 0
+        return self.cache.clear()
 
     def put(self, key: str, blob: bytes) -> bool:
         if self.cache is None:
