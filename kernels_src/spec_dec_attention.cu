@@ -55,7 +55,9 @@ constexpr int MODE = JK_MODE;
 constexpr int TILE = 64;                       // KV positions per pipeline stage
 constexpr int QT = JK_Q_TILE;                  // query rows per CTA
 constexpr int WM = QT / 16;                    // warps along rows (16 rows each: the MMA M)
-constexpr int NWARPS = WM > 4 ? WM : 4;
+// Large tiles (trees) run 8 warps, two per row slab, so that with <= 128 registers two CTAs
+// (16 warps) share an SM; small tiles 4 warps, one slab split across them.
+constexpr int NWARPS = QT >= 64 ? (WM > 8 ? WM : 8) : 4;
 constexpr int WN = NWARPS / WM;                // warps along the KV tile
 constexpr int NT = 32 * NWARPS;
 constexpr int NW = TILE / WN;                  // KV positions per warp per tile (16, 32, 64)
@@ -80,7 +82,8 @@ constexpr int ROWS_PER_PASS = NT / CPR;
 constexpr int RPT = TILE / ROWS_PER_PASS;      // KV rows each thread copies per tile (K and V)
 constexpr int NP = PS >= TILE ? 1 : TILE / PS; // pages per KV tile
 constexpr int O_ROW = D + 4;                   // floats per row of the epilogue staging
-constexpr bool Q_IN_REGS = D <= 128;           // D = 256 reloads Q fragments (register budget)
+constexpr bool Q_IN_REGS = D <= 128 && QT < 64; // else Q fragments are reloaded (register budget)
+constexpr int MIN_BLOCKS = (NT >= 256 && D <= 128) ? 2 : 1;
 constexpr int SMEM_PIPE = STAGES * 2 * KV_TILE_BYTES;
 constexpr int SMEM_EPI = (WN * QT * O_ROW + 2 * WN * QT) * 4;
 constexpr int SMEM_BYTES = QT * Q_ROW + (SMEM_PIPE > SMEM_EPI ? SMEM_PIPE : SMEM_EPI);
@@ -98,6 +101,7 @@ struct Params {
     in_t* out;                  // [total_q, hq, D]
     float* ws_o;                // [num_splits, total_q, hq, D] partial outputs (split path)
     float2* ws_ml;              // [num_splits, total_q, hq] (m in log2 units, l)
+    int* counters;              // [Bt, hkv, row_tiles] finished splits; zero between launches
     const float* kv_scale_ptr;  // null: use kv_scale
     int total_q, hq, hkv, group, q_len, bt_stride, mask_words, num_splits, row_tiles, window;
     float scale_log2;           // softmax scale * log2(e)
@@ -108,7 +112,7 @@ __device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000u);
 
 __device__ __forceinline__ u32 lds32(const u8* p) { return *reinterpret_cast<const u32*>(p); }
 
-__global__ void __launch_bounds__(NT) spec_dec_attention(const Params p) {
+__global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const Params p) {
     extern __shared__ __align__(128) u8 smem[];
     u8* q_s = smem;
     u8* kv_s = smem + QT * Q_ROW;
@@ -247,7 +251,15 @@ __global__ void __launch_bounds__(NT) spec_dec_attention(const Params p) {
         }
         cp_async_wait<STAGES - 1>();
         __syncthreads();
-        if (Q_IN_REGS && tile == t_begin) {
+        if (tile == t_begin) {
+#if JK_IN_BF16 && !JK_SD_MMA_BF16
+            // fp8 cache: the MMAs run in fp16, so the bf16 query is converted once, in place
+            for (int i = tid; i < QT * (D / 2); i += NT) {
+                u32* w = reinterpret_cast<u32*>(q_s + (i / (D / 2)) * Q_ROW) + i % (D / 2);
+                *w = bf16x2_to_f16x2(*w);
+            }
+            __syncthreads();
+#endif
 #pragma unroll
             for (int kc = 0; kc < (Q_IN_REGS ? NKC : 0); ++kc) q_frag(kc, qf[kc]);
         }
@@ -270,7 +282,7 @@ __global__ void __launch_bounds__(NT) spec_dec_attention(const Params p) {
 #pragma unroll
             for (int j = 0; j < NJ; ++j) {
                 const u32 w = lds32(ksm + (kv_row0 + 8 * j + g) * KV_ROW + 16 * kc + 4 * t4);
-                mma16816(s[j], a, fp8x2_to_in2(w), fp8x2_to_in2(w >> 16));
+                mma16816(s[j], a, fp8x2_to_f16x2(w & 0xffffu), fp8x2_to_f16x2(w >> 16));
             }
 #else
 #pragma unroll
@@ -333,10 +345,10 @@ __global__ void __launch_bounds__(NT) spec_dec_attention(const Params p) {
 #pragma unroll
         for (int i = 0; i < NJ / 2; ++i) {
             u32 a[4];
-            a[0] = pack2(s[2 * i][0], s[2 * i][1]);
-            a[1] = pack2(s[2 * i][2], s[2 * i][3]);
-            a[2] = pack2(s[2 * i + 1][0], s[2 * i + 1][1]);
-            a[3] = pack2(s[2 * i + 1][2], s[2 * i + 1][3]);
+            a[0] = pack_mma2(s[2 * i][0], s[2 * i][1]);
+            a[1] = pack_mma2(s[2 * i][2], s[2 * i][3]);
+            a[2] = pack_mma2(s[2 * i + 1][0], s[2 * i + 1][1]);
+            a[3] = pack_mma2(s[2 * i + 1][2], s[2 * i + 1][3]);
 #if JK_KV_FP8
             // thread (g, t) gathers V[pos 2t, 2t+1, 2t+8, 2t+9][d = 32q + 4g + j], j = 0..3: the
             // four bytes of one 32-bit load per position feed four n8 chunks (output column g of
@@ -348,10 +360,10 @@ __global__ void __launch_bounds__(NT) spec_dec_attention(const Params p) {
                 const u32 w2 = lds32(vb + 8 * KV_ROW + 32 * qd), w3 = lds32(vb + 9 * KV_ROW + 32 * qd);
                 const u32 x01 = __byte_perm(w0, w1, 0x5140), y01 = __byte_perm(w0, w1, 0x7362);
                 const u32 x23 = __byte_perm(w2, w3, 0x5140), y23 = __byte_perm(w2, w3, 0x7362);
-                mma16816(acc[4 * qd + 0], a, fp8x2_to_in2(x01), fp8x2_to_in2(x23));
-                mma16816(acc[4 * qd + 1], a, fp8x2_to_in2(x01 >> 16), fp8x2_to_in2(x23 >> 16));
-                mma16816(acc[4 * qd + 2], a, fp8x2_to_in2(y01), fp8x2_to_in2(y23));
-                mma16816(acc[4 * qd + 3], a, fp8x2_to_in2(y01 >> 16), fp8x2_to_in2(y23 >> 16));
+                mma16816(acc[4 * qd + 0], a, fp8x2_to_f16x2(x01 & 0xffffu), fp8x2_to_f16x2(x23 & 0xffffu));
+                mma16816(acc[4 * qd + 1], a, fp8x2_to_f16x2(x01 >> 16), fp8x2_to_f16x2(x23 >> 16));
+                mma16816(acc[4 * qd + 2], a, fp8x2_to_f16x2(y01 & 0xffffu), fp8x2_to_f16x2(y23 & 0xffffu));
+                mma16816(acc[4 * qd + 3], a, fp8x2_to_f16x2(y01 >> 16), fp8x2_to_f16x2(y23 >> 16));
             }
 #else
 #pragma unroll
@@ -406,6 +418,7 @@ __global__ void __launch_bounds__(NT) spec_dec_attention(const Params p) {
     }
     __syncthreads();
 
+    const bool direct = !JK_SPLIT_KV || p.num_splits == 1;
     for (int i = tid; i < QT * (D / 4); i += NT) {
         const int r = i / (D / 4), d = (i % (D / 4)) * 4;
         const int gr = row0 + r;
@@ -423,11 +436,11 @@ __global__ void __launch_bounds__(NT) spec_dec_attention(const Params p) {
         }
         const int t = gr / G, gq = gr - t * G;
         const size_t idx = (size_t)(q_start + t) * p.hq + hk * G + gq;
-        if (!JK_SPLIT_KV || p.num_splits == 1) {
+        if (direct) {
             const float inv = Ls > 0.f ? vscale / Ls : 0.f;
             uint2 packed;
-            packed.x = pack2(o.x * inv, o.y * inv);
-            packed.y = pack2(o.z * inv, o.w * inv);
+            packed.x = pack_in2(o.x * inv, o.y * inv);
+            packed.y = pack_in2(o.z * inv, o.w * inv);
             *reinterpret_cast<uint2*>(p.out + idx * D + d) = packed;
         } else {
             const size_t widx = (size_t)split * p.total_q * p.hq + idx;
@@ -436,43 +449,52 @@ __global__ void __launch_bounds__(NT) spec_dec_attention(const Params p) {
             if (d == 0) p.ws_ml[widx] = make_float2(M, Ls);
         }
     }
-}
+#if JK_SPLIT_KV
+    if (direct) return;
 
-// ---- split-KV merge: one warp per (query row, head) -------------------------------------------
-struct MergeParams {
-    const float* ws_o;     // [num_splits, rows, D]
-    const float2* ws_ml;   // [num_splits, rows]
-    in_t* out;             // [rows, D]
-    int rows;              // total_q * hq
-    int num_splits;
-};
-
-__global__ void __launch_bounds__(128) spec_dec_merge(const MergeParams p) {
-    const int lane = threadIdx.x & 31;
-    const int idx = blockIdx.x * 4 + (threadIdx.x >> 5);
-    if (idx >= p.rows) return;
-    float M = neg_inf();
-    for (int s = 0; s < p.num_splits; ++s) M = fmaxf(M, p.ws_ml[(size_t)s * p.rows + idx].x);
-    float Ls = 0.f;
-    for (int s = 0; s < p.num_splits; ++s) {
-        const float2 ml = p.ws_ml[(size_t)s * p.rows + idx];
-        if (ml.x != neg_inf()) Ls += ml.y * exp2f(ml.x - M);
+    // ---- split-KV merge, fused: the last CTA of (b, hk, rt) to finish combines all partials ----
+    // (threadfence + counter: the classic last-block pattern; the counter is reset for the next
+    // launch, so a captured graph replays without any host work)
+    __shared__ int s_last;
+    __threadfence();
+    __syncthreads();
+    int* ctr = p.counters + ((size_t)b * p.hkv + hk) * p.row_tiles + rt;
+    if (tid == 0) {
+        const int prev = atomicAdd(ctr, 1);
+        s_last = prev == p.num_splits - 1;
+        if (s_last) *ctr = 0;
     }
-    const float inv = Ls > 0.f ? 1.f / Ls : 0.f;
-    for (int d = lane * 4; d < D; d += 128) {
+    __syncthreads();
+    if (!s_last) return;
+    __threadfence();
+    const size_t stride = (size_t)p.total_q * p.hq;
+    for (int i = tid; i < QT * (D / 4); i += NT) {
+        const int r = i / (D / 4), d = (i % (D / 4)) * 4;
+        const int gr = row0 + r;
+        if (gr >= R) continue;
+        const int t = gr / G, gq = gr - t * G;
+        const size_t idx = (size_t)(q_start + t) * p.hq + hk * G + gq;
+        float M = neg_inf();
+        for (int sp = 0; sp < p.num_splits; ++sp) M = fmaxf(M, __ldcg(&p.ws_ml[sp * stride + idx]).x);
+        float Ls = 0.f;
         float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
-        for (int s = 0; s < p.num_splits; ++s) {
-            const float2 ml = p.ws_ml[(size_t)s * p.rows + idx];
-            if (ml.x == neg_inf()) continue;
-            const float f = exp2f(ml.x - M) * inv;
-            const float4 v = *reinterpret_cast<const float4*>(p.ws_o + ((size_t)s * p.rows + idx) * D + d);
-            o.x += f * v.x; o.y += f * v.y; o.z += f * v.z; o.w += f * v.w;
+        if (M != neg_inf()) {
+            for (int sp = 0; sp < p.num_splits; ++sp) {
+                const float2 ml = __ldcg(&p.ws_ml[sp * stride + idx]);
+                if (ml.x == neg_inf()) continue;   // an empty split
+                const float f = exp2f(ml.x - M);
+                const float4 v = __ldcg(reinterpret_cast<const float4*>(p.ws_o + (sp * stride + idx) * D + d));
+                Ls += f * ml.y;
+                o.x += f * v.x; o.y += f * v.y; o.z += f * v.z; o.w += f * v.w;
+            }
         }
+        const float inv = Ls > 0.f ? 1.f / Ls : 0.f;
         uint2 packed;
-        packed.x = pack2(o.x, o.y);
-        packed.y = pack2(o.z, o.w);
-        *reinterpret_cast<uint2*>(p.out + (size_t)idx * D + d) = packed;
+        packed.x = pack_in2(o.x * inv, o.y * inv);
+        packed.y = pack_in2(o.z * inv, o.w * inv);
+        *reinterpret_cast<uint2*>(p.out + idx * D + d) = packed;
     }
+#endif
 }
 
 }  // namespace jk_sd

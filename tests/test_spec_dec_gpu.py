@@ -192,6 +192,25 @@ def test_graph_replay_identical(fp8):
         assert _check(a, out, torch.bfloat16) < 1e-2
 
 
+def test_repeated_split_calls_reset_their_counters():
+    """The fused merge counts finished splits per (sequence, KV head, row tile) and the last CTA
+    resets the count: back-to-back calls (different split counts too) all stay exact."""
+    from jitkern.ops import spec_dec_attention
+
+    rng = random.Random(9)
+    a = random_paged_inputs([2000, 700, 4100], [random_eagle_tree(24, rng) for _ in range(3)],
+                            num_heads=32, num_kv_heads=8, head_dim=128,
+                            generator=torch.Generator().manual_seed(4))
+    first = spec_dec_attention(**a, num_kv_splits=7)
+    assert _check(a, first, torch.bfloat16) < 1e-2
+    for splits in (7, 3, 7, 16):
+        out = torch.full_like(a["q"], float("nan"))
+        spec_dec_attention(**a, out=out, num_kv_splits=splits)
+        if splits == 7:
+            assert torch.equal(out, first)
+        assert _check(a, out, torch.bfloat16) < 1e-2
+
+
 def test_capture_refuses_to_grow_workspace():
     from jitkern.ops import spec_dec_attention
     from jitkern.ops.spec_dec_attention import _KEEP, _WORKSPACE

@@ -19,13 +19,11 @@ KV_TILE = 64  # KV positions per pipeline stage (fixed in the source)
 ATTN_SIGNATURE = (
     ("q", "ptr"), ("k_cache", "ptr"), ("v_cache", "ptr"), ("block_tables", "ptr"),
     ("seq_lens", "ptr"), ("q_cu", "ptr"), ("mask", "ptr"), ("out", "ptr"), ("ws_o", "ptr"),
-    ("ws_ml", "ptr"), ("kv_scale_ptr", "ptr"),
+    ("ws_ml", "ptr"), ("counters", "ptr"), ("kv_scale_ptr", "ptr"),
     ("total_q", "i32"), ("hq", "i32"), ("hkv", "i32"), ("group", "i32"), ("q_len", "i32"),
     ("bt_stride", "i32"), ("mask_words", "i32"), ("num_splits", "i32"), ("row_tiles", "i32"),
     ("window", "i32"), ("scale_log2", "f32"), ("kv_scale", "f32"),
 )
-MERGE_SIGNATURE = (("ws_o", "ptr"), ("ws_ml", "ptr"), ("out", "ptr"), ("rows", "i32"),
-                   ("num_splits", "i32"))
 
 
 def _validate(cfg: dict) -> None:
@@ -35,8 +33,9 @@ def _validate(cfg: dict) -> None:
 
 
 def warps(q_tile: int) -> int:
-    """Warps per CTA for a query tile: one 16-row slab each, at least 4."""
-    return max(4, q_tile // 16)
+    """Warps per CTA for a query tile (mirrors NWARPS in the source): 8 for tiles of 64 rows
+    and more (16-row slabs, two warps per slab where there are only 4), else 4."""
+    return max(8, q_tile // 16) if q_tile >= 64 else 4
 
 
 def shared_bytes(cfg: dict) -> int:
@@ -69,7 +68,6 @@ SPEC_DEC_ATTENTION = register_family(KernelFamily(
     ),
     entries={
         "attention": Entry("jk_sd::spec_dec_attention", signature=ATTN_SIGNATURE, packed=True),
-        "merge": Entry("jk_sd::spec_dec_merge", signature=MERGE_SIGNATURE, packed=True),
     },
     options=("-std=c++17", "--use_fast_math"),
     validate=_validate,

@@ -49,12 +49,13 @@ def _launcher(cfg: tuple, index: int):
     return hit
 
 
-@custom_op("jitkern::spec_dec_attention", mutates_args=("out", "workspace"))
+@custom_op("jitkern::spec_dec_attention", mutates_args=("out", "workspace", "counters"))
 def _spec_dec_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, seq_lens: torch.Tensor,
                            q_cu_seqlens: Optional[torch.Tensor], tree_mask: Optional[torch.Tensor],
                            kv_scale_t: Optional[torch.Tensor], out: torch.Tensor,
-                           workspace: torch.Tensor, scale: float, kv_scale: float, kv_layout: str,
+                           workspace: torch.Tensor, counters: torch.Tensor, scale: float,
+                           kv_scale: float, kv_layout: str,
                            mode: str, q_tile: int, page_size: int, q_len: int, row_tiles: int,
                            num_splits: int, window: int) -> None:
     """Launch only: arguments were validated and resolved by ``spec_dec_attention``."""
@@ -63,19 +64,15 @@ def _spec_dec_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     bt = seq_lens.shape[0]
     cfg = kernel_config(q.dtype, k_cache.dtype, d, kv_layout, mode, page_size, q_tile)
     kern, smem, threads = _launcher(cfg, q.device.index)
-    rows = total_q * hq
-    ws_o = workspace
-    ws_ml = workspace.data_ptr() + num_splits * rows * d * 4 if num_splits > 1 else None
+    split = num_splits > 1
+    ws_ml = workspace.data_ptr() + num_splits * total_q * hq * d * 4 if split else None
     kern.launch("attention", grid=(row_tiles * hkv, num_splits, bt), block=(threads, 1, 1),
                 args=(q, k_cache, v_cache, block_tables, seq_lens, q_cu_seqlens, tree_mask, out,
-                      ws_o if num_splits > 1 else None, ws_ml, kv_scale_t,
-                      total_q, hq, hkv, hq // hkv, q_len, block_tables.shape[1],
+                      workspace if split else None, ws_ml, counters if split else None,
+                      kv_scale_t, total_q, hq, hkv, hq // hkv, q_len, block_tables.shape[1],
                       tree_mask.shape[1] if tree_mask is not None else 0, num_splits, row_tiles,
                       window, scale * _LOG2E, kv_scale),
                 shared_mem=smem)
-    if num_splits > 1:
-        kern.launch("merge", grid=((rows + 3) // 4, 1, 1), block=(128, 1, 1),
-                    args=(ws_o, ws_ml, out, rows, num_splits))
 
 
 # ---- workspace ---------------------------------------------------------------------------------
@@ -112,15 +109,39 @@ def reserve_workspace(device, floats: int) -> torch.Tensor:
     return ws
 
 
+_COUNTERS: dict = {}   # device index -> int32 zeros: per-(sequence, KV head, row tile) split counters
+
+
+def reserve_counters(device, n: int) -> torch.Tensor:
+    """The per-device split counters (int32, zero between launches: the kernel's last CTA of each
+    group resets its counter), grown to at least ``n`` before any capture that needs them."""
+    index = torch.device(device).index
+    if index is None:
+        index = torch.cuda.current_device()
+    c = _COUNTERS.get(index)
+    if c is not None and c.numel() >= n:
+        return c
+    if torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(f"spec_dec_attention: the split counters ({n} needed) cannot grow "
+                           f"during CUDA graph capture; run the same call once before capturing")
+    if c is not None:
+        _KEEP.append(c)
+    c = torch.zeros(max(n, 4096), dtype=torch.int32, device=torch.device("cuda", index))
+    _COUNTERS[index] = c
+    return c
+
+
 _NO_WS: dict = {}
 
 
-def _empty_ws(device) -> torch.Tensor:
-    t = _NO_WS.get(device)
+def _empty_ws(device, kind: str) -> torch.Tensor:
+    """A 1-element placeholder for the workspace or counters of an unsplit call (distinct per
+    kind: the op's two mutated buffers never alias)."""
+    t = _NO_WS.get((device, kind))
     if t is None:
         if torch.cuda.is_current_stream_capturing():
             raise RuntimeError("spec_dec_attention: call once before CUDA graph capture")
-        t = _NO_WS[device] = torch.empty(1, dtype=torch.float32, device=device)
+        t = _NO_WS[(device, kind)] = torch.zeros(1, dtype=torch.int32, device=device)
     return t
 
 
@@ -138,10 +159,10 @@ def _sm_count(device) -> int:
 
 def pick_q_tile(rows: int) -> int:
     """Query rows per CTA for ``rows = max_q_len * G`` rows per KV head."""
-    for qt in (16, 32):
+    for qt in (16, 32, 64):
         if rows <= qt:
             return qt
-    return 64
+    return 128   # big trees: 8 warps share each K/V tile across 128 rows
 
 
 def pick_num_splits(ctas: int, max_kv_len: int, sm_count: int, rows_total: int, head_dim: int) -> int:
@@ -327,9 +348,10 @@ def prepare(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     elif splits > 1:
         ws = reserve_workspace(dev, need)
     else:
-        ws = _empty_ws(dev)
+        ws = _empty_ws(dev, "workspace")
+    ctr = reserve_counters(dev, bt * hkv * row_tiles) if splits > 1 else _empty_ws(dev, "counters")
     return (q, k_cache, v_cache, block_tables, seq_lens, q_cu_seqlens, tree_mask, kv_scale_t, out,
-            ws, float(scale), kv_scale_f, kv_layout, mode, q_tile, page_size, q_len, row_tiles,
+            ws, ctr, float(scale), kv_scale_f, kv_layout, mode, q_tile, page_size, q_len, row_tiles,
             splits, sliding_window or 0)
 
 
@@ -385,7 +407,7 @@ def planned_config(*args, **kwargs) -> dict:
     """The family configuration ``spec_dec_attention(*args, **kwargs)`` would run (validates
     the arguments the same way; used to compile ahead, e.g. in parallel)."""
     a = prepare(*args, **kwargs)
-    return dict(kernel_config(a[0].dtype, a[1].dtype, a[0].shape[2], a[12], a[13], a[15], a[14]))
+    return dict(kernel_config(a[0].dtype, a[1].dtype, a[0].shape[2], a[13], a[14], a[16], a[15]))
 
 
 def _check_values(q_cu, seq_lens, block_tables, total_q, q_len, longest, num_pages, page_size,

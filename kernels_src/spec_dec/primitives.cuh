@@ -12,26 +12,40 @@ namespace jk_sd {
 typedef unsigned int u32;
 typedef unsigned char u8;
 
-// ---- input element type (query, output, and the MMA operands) --------------------------------
+// ---- element types ----------------------------------------------------------------------------
+// in_t: query and output. The MMA operand type is the input type, except with an fp8 cache: then
+// K/V, Q and P enter the MMAs as fp16, because e4m3 -> fp16 is one exact instruction per two
+// values (cvt.rn.f16x2.e4m3x2) while e4m3 -> bf16 takes four.
 #if JK_IN_BF16
 typedef __nv_bfloat16 in_t;
-typedef __nv_bfloat162 in2_t;
-__device__ __forceinline__ u32 pack2(float lo, float hi) {
+__device__ __forceinline__ u32 pack_in2(float lo, float hi) {
     __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
     return *reinterpret_cast<u32*>(&v);
 }
-__device__ __forceinline__ in_t to_in(float x) { return __float2bfloat16_rn(x); }
-#define JK_SD_MMA_TYPE "bf16"
 #else
 typedef __half in_t;
-typedef __half2 in2_t;
-__device__ __forceinline__ u32 pack2(float lo, float hi) {
+__device__ __forceinline__ u32 pack_in2(float lo, float hi) {
     __half2 v = __floats2half2_rn(lo, hi);
     return *reinterpret_cast<u32*>(&v);
 }
-__device__ __forceinline__ in_t to_in(float x) { return __float2half_rn(x); }
-#define JK_SD_MMA_TYPE "f16"
 #endif
+
+#if JK_IN_BF16 && !JK_KV_FP8
+#define JK_SD_MMA_TYPE "bf16"
+#define JK_SD_MMA_BF16 1
+#else
+#define JK_SD_MMA_TYPE "f16"
+#define JK_SD_MMA_BF16 0
+#endif
+
+__device__ __forceinline__ u32 pack_mma2(float lo, float hi) {
+#if JK_SD_MMA_BF16
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+#else
+    __half2 v = __floats2half2_rn(lo, hi);
+#endif
+    return *reinterpret_cast<u32*>(&v);
+}
 
 // D(16x8, fp32) += A(16x16, row) * B(16x8, col). Fragment ownership (lane = 4*g + t):
 // A: a0 (g, 2t..2t+1) a1 (g+8, 2t..) a2 (g, 2t+8..) a3 (g+8, 2t+8..)
@@ -67,15 +81,18 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 template <int N>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 
-// Two e4m3 values (low byte = lower index) -> two input-type values, exact.
-__device__ __forceinline__ u32 fp8x2_to_in2(u32 v16) {
-    __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(v16 & 0xffffu), __NV_E4M3);
-#if JK_IN_BF16
-    float2 f = __half22float2(*reinterpret_cast<__half2*>(&h));
-    return pack2(f.x, f.y);
-#else
+// Two e4m3 values (low byte = lower index) -> fp16x2, exact, one instruction.
+__device__ __forceinline__ u32 fp8x2_to_f16x2(u32 v16) {
+    u32 r;
+    asm("{ .reg .b16 lo;\n cvt.u16.u32 lo, %1;\n cvt.rn.f16x2.e4m3x2 %0, lo;\n }\n" : "=r"(r) : "r"(v16));
+    return r;
+}
+
+// bf16x2 -> fp16x2 (the query of an fp8-cache call enters the fp16 MMAs)
+__device__ __forceinline__ u32 bf16x2_to_f16x2(u32 v) {
+    const float2 f = __bfloat1622float2(*reinterpret_cast<__nv_bfloat162*>(&v));
+    __half2 h = __floats2half2_rn(f.x, f.y);
     return *reinterpret_cast<u32*>(&h);
-#endif
 }
 
 __device__ __forceinline__ float warp_max4(float v) {  // over the 4 lanes of a quad (same row)
