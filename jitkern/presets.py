@@ -26,12 +26,15 @@ MAMBA2_FAMILY = "mamba2_mtp_ssm_update"
 
 
 def q_tile_for_rows(rows: int) -> int:
-    """Query rows per CTA the attention op picks for ``rows = max query tokens * G``
-    (mirrors jitkern.ops.spec_dec_attention.pick_q_tile; a test keeps them equal)."""
-    for qt in (16, 32):
+    """Query rows per CTA the attention op picks for ``rows = max query tokens * G``: the
+    smallest tile that holds them, else the largest (mirrors
+    jitkern.ops.spec_dec_attention.pick_q_tile, which imports torch; a test keeps them equal)."""
+    from .families.spec_dec_attention import Q_TILES
+
+    for qt in sorted(Q_TILES):
         if rows <= qt:
             return qt
-    return 64
+    return max(Q_TILES)
 
 
 @dataclass(frozen=True)
