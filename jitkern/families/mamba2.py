@@ -47,9 +47,12 @@ def chunks_per_row(N: int, state_dtype: str) -> int:
 
 # (threads per block, threads per row, rows per thread) by state element size and tree mode,
 # chosen by measurement on an H200 (BENCHMARKS.md, "tiling sweep").
+# fp32 chain: 16 threads x 1 row x 256 threads beat 8 x 2 and 4 x 2 by 3-5% at batch >= 32; fp32
+# tree: 16 x 2 x 128 (its parent re-reads want fewer, longer threads). 2-byte state: 8 x 2 x 128
+# in both modes (32 elements per thread; 4 x 1 and 4 x 2 were 3-10% slower).
 DEFAULT_TILING = {
-    (4, False): (128, 8, 2), (4, True): (128, 8, 2),
-    (2, False): (128, 4, 2), (2, True): (128, 4, 2),
+    (4, False): (256, 16, 1), (4, True): (128, 16, 2),
+    (2, False): (128, 8, 2), (2, True): (128, 8, 2),
 }
 
 
