@@ -246,3 +246,41 @@ def test_interrupted_warmup_leaves_a_consistent_cache_and_a_rerun_completes(cach
     assert final["compiled"] == 0 and final["cached"] == 32
     v = cli_json(cache_env, "cache", "verify", "--json")
     assert v["bad"] == 0 and v["checked"] == 32
+
+
+def test_progress_bar_on_a_terminal_shows_the_kernel_being_compiled(cache_env, tmp_path):
+    import pty
+
+    m = write(tmp_path, "m.toml", SELFTEST_GRID)
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "jitkern.cli", "warmup", "--arch", "sm_90",
+                             "--manifest", m, "-j", "2"], env=cache_env, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=slave)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(master)
+    proc.wait(timeout=120)
+    err = b"".join(chunks).decode()
+    assert proc.returncode == 0, err
+    assert "\r\x1b[K[" in err and "12/12" in err
+    assert "compiling selftest/dtype=" in err and "(sm_90)" in err
+    assert not any(ln.startswith("[1/12] compiled") for ln in err.splitlines())  # no plain lines
+    assert err.endswith("\r\x1b[K")  # the bar is cleared before the summary
+
+
+def test_an_unwritable_cache_is_an_error_not_a_silent_memory_only_warmup(cache_env, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    env = dict(cache_env, JITKERN_CACHE_DIR=str(blocker / "cache"))
+    proc = cli(env, "warmup", "--arch", "sm_90", "--family", "selftest")
+    assert proc.returncode == 2
+    assert f"the cache directory {blocker / 'cache'} is not writable" in proc.stderr
+    assert "set JITKERN_CACHE_DIR to a writable directory" in proc.stderr

@@ -88,6 +88,8 @@ def run(args) -> int:
         check_targets(j.target for j in jobs)
     except ToolchainError as e:
         raise CliError(str(e)) from None
+    if not args.dry_run:
+        _check_writable()
     dropped = J.mark_cached(jobs, touch=not args.dry_run)
     todo = [j for j in jobs if j.status != "cached"]
     if args.dry_run:
@@ -127,6 +129,20 @@ def run(args) -> int:
               f"Run the same command again to continue.", file=sys.stderr)
         return 130
     return 1 if summary["failed"] else 0
+
+
+def _check_writable() -> None:
+    """A warm-up into a cache that cannot be written would compile everything and keep nothing."""
+    import warnings
+
+    from ..service import SERVICE
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        disk = SERVICE.disk
+    if not disk.writable:
+        raise CliError(f"the cache directory {disk.directory} is not writable ({disk.reason}); "
+                       "set JITKERN_CACHE_DIR to a writable directory")
 
 
 def _raise_interrupt(signum, frame):
