@@ -142,6 +142,21 @@ def test_a_second_node_gets_its_kernels_from_redis_with_zero_compiles(server, ca
     assert s["remote_hits"] == s["remote_misses"] == s["remote_skipped"] == s["remote_errors"] == 0
 
 
+def test_describe_probes_the_server_on_request(server, cache_env, tmp_path):
+    run_node(node_env(cache_env, tmp_path, "a", server.url), CFGS[:2])
+    code = ("import json\nfrom jitkern.cache import remote\n"
+            "tier = remote.from_env()\n"
+            "print(json.dumps([tier.describe(), tier.describe(probe=True)]))\n")
+    (plain, probed), _ = run_py(code, node_env(cache_env, tmp_path, "b", server.url))
+    assert "server" not in plain and plain["state"] == "ok"
+    srv = probed["server"]
+    assert srv["keys"] == 2 and srv["redis_version"].split(".")[0].isdigit()
+    assert srv["ping_ms"] < 1000 and srv["used_memory"] > 0 and srv["maxmemory_policy"]
+    server.kill()  # a probe of a dead server reports it, within the timeout, like a lookup
+    (_, dead), _ = run_py(code, node_env(cache_env, tmp_path, "b", server.url))
+    assert "server" not in dead and dead["state"] == "backing-off" and "probe" in dead["last_error"]
+
+
 def test_namespaces_keep_fleets_apart_in_one_redis(server, cache_env, tmp_path):
     run_node(node_env(cache_env, tmp_path, "a", server.url), CFGS[:1])
     b, _ = run_node(node_env(cache_env, tmp_path, "b", server.url, namespace="staging"), CFGS[:1])

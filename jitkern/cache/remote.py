@@ -299,9 +299,12 @@ class RedisTier:
             return "disabled"
         return "backing-off" if time.monotonic() < self._retry_at else "ok"
 
-    def describe(self) -> dict:
+    def describe(self, probe: bool = False) -> dict:
         """What ``jitkern info`` and ``jitkern cache stats`` show: the URL without its password,
-        state, whether entries are authenticated, TTL, namespace, timeouts, counters."""
+        state, whether entries are authenticated, TTL, namespace, timeouts, this process's
+        counters. ``probe=True`` first asks the server (within the timeout, like a lookup) for
+        ``server``: its version, round-trip ms, memory use, cap and eviction policy, key count."""
+        server = self._probe() if probe else None
         now = time.monotonic()
         stats = COUNTERS.snapshot()
         with self._lock:
@@ -322,7 +325,23 @@ class RedisTier:
             }
         if self.reason:
             out["reason"] = self.reason
+        if server is not None:
+            out["server"] = server
         return out
+
+    def _probe(self) -> dict | None:
+        def ask(client):
+            t0 = time.perf_counter()
+            client.ping()
+            rtt = time.perf_counter() - t0
+            info = client.info("server")
+            mem = client.info("memory")
+            return {"redis_version": info.get("redis_version"), "ping_ms": round(rtt * 1e3, 3),
+                    "used_memory": mem.get("used_memory"), "maxmemory": mem.get("maxmemory"),
+                    "maxmemory_policy": mem.get("maxmemory_policy"), "keys": client.dbsize()}
+
+        got = self._run("probe", ask, write=False)
+        return None if got is _SKIPPED or got is _FAILED else got
 
     def close(self) -> None:
         if self.client is not None:
