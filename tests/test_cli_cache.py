@@ -333,3 +333,28 @@ def test_info_reports_versions_headers_cache_and_remote(cache_env, tmp_path):
     assert info["packages"]["diskcache"]
     text = cli(cache_env, "info").stdout
     assert "NVRTC" in text and "GPU: none" in text and "CUDA headers:" in text and "remote:" in text
+
+
+def test_info_and_stats_show_a_live_remote_tier_without_its_password(cache_env, tmp_path):
+    try:
+        from redis_server import RedisServer, have_redis_server
+    except ImportError:
+        pytest.skip("the Redis test server helper is not here")
+    if not have_redis_server():
+        pytest.skip("redis-server is not installed")
+    server = RedisServer(tmp_path / "redis", password="s3cret-pw")
+    server.start()
+    try:
+        env = dict(cache_env, JITKERN_REMOTE_CACHE=server.url, JITKERN_REMOTE_CACHE_KEY="k" * 32)
+        info = cli_json(env, "info", "--json")
+        remote = info["remote"]
+        assert remote["configured"] is True and remote["state"] == "ok"
+        assert remote["url"].startswith("redis://") and "***" in remote["url"]
+        stats = cli_json(env, "cache", "stats", "--json")
+        assert stats["remote"]["configured"] is True
+        for text in (json.dumps(info), json.dumps(stats), cli(env, "info").stdout,
+                     cli(env, "cache", "stats").stdout):
+            assert "s3cret-pw" not in text
+        assert "remote:" in cli(env, "info").stdout
+    finally:
+        server.stop()

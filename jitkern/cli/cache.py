@@ -194,9 +194,24 @@ def remote_status() -> dict:
     if tier is None:
         return {"configured": True, "state": "unavailable"}
     describe = getattr(tier, "describe", None)
-    d = dict(describe()) if callable(describe) else {"state": "configured"}
+    if not callable(describe):
+        return {"configured": True, "state": "configured"}
+    try:  # ask the server too (bounded by the tier's own timeout): a state, not a guess
+        d = dict(describe(probe=True))
+    except TypeError:
+        d = dict(describe())
     d.setdefault("configured", True)
     return d
+
+
+def print_remote(r: dict) -> None:
+    if not r.get("configured"):
+        print("remote: not configured (JITKERN_REMOTE_CACHE unset)")
+        return
+    print(f"remote: {r.get('url', '')} state={r.get('state')}")
+    for k, v in r.items():
+        if k not in ("configured", "url", "state"):
+            print(f"  {k}: {v}")
 
 
 def cmd_stats(args) -> int:
@@ -215,9 +230,7 @@ def cmd_stats(args) -> int:
     for ro in s["read_only"]:
         state = f"{ro['entries']} entries" if ro["available"] else "not available"
         print(f"read-only: {ro['path']} ({state})")
-    r = s["remote"]
-    print("remote: " + ("not configured (JITKERN_REMOTE_CACHE unset)" if not r.get("configured")
-                        else ", ".join(f"{k}={v}" for k, v in r.items() if k != "configured")))
+    print_remote(s["remote"])
     return 0
 
 

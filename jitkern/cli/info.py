@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from .cache import print_remote
 from .common import HelpFormatter, human_bytes
 
 EPILOG = """\
@@ -112,9 +113,7 @@ def run(args) -> int:
     for ro in c["read_only"]:
         print(f"read-only cache: {ro['path']}: "
               + (f"{ro['entries']} entries" if ro["available"] else "not available"))
-    r = info["remote"]
-    print("remote: " + ("not configured (JITKERN_REMOTE_CACHE unset)" if not r.get("configured")
-                        else ", ".join(f"{k}={v}" for k, v in r.items() if k != "configured")))
+    print_remote(info["remote"])
     print("families: " + ", ".join(f"{f['name']} ({f['warmup_configs']} warm-up)"
                                     for f in info["families"]))
     return 0
