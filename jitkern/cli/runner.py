@@ -40,7 +40,9 @@ class _Worker:
     def __init__(self):
         env = dict(os.environ)
         root = str(Path(__file__).resolve().parents[2])  # the directory holding jitkern/
-        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        if root not in {str(Path(p or ".").resolve()) for p in sys.path}:
+            # found through a path the child would not inherit: hand it over
+            env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         self.proc = subprocess.Popen([sys.executable, "-m", "jitkern.cli.worker"], env=env,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      start_new_session=True)
