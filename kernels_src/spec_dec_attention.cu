@@ -73,9 +73,10 @@ constexpr int KV_BYTES = 2;
 // ldmatrix (16-bit KV) and the 32-bit fragment loads (fp8 KV) below conflict-free.
 constexpr int KV_ROW = D * KV_BYTES + 16;
 constexpr int KV_TILE_BYTES = TILE * KV_ROW;
-// 3 stages for the small-tile (memory-bound) shapes; 2 where shared memory would otherwise
-// limit an SM to one CTA
-constexpr int STAGES = (D * KV_BYTES >= 512 || QT >= 64) ? 2 : 3;
+// Memory-bound (small query tiles) shapes need about 128 KB of K/V in flight per SM to cover
+// HBM latency: 5 stages of 128-byte rows (fp8 D=128, 16-bit D=64) or 3 of 256-byte rows, two CTAs
+// per SM. Compute-bound tiles (trees) and 512-byte rows take 2, keeping two CTAs per SM.
+constexpr int STAGES = (D * KV_BYTES >= 512 || QT >= 64) ? 2 : (D * KV_BYTES <= 128 ? 5 : 3);
 constexpr int Q_ROW = (D + 8) * 2;
 constexpr int CPR = D * KV_BYTES / 16;         // 16-byte chunks per KV row
 constexpr int ROWS_PER_PASS = NT / CPR;
@@ -467,6 +468,9 @@ __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const Param
     __syncthreads();
     if (!s_last) return;
     __threadfence();
+    // One pass of online (max, sum) rescaling per (row, head-dim quad), the partials of MERGE_U
+    // splits loaded at once: the merge is a chain of L2 round trips, so it is kept short.
+    constexpr int MERGE_U = 8;
     const size_t stride = (size_t)p.total_q * p.hq;
     for (int i = tid; i < QT * (D / 4); i += NT) {
         const int r = i / (D / 4), d = (i % (D / 4)) * 4;
@@ -474,18 +478,31 @@ __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const Param
         if (gr >= R) continue;
         const int t = gr / G, gq = gr - t * G;
         const size_t idx = (size_t)(q_start + t) * p.hq + hk * G + gq;
-        float M = neg_inf();
-        for (int sp = 0; sp < p.num_splits; ++sp) M = fmaxf(M, __ldcg(&p.ws_ml[sp * stride + idx]).x);
-        float Ls = 0.f;
+        float M = neg_inf(), Ls = 0.f;
         float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
-        if (M != neg_inf()) {
-            for (int sp = 0; sp < p.num_splits; ++sp) {
-                const float2 ml = __ldcg(&p.ws_ml[sp * stride + idx]);
-                if (ml.x == neg_inf()) continue;   // an empty split
-                const float f = exp2f(ml.x - M);
-                const float4 v = __ldcg(reinterpret_cast<const float4*>(p.ws_o + (sp * stride + idx) * D + d));
-                Ls += f * ml.y;
-                o.x += f * v.x; o.y += f * v.y; o.z += f * v.z; o.w += f * v.w;
+        for (int s0 = 0; s0 < p.num_splits; s0 += MERGE_U) {
+            float2 ml[MERGE_U];
+            float4 v[MERGE_U];
+#pragma unroll
+            for (int u = 0; u < MERGE_U; ++u) {
+                const size_t w = (size_t)(s0 + u) * stride + idx;
+                if (s0 + u < p.num_splits) {
+                    ml[u] = __ldcg(&p.ws_ml[w]);
+                    v[u] = __ldcg(reinterpret_cast<const float4*>(p.ws_o + w * D + d));
+                } else {
+                    ml[u] = make_float2(neg_inf(), 0.f);
+                    v[u] = make_float4(0.f, 0.f, 0.f, 0.f);
+                }
+            }
+#pragma unroll
+            for (int u = 0; u < MERGE_U; ++u) {
+                if (ml[u].x == neg_inf()) continue;   // an empty split (or past the last)
+                const float mn = fmaxf(M, ml[u].x);
+                const float fa = exp2f(M - mn), fb = exp2f(ml[u].x - mn);
+                Ls = Ls * fa + ml[u].y * fb;
+                o.x = o.x * fa + v[u].x * fb; o.y = o.y * fa + v[u].y * fb;
+                o.z = o.z * fa + v[u].z * fb; o.w = o.w * fa + v[u].w * fb;
+                M = mn;
             }
         }
         const float inv = Ls > 0.f ? 1.f / Ls : 0.f;

@@ -45,7 +45,7 @@ def shared_bytes(cfg: dict) -> int:
     wm = qt // 16
     wn = warps(qt) // wm
     kv_row = d * kvb + 16
-    stages = 2 if (d * kvb >= 512 or qt >= 64) else 3
+    stages = 2 if (d * kvb >= 512 or qt >= 64) else (5 if d * kvb <= 128 else 3)
     pipe = stages * 2 * KV_TILE * kv_row
     epi = (wn * qt * (d + 4) + 2 * wn * qt) * 4
     return qt * (d + 8) * 2 + max(pipe, epi)

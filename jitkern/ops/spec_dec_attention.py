@@ -166,11 +166,12 @@ def pick_q_tile(rows: int) -> int:
 
 
 def pick_num_splits(ctas: int, max_kv_len: int, sm_count: int, rows_total: int, head_dim: int) -> int:
-    """KV splits so that ``ctas`` (batch x KV heads x row tiles) fill the GPU: about two CTAs per
-    SM, each split reading at least MIN_TILES_PER_SPLIT tiles, the workspace capped."""
+    """KV splits so that ``ctas`` (batch x KV heads x row tiles) fill the GPU in one wave (each
+    partial costs a write, a read and a step of the merge's chain, so no more), each split
+    reading at least MIN_TILES_PER_SPLIT tiles, the workspace capped."""
     if ctas >= sm_count:
         return 1
-    want = -(-2 * sm_count // ctas)
+    want = -(-sm_count // ctas)
     by_len = max(1, -(-max_kv_len // KV_TILE) // MIN_TILES_PER_SPLIT)
     by_ws = max(1, WORKSPACE_CAP_BYTES // max(1, rows_total * (head_dim + 2) * 4))
     return max(1, min(want, by_len, by_ws, MAX_SPLITS))
