@@ -227,9 +227,10 @@ def main(argv=None) -> int:
 
     print(f"transformers {transformers.__version__} Mamba2ForCausalLM, random weights, {a.dtype}, "
           f"on {device}; batch {a.batch}, prompt {a.prompt_len}, {a.new_tokens} greedy tokens")
-    print(f"per-token SSM update replaced by: "
-          f"{'jitkern.ops.mamba2_mtp_ssm_update' if backend == 'jitkern' else 'the float64 reference (no CUDA GPU or --backend reference)'}"
-          f"; called {res['calls']} times (expected {res['expected_calls']})")
+    what = ("jitkern.ops.mamba2_mtp_ssm_update" if backend == "jitkern" else
+            "the float64 reference (no CUDA GPU or --backend reference)")
+    print(f"per-token SSM update replaced by: {what}; called {res['calls']} times (expected "
+          f"{res['expected_calls']})")
     if res["diverged_at"] is None:
         print(f"tokens: identical for all {res['steps']} steps")
     else:

@@ -1,4 +1,4 @@
-"""One verification step of tree speculative decoding through a small hybrid Mamba2 + attention model.
+"""One verification step of tree speculative decoding through a small hybrid Mamba2/attention model.
 
 What happens (the functions below, in this order; ``main()`` runs them and prints what it saw):
 
@@ -185,7 +185,8 @@ class HybridModel:
         if cfg.ssm_heads % cfg.ssm_groups or cfg.q_heads % cfg.kv_heads:
             raise ValueError("ssm_groups must divide ssm_heads and kv_heads must divide q_heads")
         w = _Init(self.device, self.dtype, seed)
-        self.embed = torch.randn(cfg.vocab, cfg.d_model, generator=w.gen).to(self.device, self.dtype)
+        self.embed = torch.randn(cfg.vocab, cfg.d_model, generator=w.gen).to(self.device,
+                                                                              self.dtype)
         self.layers = [MambaWeights(cfg, w) if k == "M" else AttentionWeights(cfg, w)
                        for k in cfg.layers]
         self.final_norm = w.ones(cfg.d_model)
@@ -214,8 +215,9 @@ def rope(x: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor) -> torch.Te
 
 
 def mamba_in(w: MambaWeights, cfg: ModelConfig, x: torch.Tensor):
-    """in_proj of ``x [..., d_model]`` -> z, x ``[..., H, P]``, B, C ``[..., G, N]``, dt ``[..., H]``
-    (views of one projection: the ops take strided views, stride 1 on the last dimension)."""
+    """in_proj of ``x [..., d_model]`` -> z, x ``[..., H, P]``, B, C ``[..., G, N]``,
+    dt ``[..., H]`` (views of one projection: the ops take strided views with stride 1 on the
+    last dimension)."""
     lead = x.shape[:-1]
     z, xs, B, C, dt = (x @ w.in_proj).split(w.split, dim=-1)
     H, P, G, N = cfg.ssm_heads, cfg.ssm_head_dim, cfg.ssm_groups, cfg.d_state
@@ -271,8 +273,10 @@ class Caches:
         self.inter = {l: torch.zeros(num_seqs, MAX_TREE_NODES, *shape, device=dev,
                                      dtype=model.state_dtype) for l in model.mamba_layers()}
         kv = (num_pages, page_size, cfg.kv_heads, cfg.head_dim)
-        self.k = {l: torch.zeros(kv, device=dev, dtype=model.dtype) for l in model.attention_layers()}
-        self.v = {l: torch.zeros(kv, device=dev, dtype=model.dtype) for l in model.attention_layers()}
+        self.k = {l: torch.zeros(kv, device=dev, dtype=model.dtype)
+                  for l in model.attention_layers()}
+        self.v = {l: torch.zeros(kv, device=dev, dtype=model.dtype)
+                  for l in model.attention_layers()}
         self.slots = torch.tensor(rng.sample(range(S), num_seqs), dtype=torch.int32, device=dev)
         self.inter_rows = torch.arange(num_seqs, dtype=torch.int32, device=dev)
         self.free_pages = rng.sample(range(num_pages), num_pages)
@@ -395,7 +399,8 @@ def prefill(model: HybridModel, caches: Caches, contexts: list[list[int]], ops) 
 
 def greedy_continuation(model: HybridModel, caches: Caches, roots: list[int], steps: int,
                         ops) -> list[list[int]]:
-    """[root, g1, ..., g_steps] per sequence by greedy decoding (mutates ``caches``: pass a copy)."""
+    """[root, g1, ..., g_steps] per sequence by greedy decoding (mutates ``caches``: pass a
+    copy)."""
     seqs = list(range(len(roots)))
     out = [[r] for r in roots]
     cur = list(roots)
@@ -427,13 +432,13 @@ class DraftTree:
 
 def draft_tree(greedy: list[int], rng: random.Random, max_nodes: int, vocab: int,
                accept_prob: float, max_branch: int = 3) -> DraftTree:
-    """An EAGLE-like tree of 3..max_nodes nodes whose root is ``greedy[0]``.
+    """An EAGLE-like tree of max_nodes/2..max_nodes nodes (at least 3) rooted at ``greedy[0]``.
 
     Level by level, only the first (best-scored) 1-3 nodes of a level are expanded, each with
     1..max_branch children with distinct tokens. Simulated drafter: below a node that follows the
     greedy continuation, the true next token ``greedy[depth]`` is the first child with
     probability ``accept_prob``, the second with half the rest, else absent."""
-    budget = rng.randint(min(3, max_nodes), max_nodes)
+    budget = rng.randint(max(min(3, max_nodes), max_nodes // 2), max_nodes)
     parents, tokens = [-1], [greedy[0]]
     on_greedy = [True]
     frontier, depth = [0], 0
@@ -662,7 +667,7 @@ def check_against_step_by_step(model: HybridModel, before: Caches, after: Caches
 
 @dataclass(frozen=True)
 class RunConfig:
-    context_lens: tuple = (37, 129, 300, 6)
+    context_lens: tuple = (37, 129, 300, 6, 512, 77)
     page_size: int = 16
     max_nodes: int = MAX_TREE_NODES
     accept_prob: float = 0.8
@@ -710,7 +715,8 @@ def describe(model: HybridModel, run: RunConfig, ops) -> str:
 
 
 def print_report(r: dict) -> None:
-    print(f"draft trees (nodes incl. root): {r['trees']}, {sum(r['trees'])} rows verified in one pass")
+    print(f"draft trees (nodes incl. root): {r['trees']}, {sum(r['trees'])} rows verified in one "
+          f"pass")
     for b, (p, toks) in enumerate(zip(r["paths"], r["accepted_tokens"])):
         print(f"  seq {b}: accepted {len(p)} tokens (root + {len(p) - 1} drafts), nodes "
               f"{' -> '.join(map(str, p))}, tokens {toks}, next root {r['bonus'][b]}")
@@ -733,7 +739,8 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--backend", choices=("auto", "jitkern", "reference"), default="auto",
                    help="jitkern ops (CUDA) or their float64 references; auto: jitkern on a GPU")
-    p.add_argument("--contexts", default="37,129,300,6", help="context length of each sequence")
+    p.add_argument("--contexts", default="37,129,300,6,512,77",
+                   help="context length of each sequence")
     p.add_argument("--max-nodes", type=int, default=MAX_TREE_NODES,
                    help=f"largest draft tree, root included (<= {MAX_TREE_NODES})")
     p.add_argument("--accept-prob", type=float, default=0.8)
