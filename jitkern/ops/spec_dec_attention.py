@@ -45,7 +45,7 @@ def _launcher(cfg: tuple, index: int):
     if hit is None:
         conf = dict(cfg)
         kern = get_kernel(SPEC_DEC_ATTENTION, conf, index)
-        hit = _LAUNCH[(cfg, index)] = (kern, shared_bytes(conf), 32 * warps(conf["q_tile"]))
+        hit = _LAUNCH[(cfg, index)] = (kern, shared_bytes(conf), 32 * warps(conf["q_tile"], conf["head_dim"]))
     return hit
 
 
