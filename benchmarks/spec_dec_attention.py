@@ -6,7 +6,7 @@ through enough copies of the inputs), percent of the read bandwidth measured in 
 it, FlexAttention (tree as ``mask_mod``, dense gathered K/V), SDPA on a gathered dense copy, and
 for trees the percent of the bf16 matmul rate measured with ``torch.matmul``.
 
-    python benchmarks/spec_dec_attention.py [--quick] [--no-flex] [--rows N]
+    python benchmarks/spec_dec_attention.py [--grid quick|sampled|full] [--no-flex] [--explore]
 """
 
 from __future__ import annotations
@@ -179,40 +179,87 @@ def flex_thunk(a, n, k, v, vis):
     return call
 
 
+def explore(sets, outs, qname, batch):
+    """Time the custom op with other query tiles (trees) or split counts (small batches)."""
+    from jitkern.ops.spec_dec_attention import _spec_dec_attention_op, prepare
+
+    base = [list(prepare(**s, out=o)) for s, o in zip(sets, outs)]
+    variants = []
+    qt0, sp0 = base[0][15], base[0][19]
+    if "tree" in qname:
+        rows = base[0][18] * qt0
+        for qt in (32, 64, 128):
+            if qt != qt0:
+                variants.append((f"q_tile={qt}", dict(q_tile=qt, row_tiles=-(-rows // qt))))
+    if batch <= 8:
+        for sp in (max(1, sp0 // 2), sp0 * 2):
+            if sp != sp0 and sp > 1:
+                variants.append((f"splits={sp}", dict(num_splits=sp)))
+    for name, ch in variants:
+        calls = []
+        for b in base:
+            a = list(b)
+            if "q_tile" in ch:
+                a[15], a[18] = ch["q_tile"], ch["row_tiles"]
+            if "num_splits" in ch:
+                a[19] = ch["num_splits"]
+                total_q, hq, d = a[0].shape
+                from jitkern.ops.spec_dec_attention import reserve_workspace, workspace_floats, reserve_counters
+                a[9] = reserve_workspace(a[0].device, workspace_floats(total_q, hq, d, a[19]))
+            if a[19] > 1:
+                from jitkern.ops.spec_dec_attention import reserve_counters
+                a[10] = reserve_counters(a[0].device, a[4].shape[0] * a[1].shape[2] * a[18])
+            calls.append(lambda a=a: _spec_dec_attention_op(*a))
+        try:
+            t = time_graph(calls)
+            print(f"<!-- explore {qname} batch {batch}: base q_tile={qt0} splits={sp0}; {name}: {t * 1e6:.1f} us -->")
+        except Exception as e:   # noqa: BLE001
+            print(f"<!-- explore {name} failed: {type(e).__name__}: {e} -->")
+
+
 # ---- the table ---------------------------------------------------------------------------------
 
-def grid(quick: bool):
-    rows = []
+def grid(kind: str):
+    """Rows of the table. 'full': the issue's whole grid (5 shapes x q 1/4/16/64 x ctx 1k/8k/32k x
+    batch 1/8/64 x bf16/fp8 KV on the main shape); 'sampled' (default): every q on the main shape
+    at (1k, 8), (8k, 1), (8k, 8), (8k, 64), (32k, 1), (32k, 8), both KV types, and the other
+    shapes at 8k, batch 1 and 64, bf16; 'quick': a few rows."""
     main = (32, 8, 128)
     qspecs = (("1", 1), ("4 chain", 4), ("16 tree", 16), ("64 tree", 64))
-    ctxs = (1024, 8192, 32768)
-    batches = (1, 8, 64)
-    if quick:
+    others = ((8, 1, 128), (64, 8, 128), (16, 16, 64), (8, 4, 256))
+    rows = []
+    if kind == "quick":
         for q in (qspecs[0], qspecs[2], qspecs[3]):
-            for c, b in ((8192, 1), (8192, 64), (1024, 8)):
+            for c, b in ((8192, 1), (8192, 64)):
                 for kv in ("bf16", "fp8"):
                     rows.append((main, q, c, b, kv))
         return rows
+    if kind == "full":
+        cb = [(c, b) for c in (1024, 8192, 32768) for b in (1, 8, 64)]
+        other_q, other_b, other_c = qspecs, (1, 8, 64), (1024, 8192, 32768)
+    else:
+        cb = [(1024, 8), (8192, 1), (8192, 8), (8192, 64), (32768, 1), (32768, 8)]
+        other_q, other_b, other_c = (qspecs[0], qspecs[2], qspecs[3]), (1, 64), (8192,)
     for q in qspecs:
-        for c in ctxs:
-            for b in batches:
-                if q[1] == 64 and c == 32768 and b == 64:
-                    continue   # 64 x 32k x 64 rows: minutes of peers; 8k covers the shape
-                for kv in ("bf16", "fp8"):
-                    rows.append((main, q, c, b, kv))
-    for shape in ((8, 1, 128), (64, 8, 128), (16, 16, 64), (8, 4, 256)):
-        for q in (qspecs[0], qspecs[2], qspecs[3]):
-            for b in (1, 64):
-                rows.append((shape, q, 8192, b, "bf16"))
+        for c, b in cb:
+            for kv in ("bf16", "fp8"):
+                rows.append((main, q, c, b, kv))
+    for shape in others:
+        for q in other_q:
+            for c in other_c:
+                for b in other_b:
+                    rows.append((shape, q, c, b, "bf16"))
     return rows
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--grid", choices=("quick", "sampled", "full"), default="sampled")
     ap.add_argument("--no-flex", action="store_true")
     ap.add_argument("--rows", type=int, default=0, help="run only the first N rows")
     ap.add_argument("--page-size", type=int, default=64)
+    ap.add_argument("--explore", action="store_true",
+                    help="also time other query tiles / split counts (comment lines)")
     args = ap.parse_args()
     torch.manual_seed(0)
     dev = torch.cuda.get_device_name()
@@ -230,7 +277,7 @@ def main():
     print("| Hq/Hkv/D | q | ctx | batch | KV | KV MB | ours us | ours %BW | XQA us | XQA %BW | "
           "vs XQA | XQA err | Flex us | SDPA us | ours %MMA |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    rows = grid(args.quick)
+    rows = grid(args.grid)
     if args.rows:
         rows = rows[:args.rows]
     rng = random.Random(0)
@@ -248,6 +295,8 @@ def main():
         ours_calls = [(lambda s=s, o=o: spec_dec_attention(**s, out=o)) for s, o in zip(sets, outs)]
         t_ours = time_graph(ours_calls)
         cells = dict(ours=t_ours)
+        if args.explore:
+            explore(sets, outs, qname, batch)
         xerr = ""
         if have_xqa:
             try:
@@ -265,7 +314,7 @@ def main():
             tv = tree_visibility(draft).cuda()
             vis = torch.cat([torch.ones(n, ctxp, dtype=torch.bool, device="cuda"), tv], 1)
             cells["sdpa"] = time_graph([sdpa_thunk(a0, n, k, v, vis)], reps=5)
-            if not args.no_flex and "tree" in qname and batch <= 8:
+            if not args.no_flex and "tree" in qname and batch == 8 and ctx == 8192 and (hq, hkv, d) == (32, 8, 128):
                 cells["flex"] = time_graph([flex_thunk(a0, n, k, v, vis)], reps=5)
             del k, v
         except Exception as e:   # noqa: BLE001

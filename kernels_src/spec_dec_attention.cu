@@ -514,7 +514,7 @@ __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const Param
     __threadfence();
     // One pass of online (max, sum) rescaling per (row, head-dim quad), the partials of MERGE_U
     // splits loaded at once: the merge is a chain of L2 round trips, so it is kept short.
-    constexpr int MERGE_U = 8;
+    constexpr int MERGE_U = 16;
     const size_t stride = (size_t)p.total_q * p.hq;
     for (int i = tid; i < QT * (D / 4); i += NT) {
         const int r = i / (D / 4), d = (i % (D / 4)) * 4;
