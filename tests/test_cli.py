@@ -210,9 +210,9 @@ def _held_locks(cache_dir):
 
 def _slow_grid():
     if "spec_dec_attention" in registered():  # about half a second per kernel
-        return ('[[kernel]]\nfamily = "spec_dec_attention"\nhead_dim = [64, 128]\ndtype = "bf16"\n'
+        return ('[[kernel]]\nfamily = "spec_dec_attention"\nhead_dim = 128\ndtype = "bf16"\n'
                 'kv_dtype = ["bf16", "fp8_e4m3"]\nkv_layout = "NHD"\npage_size = [16, 64]\n'
-                'mode = ["decode", "tree"]\nq_tile = [16, 64]\n')
+                'mode = ["decode", "tree"]\nq_tile = 64\n')  # 8 kernels
     pytest.skip("needs a family whose kernels take long enough to interrupt")
 
 
@@ -227,9 +227,9 @@ def test_interrupted_warmup_leaves_a_consistent_cache_and_a_rerun_completes(cach
     for line in proc.stderr:  # plain progress: one line per finished kernel
         if " compiled " in line:
             done += 1
-        if done == 3:
+        if done == 2:
             break
-    assert done == 3, "the warm-up finished or failed before it could be interrupted"
+    assert done == 2, "the warm-up finished or failed before it could be interrupted"
     time.sleep(0.2)  # land mid-compile of the next ones
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
@@ -238,14 +238,14 @@ def test_interrupted_warmup_leaves_a_consistent_cache_and_a_rerun_completes(cach
     cache_dir = cache_env["JITKERN_CACHE_DIR"]
     assert _held_locks(cache_dir) == []
     v = cli_json(cache_env, "cache", "verify", "--json")
-    assert v["bad"] == 0 and 3 <= v["checked"] < 32
+    assert v["bad"] == 0 and 2 <= v["checked"] < 8
     rerun = cli_json(cache_env, "warmup", "--arch", "sm_90", "--manifest", m, "-j", jobs, "--json")
-    assert rerun["failed"] == 0 and rerun["total"] == 32
-    assert rerun["cached"] >= v["checked"] and rerun["compiled"] + rerun["cached"] == 32
+    assert rerun["failed"] == 0 and rerun["total"] == 8
+    assert rerun["cached"] >= v["checked"] and rerun["compiled"] + rerun["cached"] == 8
     final = cli_json(cache_env, "warmup", "--arch", "sm_90", "--manifest", m, "--json")
-    assert final["compiled"] == 0 and final["cached"] == 32
+    assert final["compiled"] == 0 and final["cached"] == 8
     v = cli_json(cache_env, "cache", "verify", "--json")
-    assert v["bad"] == 0 and v["checked"] == 32
+    assert v["bad"] == 0 and v["checked"] == 8
 
 
 def test_progress_bar_on_a_terminal_shows_the_kernel_being_compiled(cache_env, tmp_path):
