@@ -277,7 +277,8 @@ def tune(bw):
             for Bt in (1, 32, 256):
                 pr = Problem(128, 8, 64, 128, 8, Bt, DT[sd], tree)
                 for threads, tpr, rpt in cands:
-                    tiling = pick_tiling(128, sd, 64, tree, threads=threads, tpr=tpr, rpt=rpt)
+                    tiling = pick_tiling(128, sd, 64, tree, 8, threads=threads, tpr=tpr,
+                                         rpt=rpt)
                     ms = time_calls([pr.jitkern_call(i, tiling) for i in range(pr.R)])
                     print(f"| {sd} | {'yes' if tree else 'no'} | {Bt} | {threads} | "
                           f"{tiling[0]} | {tiling[1]} | {tiling[2]} | {ms * 1e3:.1f} | "

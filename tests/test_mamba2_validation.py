@@ -360,9 +360,9 @@ def test_family_configuration_errors():
 
 
 def test_tiling_is_valid_for_every_shape():
-    for n, sd, p, tree in itertools.product(range(16, 513, 16), ("fp32", "bf16", "fp16"),
-                                            range(8, 257, 8), (False, True)):
-        tpr, rows, rpt = pick_tiling(n, sd, p, tree)
+    for n, sd, p, tree, t in itertools.product(range(16, 513, 16), ("fp32", "bf16", "fp16"),
+                                               range(8, 257, 8), (False, True), (1, 8)):
+        tpr, rows, rpt = pick_tiling(n, sd, p, tree, t)
         assert chunks_per_row(n, sd) % tpr == 0 and rows % rpt == 0
         threads = rows // rpt * tpr
         assert threads % 32 == 0 and threads <= 1024
@@ -388,6 +388,7 @@ def own_cache(tmp_path, monkeypatch):
 
 def test_warmup_set_compiles_for_hopper(own_cache):
     configs = MAMBA2.warmup_configs()
+    assert len(configs) == 7 and len({tuple(sorted(c.items())) for c in configs}) == 7
     assert {(c["state_dtype"], c["tree"]) for c in configs} == {
         ("fp32", True), ("fp32", False), ("bf16", True), ("bf16", False)}
     for cfg in configs:

@@ -47,23 +47,29 @@ def chunks_per_row(N: int, state_dtype: str) -> int:
 
 # (threads per block, threads per row, rows per thread) by state element size and tree mode,
 # chosen by measurement on an H200 (BENCHMARKS.md, "tiling sweep").
-# fp32 chain: 16 threads x 1 row x 256 threads beat 8 x 2 and 4 x 2 by 3-5% at batch >= 32; fp32
-# tree: 16 x 2 x 128 (its parent re-reads want fewer, longer threads). 2-byte state: 8 x 2 x 128
-# in both modes (32 elements per thread; 4 x 1 and 4 x 2 were 3-10% slower).
-DEFAULT_TILING = {
-    (4, False): (256, 16, 1), (4, True): (128, 16, 2),
-    (2, False): (128, 8, 2), (2, True): (128, 8, 2),
+# Chosen by measurement on an H200 (BENCHMARKS.md: tiling sweep and table). fp32 chain: 16
+# threads x 1 row in 256-thread blocks was 3-5% faster than 16 x 2 at T = 8, but at T = 1 the
+# 16 x 2 x 128 tiling reached 89-94% of copy against 77-80%: per-block fixed costs dominate one
+# step. fp32 tree: 16 x 2 x 128. 2-byte state: 8 x 2 x 128 in both modes (32 elements per
+# thread; 4 x 1 and 4 x 2 were 3-10% slower).
+DEFAULT_TILING = {   # (state bytes, tree, T == 1) -> (threads per block, threads per row, RPT)
+    (4, False, False): (256, 16, 1), (4, False, True): (128, 16, 2),
+    (4, True, False): (128, 16, 2), (4, True, True): (128, 16, 2),
+    (2, False, False): (128, 8, 2), (2, False, True): (128, 8, 2),
+    (2, True, False): (128, 8, 2), (2, True, True): (128, 8, 2),
 }
 
 
-def pick_tiling(N: int, state_dtype: str, P: int, tree: bool = False, threads: int | None = None,
-                tpr: int | None = None, rpt: int | None = None) -> tuple:
+def pick_tiling(N: int, state_dtype: str, P: int, tree: bool = False, T: int | None = None,
+                threads: int | None = None, tpr: int | None = None,
+                rpt: int | None = None) -> tuple:
     """(TPR, ROWS, RPT) for rows of N state elements and head_dim P (a multiple of 8).
 
     TPR threads per row: the largest power of two <= ``tpr`` dividing the row's 16-byte chunks.
     RPT rows per thread. ROWS rows per block: the most with ROWS / RPT * TPR <= ``threads``,
-    whole warps, ROWS dividing P. Unset arguments come from DEFAULT_TILING."""
-    d_threads, d_tpr, d_rpt = DEFAULT_TILING[(ESIZE[state_dtype], bool(tree))]
+    whole warps, ROWS dividing P. Unset arguments come from DEFAULT_TILING (T: tokens per
+    sequence, when known; one step favours a different tiling)."""
+    d_threads, d_tpr, d_rpt = DEFAULT_TILING[(ESIZE[state_dtype], bool(tree), T == 1)]
     threads = threads or d_threads
     t = tpr or d_tpr
     r = rpt or d_rpt
@@ -99,11 +105,12 @@ def _dtype_param(name: str) -> Param:
     return Param(name, FLOAT_DTYPES, render=dtypes.C_TYPE)
 
 
-def nemotron_config(state_dtype: str, tree: bool, intermediate: bool = True) -> dict:
+def nemotron_config(state_dtype: str, tree: bool, intermediate: bool = True,
+                    T: int | None = None) -> dict:
     """The Nemotron-H / Nemotron 3 decode configuration: N=128, bf16 x/B/C and dt/D/dt_bias
     (one dtype for the three, as FlashInfer and TensorRT-LLM callers pass them), fp32 A, softplus
     on, no z (the gate is applied by the gated RMSNorm after the op)."""
-    tpr, rows, rpt = pick_tiling(128, state_dtype, 64, tree)
+    tpr, rows, rpt = pick_tiling(128, state_dtype, 64, tree, T)
     return dict(N=128, TPR=tpr, ROWS=rows, RPT=rpt, state_dtype=state_dtype, input_dtype="bf16",
                 dt_dtype="bf16", A_dtype="fp32", D_dtype="bf16", dt_bias_dtype="bf16",
                 has_D=True, has_z=False, has_dt_bias=True, dt_softplus=True, tree=tree,
@@ -115,8 +122,13 @@ def _warmup() -> tuple:
     for sd in ("fp32", "bf16"):
         out.append(nemotron_config(sd, tree=True))
         out.append(nemotron_config(sd, tree=False))
-        out.append(nemotron_config(sd, tree=False, intermediate=False))   # plain decode, T = 1
-    return tuple(out)
+        out.append(nemotron_config(sd, tree=False, T=1))                  # MTP with T = 1
+        out.append(nemotron_config(sd, tree=False, intermediate=False, T=1))   # plain decode
+    unique = []   # 2-byte state picks one tiling for every T: drop the repeats
+    for c in out:
+        if c not in unique:
+            unique.append(c)
+    return tuple(unique)
 
 
 MAMBA2 = register_family(KernelFamily(

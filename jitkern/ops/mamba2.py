@@ -311,12 +311,14 @@ def _prepare_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, sbi, pad_
                   ("out", out)), dev)
 
     # --- the specialization and its launch geometry
-    tpr, rows, rpt = tiling if tiling is not None else pick_tiling(N, state_dt, P,
-                                                                   parent is not None)
+    # With one token there is no step t > 0 whose parent could matter: the chain kernel computes
+    # the same (and is faster: the tree's prefetch registers cost occupancy).
+    tree = parent is not None and T > 1
+    tpr, rows, rpt = tiling if tiling is not None else pick_tiling(N, state_dt, P, tree, T)
     cfg = dict(N=N, TPR=tpr, ROWS=rows, RPT=rpt, state_dtype=state_dt, input_dtype=in_dt, dt_dtype=dt_dt,
                A_dtype=A_dt, D_dtype=D_dt, dt_bias_dtype=bias_dt, has_D=D is not None,
                has_z=z is not None, has_dt_bias=dt_bias is not None, dt_softplus=dt_softplus,
-               tree=parent is not None, intermediate=inter is not None)
+               tree=tree, intermediate=inter is not None)
     kernel = get_kernel(MAMBA2, cfg, dev)
 
     def s3(t, sq):   # (batch, token, head-or-group) strides of a [Bt, (T,) X, Y] tensor
