@@ -10,11 +10,13 @@ import select
 import shutil
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
 
 from conftest import run_py
+from jitkern.cache import remote, signing
 from redis_server import RedisServer, SilentServer, SlowServer, have_redis_server, make_tls_files
 
 redis = pytest.importorskip("redis")
@@ -266,6 +268,44 @@ def test_a_slow_server_costs_at_most_the_timeout_per_lookup(cache_env, tmp_path)
     assert slow.commands[:2] == ["AUTH", "SELECT"]  # it really was talking Redis
 
 
+def test_concurrent_lookups_on_a_silent_server_are_each_bounded(caplog):
+    silent = SilentServer()
+    timeout = 0.3
+    tier = remote.RedisTier(remote.RemoteConfig(url=silent.url, timeout=timeout, backoff=60,
+                                                secret=KEY.encode()),
+                            remote.make_client(remote.RemoteConfig(url=silent.url, timeout=timeout)))
+    durations = []
+
+    def lookup():
+        t0 = time.perf_counter()
+        assert tier.get("ab" * 32) is None
+        durations.append(time.perf_counter() - t0)
+
+    try:
+        with caplog.at_level("INFO", logger="jitkern"):
+            threads = [threading.Thread(target=lookup) for _ in range(8)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(timeout=10)
+            assert len(durations) == 8 and max(durations) < timeout + 0.2, durations
+            t0 = time.perf_counter()
+            assert tier.get("cd" * 32) is None and tier.put(_fake_entry()) is False  # backing off
+            assert time.perf_counter() - t0 < 0.02
+    finally:
+        silent.close()
+    warnings_ = [r for r in caplog.records if r.levelname == "WARNING" and "unavailable" in r.message]
+    assert len(warnings_) == 1 and tier.state() == "backing-off"
+
+
+def _fake_entry():
+    from jitkern.entry import CacheEntry
+
+    return CacheEntry(key="ef" * 32, family="f", name="f/x", config={}, arch="sm_90",
+                      nvrtc_version="13.0", options=[], lowered_names={}, compile_seconds=0.1,
+                      cubin=os.urandom(1024))
+
+
 def test_a_full_redis_pauses_writes_but_keeps_serving_reads(server, cache_env, tmp_path):
     run_node(node_env(cache_env, tmp_path, "a", server.url), CFGS[:1])
     c = server.client()
@@ -331,7 +371,8 @@ def _flip(value: bytes, index: int) -> bytes:
 
 
 @pytest.mark.parametrize("attack", ["cubin-byte", "tag-byte", "truncated", "other-key",
-                                    "unsigned", "replayed-under-another-key", "garbage"])
+                                    "unsigned", "replayed-under-another-key", "garbage",
+                                    "signed-malformed"])
 def test_a_tampered_or_foreign_value_is_refused_and_recompiled(server, cache_env, tmp_path, attack):
     cfg, other_cfg = CFGS[5], CFGS[6]
     writer_key = {"other-key": OTHER_KEY, "unsigned": None}.get(attack, KEY)
@@ -349,6 +390,9 @@ def test_a_tampered_or_foreign_value_is_refused_and_recompiled(server, cache_env
         c.set(rkey, c.get(other_rkey))  # validly signed, for another kernel
     elif attack == "garbage":
         c.set(rkey, b"not a jitkern entry")
+    elif attack == "signed-malformed":  # a fleet member's bug, not an attack: still never loaded
+        meta = b"[1, 2]"
+        c.set(rkey, signing.seal(rkey, b"JKC1" + len(meta).to_bytes(4, "little") + meta, KEY.encode()))
 
     b, err = run_node(node_env(cache_env, tmp_path, "b", server.url), [cfg])
     s = b[0]["stats"]
@@ -415,7 +459,6 @@ def test_the_default_ttl_is_set(server, cache_env, tmp_path):
 
 # --- configuration, signing, URL masking (in process) -------------------------------------------
 
-from jitkern.cache import remote, signing  # noqa: E402
 
 
 def test_unset_url_means_no_tier():

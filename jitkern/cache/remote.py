@@ -28,6 +28,7 @@ redis-py is imported only when ``JITKERN_REMOTE_CACHE`` is set.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import re
@@ -213,9 +214,10 @@ class RedisTier:
             self._bytes_read += len(value)
         try:
             return CacheEntry.from_bytes(open_sealed(rkey, value, self.config.secret), expect_key=key)
-        except (Rejected, CorruptEntry) as err:
+        except Exception as err:  # noqa: BLE001 -- Rejected, CorruptEntry, or a malformed entry
+            reason = str(err) if isinstance(err, (Rejected, CorruptEntry)) else f"malformed entry: {err!r}"
             COUNTERS.add("remote_rejected")
-            log.warning("jitkern: remote cache entry %s refused (%s); compiling it here", key[:16], err)
+            log.warning("jitkern: remote cache entry %s refused (%s); compiling it here", key[:16], reason)
             return None
 
     def put(self, entry: CacheEntry) -> bool:
@@ -372,10 +374,14 @@ def make_client(config: RemoteConfig):
     t = config.timeout
     kwargs = dict(socket_connect_timeout=t, socket_timeout=t, retry=Retry(NoBackoff(), 0),
                   health_check_interval=0)
-    try:
-        return redis.Redis.from_url(config.url, lib_name=None, lib_version=None, protocol=2, **kwargs)
-    except TypeError:  # redis-py before 5.0: no CLIENT SETINFO to turn off
-        return redis.Redis.from_url(config.url, **kwargs)
+    params = inspect.signature(redis.Redis.__init__).parameters
+    if "driver_info" in params:      # redis-py 7+: None turns CLIENT SETINFO off
+        kwargs["driver_info"] = None
+    elif "lib_name" in params:       # redis-py 5 and 6
+        kwargs.update(lib_name=None, lib_version=None)
+    if "protocol" in params:
+        kwargs["protocol"] = 2
+    return redis.Redis.from_url(config.url, **kwargs)
 
 
 def from_env(env=None) -> RedisTier | None:
