@@ -34,8 +34,10 @@ def cli_json(env, *args, expect=0, **kw):
 
 
 def registered():
+    """{family: number of distinct warm-up configurations} of the registered families."""
     out = subprocess.run([sys.executable, "-c", "import json, jitkern; print(json.dumps("
-                          "{f.name: len(f.warmup) for f in jitkern.registered()}))"],
+                          "{f.name: len({f.canonical(c) for c in f.warmup}) "
+                          "for f in jitkern.registered()}))"],
                          cwd=ROOT, capture_output=True, text=True, check=True)
     return json.loads(out.stdout)
 
