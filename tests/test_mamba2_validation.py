@@ -406,3 +406,22 @@ def test_odd_configs_compile(own_cache):
                      dt_dtype="fp32", A_dtype="bf16", D_dtype="fp16", dt_bias_dtype="fp32")):
         full = dict(nemotron_config("fp32", tree=True), **cfg)
         assert len(jitkern.compile(MAMBA2, full, arch="sm_90").cubin) > 1000
+
+
+def test_a_cached_plan_still_checks_the_run_time_scalars(monkeypatch):
+    """A repeated call skips the signature checks but not the scalars outside the signature."""
+    from jitkern.ops import mamba2 as m2
+
+    launched = []
+    monkeypatch.setattr(m2, "_prepare_update", lambda *a, **k: "plan")
+    monkeypatch.setattr(m2, "_launch_update", lambda plan, *a: launched.append(plan))
+    monkeypatch.setattr(m2, "_plans", {})
+    kw = base(out=torch.empty(Bt, T, H, P, dtype=torch.bfloat16))
+    update(**kw)
+    update(**kw)
+    assert launched == ["plan", "plan"] and len(m2._plans) == 1
+    for name, bad, exc in (("dt_softplus", 1, TypeError), ("disable_state_update", 0, TypeError),
+                           ("pad_slot_id", 1.5, TypeError), ("pad_slot_id", -2**40, ValueError)):
+        with pytest.raises(exc, match=name):
+            update(**dict(kw, **{name: bad}))
+    assert len(launched) == 2

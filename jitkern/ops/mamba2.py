@@ -149,15 +149,14 @@ def _aligned(name: str, t: torch.Tensor) -> None:
 # ----------------------------------------------------------------------------- update
 
 class _Plan:
-    __slots__ = ("kernel", "grid", "block", "smem", "static", "squeeze", "align")
+    __slots__ = ("kernel", "grid", "block", "smem", "static", "align")
 
-    def __init__(self, kernel, grid, block, smem, static, squeeze, align):
+    def __init__(self, kernel, grid, block, smem, static, align):
         self.kernel = kernel
         self.grid = grid
         self.block = block
         self.smem = smem
         self.static = static        # the i64/i32 fields that depend only on the signature
-        self.squeeze = squeeze
         self.align = align          # tensors whose data pointer must be 16-byte aligned
 
 
@@ -338,7 +337,7 @@ def _prepare_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, sbi, pad_
     grid = (-(-P // rows), H, Bt)
     smem = 2 * T * N * 4
     align = tuple(n for n, t in (("state", state), ("intermediate_states", inter)) if t is not None)
-    return _Plan(kernel, grid, (rows // rpt * tpr, 1, 1), smem, static, squeeze, align)
+    return _Plan(kernel, grid, (rows // rpt * tpr, 1, 1), smem, static, align)
 
 
 def _update_impl(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor,
