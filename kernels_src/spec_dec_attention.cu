@@ -54,13 +54,10 @@ constexpr int PS = JK_PAGE_SIZE;
 constexpr int MODE = JK_MODE;
 constexpr int TILE = 64;                       // KV positions per pipeline stage
 constexpr int QT = JK_Q_TILE;                  // query rows per CTA
-// Each warp owns MT m16 tiles of query rows (a slab of 16*MT rows): with MT = 2 every K/V
-// fragment read from shared memory feeds two MMAs, which is what limits the big (compute-bound)
-// tiles. 64-row tiles run 8 warps, two per 16-row slab, at <= 128 registers (two CTAs per SM);
-// small tiles run 4 warps, one slab split across them along the KV tile.
-constexpr int MT = (QT == 128 && D <= 128) ? 2 : 1;
-constexpr int WM = QT / (16 * MT);             // warps along rows
-constexpr int NWARPS = MT == 2 ? 4 : (QT >= 64 ? (WM > 8 ? WM : 8) : 4);
+constexpr int WM = QT / 16;                    // warps along rows (16 rows each: the MMA M)
+// Large tiles (trees) run 8 warps, two per row slab, so that with <= 128 registers two CTAs
+// (16 warps) share an SM; small tiles 4 warps, one slab split across them.
+constexpr int NWARPS = QT >= 64 ? (WM > 8 ? WM : 8) : 4;
 constexpr int WN = NWARPS / WM;                // warps along the KV tile
 constexpr int NT = 32 * NWARPS;
 constexpr int NW = TILE / WN;                  // KV positions per warp per tile (16, 32, 64)
@@ -105,7 +102,8 @@ struct Params {
     in_t* out;                  // [total_q, hq, D]
     float* ws_o;                // [num_splits, total_q, hq, D] partial outputs (split path)
     float2* ws_ml;              // [num_splits, total_q, hq] (m in log2 units, l)
-    int* counters;              // [Bt, hkv, row_tiles] finished splits; zero between launches
+    int* counters;              // [Bt, hkv, row_tiles] finished splits, zero between launches;
+                                // null: the separate merge kernel combines the partials
     const float* kv_scale_ptr;  // null: use kv_scale
     int total_q, hq, hkv, group, q_len, bt_stride, mask_words, num_splits, row_tiles, window;
     float scale_log2;           // softmax scale * log2(e)
@@ -115,6 +113,47 @@ struct Params {
 __device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000u); }
 
 __device__ __forceinline__ u32 lds32(const u8* p) { return *reinterpret_cast<const u32*>(p); }
+
+// One pass of online (max, sum) rescaling over the split partials of one (row, head) and four
+// head-dim elements, MERGE_U splits loaded at once: the merge is a chain of L2 round trips, so it
+// is kept short. Partials are read through L2 (written by other CTAs).
+constexpr int MERGE_U = 16;
+
+__device__ __forceinline__ void merge_quad(const float* ws_o, const float2* ws_ml, in_t* out,
+                                           size_t stride, int num_splits, size_t idx, int d) {
+    float M = neg_inf(), Ls = 0.f;
+    float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
+    for (int s0 = 0; s0 < num_splits; s0 += MERGE_U) {
+        float2 ml[MERGE_U];
+        float4 v[MERGE_U];
+#pragma unroll
+        for (int u = 0; u < MERGE_U; ++u) {
+            const size_t w = (size_t)(s0 + u) * stride + idx;
+            if (s0 + u < num_splits) {
+                ml[u] = __ldcg(&ws_ml[w]);
+                v[u] = __ldcg(reinterpret_cast<const float4*>(ws_o + w * D + d));
+            } else {
+                ml[u] = make_float2(neg_inf(), 0.f);
+                v[u] = make_float4(0.f, 0.f, 0.f, 0.f);
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < MERGE_U; ++u) {
+            if (ml[u].x == neg_inf()) continue;   // an empty split (or past the last)
+            const float mn = fmaxf(M, ml[u].x);
+            const float fa = exp2f(M - mn), fb = exp2f(ml[u].x - mn);
+            Ls = Ls * fa + ml[u].y * fb;
+            o.x = o.x * fa + v[u].x * fb; o.y = o.y * fa + v[u].y * fb;
+            o.z = o.z * fa + v[u].z * fb; o.w = o.w * fa + v[u].w * fb;
+            M = mn;
+        }
+    }
+    const float inv = Ls > 0.f ? 1.f / Ls : 0.f;
+    uint2 packed;
+    packed.x = pack_in2(o.x * inv, o.y * inv);
+    packed.y = pack_in2(o.z * inv, o.w * inv);
+    *reinterpret_cast<uint2*>(out + idx * D + d) = packed;
+}
 
 __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const Params p) {
     extern __shared__ __align__(128) u8 smem[];
@@ -214,33 +253,24 @@ __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const Param
         cp_async_commit();
     }
 
-    // per-thread rows (g and g+8 of each of this warp's m-tiles): draft token index and mask row
-    const int slab0 = wm * 16 * MT;
-    int tok[MT][2];
-    const u32* mrow[MT][2];
+    // per-thread rows (g and g+8 of this warp's slab): draft token index and mask row
+    int tok[2];
+    const u32* mrow[2];
 #pragma unroll
-    for (int mt = 0; mt < MT; ++mt) {
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            const int gr = row0 + slab0 + 16 * mt + g + 8 * h;
-            tok[mt][h] = gr < R ? gr / G : 0;
-            mrow[mt][h] = MODE == 2 ? p.mask + (size_t)(q_start + tok[mt][h]) * p.mask_words : nullptr;
-        }
+    for (int h = 0; h < 2; ++h) {
+        const int gr = row0 + wm * 16 + g + 8 * h;
+        tok[h] = gr < R ? gr / G : 0;
+        mrow[h] = MODE == 2 ? p.mask + (size_t)(q_start + tok[h]) * p.mask_words : nullptr;
     }
 
-    float acc[MT][NDC][4];
-    float m_run[MT][2], l_run[MT][2];
+    float acc[NDC][4];
 #pragma unroll
-    for (int mt = 0; mt < MT; ++mt) {
-#pragma unroll
-        for (int i = 0; i < NDC; ++i) acc[mt][i][0] = acc[mt][i][1] = acc[mt][i][2] = acc[mt][i][3] = 0.f;
-        m_run[mt][0] = m_run[mt][1] = neg_inf();
-        l_run[mt][0] = l_run[mt][1] = 0.f;
-    }
+    for (int i = 0; i < NDC; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+    float m_run[2] = {neg_inf(), neg_inf()}, l_run[2] = {0.f, 0.f};
     u32 qf[Q_IN_REGS ? NKC : 1][4];
 
-    auto q_frag = [&](int kc, int mt, u32 a[4]) {
-        const u8* base = q_s + (slab0 + 16 * mt) * Q_ROW;
+    auto q_frag = [&](int kc, u32 a[4]) {
+        const u8* base = q_s + (wm * 16) * Q_ROW;
 #if JK_KV_FP8
         // k index permuted to match the fp8 K fragments: logical (2t, 2t+1 | 2t+8, 2t+9)
         // <-> head-dim (4t, 4t+1 | 4t+2, 4t+3) within the 16-wide chunk
@@ -274,7 +304,7 @@ __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const Param
             __syncthreads();
 #endif
 #pragma unroll
-            for (int kc = 0; kc < (Q_IN_REGS ? NKC : 0); ++kc) q_frag(kc, 0, qf[kc]);
+            for (int kc = 0; kc < (Q_IN_REGS ? NKC : 0); ++kc) q_frag(kc, qf[kc]);
         }
 
         const u8* ksm = kv_s + (it % STAGES) * 2 * KV_TILE_BYTES;
@@ -282,30 +312,20 @@ __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const Param
         const int kv_row0 = wn * NW;            // this warp's slice of the tile
 
         // ---- S = Q K^T over the warp's NW positions ----
-        float s[MT][NJ][4];
+        float s[NJ][4];
 #pragma unroll
-        for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-            for (int j = 0; j < NJ; ++j) s[mt][j][0] = s[mt][j][1] = s[mt][j][2] = s[mt][j][3] = 0.f;
+        for (int j = 0; j < NJ; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
 #pragma unroll
         for (int kc = 0; kc < NKC; ++kc) {
-            u32 a[MT][4];
-#pragma unroll
-            for (int mt = 0; mt < MT; ++mt) {
-                if (Q_IN_REGS) {
-#pragma unroll
-                    for (int x = 0; x < 4; ++x) a[mt][x] = qf[Q_IN_REGS ? kc : 0][x];
-                } else {
-                    q_frag(kc, mt, a[mt]);
-                }
-            }
+            u32 a_buf[4];
+            const u32* a;
+            if (Q_IN_REGS) a = qf[Q_IN_REGS ? kc : 0];
+            else { q_frag(kc, a_buf); a = a_buf; }
 #if JK_KV_FP8
 #pragma unroll
             for (int j = 0; j < NJ; ++j) {
                 const u32 w = lds32(ksm + (kv_row0 + 8 * j + g) * KV_ROW + 16 * kc + 4 * t4);
-                const u32 b0 = fp8x2_to_f16x2(w & 0xffffu), b1 = fp8x2_to_f16x2(w >> 16);
-#pragma unroll
-                for (int mt = 0; mt < MT; ++mt) mma16816(s[mt][j], a[mt], b0, b1);
+                mma16816(s[j], a, fp8x2_to_f16x2(w & 0xffffu), fp8x2_to_f16x2(w >> 16));
             }
 #else
 #pragma unroll
@@ -313,11 +333,8 @@ __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const Param
                 u32 bb[4];
                 ldsm_x4(bb, smem_u32(ksm + (kv_row0 + 8 * j + (lane & 7) + 8 * (lane >> 4)) * KV_ROW +
                                      (16 * kc + 8 * ((lane >> 3) & 1)) * 2));
-#pragma unroll
-                for (int mt = 0; mt < MT; ++mt) {
-                    mma16816(s[mt][j], a[mt], bb[0], bb[1]);
-                    mma16816(s[mt][j + 1], a[mt], bb[2], bb[3]);
-                }
+                mma16816(s[j], a, bb[0], bb[1]);
+                mma16816(s[j + 1], a, bb[2], bb[3]);
             }
 #endif
         }
@@ -326,61 +343,55 @@ __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const Param
         const int pos0 = tile * TILE + kv_row0;
         const bool need_mask = (tile + 1) * TILE > ctx || (window > 0 && tile * TILE < L - window);
 #pragma unroll
-        for (int mt = 0; mt < MT; ++mt) {
+        for (int j = 0; j < NJ; ++j) {
 #pragma unroll
-            for (int j = 0; j < NJ; ++j) {
-#pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    float v = s[mt][j][e] * sl2;
-                    if (need_mask) {
-                        const int pos = pos0 + 8 * j + 2 * t4 + (e & 1);
-                        const int h = e >> 1;
-                        bool vis = pos < L;
-                        if (pos >= ctx) {
-                            const int jd = pos - ctx;
-                            if (MODE == 1) vis = vis && jd <= tok[mt][h];
-                            if (MODE == 2) vis = vis && ((__ldg(mrow[mt][h] + (jd >> 5)) >> (jd & 31)) & 1u);
-                        }
-                        if (MODE == 1 && window > 0) vis = vis && pos > ctx + tok[mt][h] - window;
-                        if (!vis) v = neg_inf();
+            for (int e = 0; e < 4; ++e) {
+                float v = s[j][e] * sl2;
+                if (need_mask) {
+                    const int pos = pos0 + 8 * j + 2 * t4 + (e & 1);
+                    const int h = e >> 1;
+                    bool vis = pos < L;
+                    if (pos >= ctx) {
+                        const int jd = pos - ctx;
+                        if (MODE == 1) vis = vis && jd <= tok[h];
+                        if (MODE == 2) vis = vis && ((__ldg(mrow[h] + (jd >> 5)) >> (jd & 31)) & 1u);
                     }
-                    s[mt][j][e] = v;
+                    if (MODE == 1 && window > 0) vis = vis && pos > ctx + tok[h] - window;
+                    if (!vis) v = neg_inf();
                 }
-            }
-#pragma unroll
-            for (int h = 0; h < 2; ++h) {
-                float mx = neg_inf();
-#pragma unroll
-                for (int j = 0; j < NJ; ++j) mx = fmaxf(mx, fmaxf(s[mt][j][2 * h], s[mt][j][2 * h + 1]));
-                mx = warp_max4(mx);
-                const float m_new = fmaxf(m_run[mt][h], mx);
-                const float m_ref = m_new == neg_inf() ? 0.f : m_new;   // all masked so far: p = 0
-                const float alpha = exp2f(m_run[mt][h] - m_ref);
-                m_run[mt][h] = m_new;
-                float rs = 0.f;
-#pragma unroll
-                for (int j = 0; j < NJ; ++j) {
-                    s[mt][j][2 * h] = exp2f(s[mt][j][2 * h] - m_ref);
-                    s[mt][j][2 * h + 1] = exp2f(s[mt][j][2 * h + 1] - m_ref);
-                    rs += s[mt][j][2 * h] + s[mt][j][2 * h + 1];
-                }
-                l_run[mt][h] = l_run[mt][h] * alpha + rs;
-#pragma unroll
-                for (int i = 0; i < NDC; ++i) { acc[mt][i][2 * h] *= alpha; acc[mt][i][2 * h + 1] *= alpha; }
+                s[j][e] = v;
             }
         }
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            float mx = neg_inf();
+#pragma unroll
+            for (int j = 0; j < NJ; ++j) mx = fmaxf(mx, fmaxf(s[j][2 * h], s[j][2 * h + 1]));
+            mx = warp_max4(mx);
+            const float m_new = fmaxf(m_run[h], mx);
+            const float m_ref = m_new == neg_inf() ? 0.f : m_new;   // all masked so far: p = 0
+            const float alpha = exp2f(m_run[h] - m_ref);
+            m_run[h] = m_new;
+            float rs = 0.f;
+#pragma unroll
+            for (int j = 0; j < NJ; ++j) {
+                s[j][2 * h] = exp2f(s[j][2 * h] - m_ref);
+                s[j][2 * h + 1] = exp2f(s[j][2 * h + 1] - m_ref);
+                rs += s[j][2 * h] + s[j][2 * h + 1];
+            }
+            l_run[h] = l_run[h] * alpha + rs;
+#pragma unroll
+            for (int i = 0; i < NDC; ++i) { acc[i][2 * h] *= alpha; acc[i][2 * h + 1] *= alpha; }
+        }
 
-        // ---- O += P V (P rounded to the MMA type) ----
+        // ---- O += P V (P rounded to the input type) ----
 #pragma unroll
         for (int i = 0; i < NJ / 2; ++i) {
-            u32 a[MT][4];
-#pragma unroll
-            for (int mt = 0; mt < MT; ++mt) {
-                a[mt][0] = pack_mma2(s[mt][2 * i][0], s[mt][2 * i][1]);
-                a[mt][1] = pack_mma2(s[mt][2 * i][2], s[mt][2 * i][3]);
-                a[mt][2] = pack_mma2(s[mt][2 * i + 1][0], s[mt][2 * i + 1][1]);
-                a[mt][3] = pack_mma2(s[mt][2 * i + 1][2], s[mt][2 * i + 1][3]);
-            }
+            u32 a[4];
+            a[0] = pack_mma2(s[2 * i][0], s[2 * i][1]);
+            a[1] = pack_mma2(s[2 * i][2], s[2 * i][3]);
+            a[2] = pack_mma2(s[2 * i + 1][0], s[2 * i + 1][1]);
+            a[3] = pack_mma2(s[2 * i + 1][2], s[2 * i + 1][3]);
 #if JK_KV_FP8
             // thread (g, t) gathers V[pos 2t, 2t+1, 2t+8, 2t+9][d = 32q + 4g + j], j = 0..3: the
             // four bytes of one 32-bit load per position feed four n8 chunks (output column g of
@@ -392,14 +403,10 @@ __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const Param
                 const u32 w2 = lds32(vb + 8 * KV_ROW + 32 * qd), w3 = lds32(vb + 9 * KV_ROW + 32 * qd);
                 const u32 x01 = __byte_perm(w0, w1, 0x5140), y01 = __byte_perm(w0, w1, 0x7362);
                 const u32 x23 = __byte_perm(w2, w3, 0x5140), y23 = __byte_perm(w2, w3, 0x7362);
-                const u32 b[4][2] = {{fp8x2_to_f16x2(x01 & 0xffffu), fp8x2_to_f16x2(x23 & 0xffffu)},
-                                     {fp8x2_to_f16x2(x01 >> 16), fp8x2_to_f16x2(x23 >> 16)},
-                                     {fp8x2_to_f16x2(y01 & 0xffffu), fp8x2_to_f16x2(y23 & 0xffffu)},
-                                     {fp8x2_to_f16x2(y01 >> 16), fp8x2_to_f16x2(y23 >> 16)}};
-#pragma unroll
-                for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-                    for (int jj = 0; jj < 4; ++jj) mma16816(acc[mt][4 * qd + jj], a[mt], b[jj][0], b[jj][1]);
+                mma16816(acc[4 * qd + 0], a, fp8x2_to_f16x2(x01 & 0xffffu), fp8x2_to_f16x2(x23 & 0xffffu));
+                mma16816(acc[4 * qd + 1], a, fp8x2_to_f16x2(x01 >> 16), fp8x2_to_f16x2(x23 >> 16));
+                mma16816(acc[4 * qd + 2], a, fp8x2_to_f16x2(y01 & 0xffffu), fp8x2_to_f16x2(y23 & 0xffffu));
+                mma16816(acc[4 * qd + 3], a, fp8x2_to_f16x2(y01 >> 16), fp8x2_to_f16x2(y23 >> 16));
             }
 #else
 #pragma unroll
@@ -407,11 +414,8 @@ __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const Param
                 u32 bb[4];
                 ldsm_x4_t(bb, smem_u32(vsm + (kv_row0 + 16 * i + (lane & 7) + 8 * ((lane >> 3) & 1)) * KV_ROW +
                                        (8 * dc + 8 * (lane >> 4)) * 2));
-#pragma unroll
-                for (int mt = 0; mt < MT; ++mt) {
-                    mma16816(acc[mt][dc], a[mt], bb[0], bb[1]);
-                    mma16816(acc[mt][dc + 1], a[mt], bb[2], bb[3]);
-                }
+                mma16816(acc[dc], a, bb[0], bb[1]);
+                mma16816(acc[dc + 1], a, bb[2], bb[3]);
             }
 #endif
         }
@@ -425,39 +429,33 @@ __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const Param
     float* m_s = o_s + WN * QT * O_ROW;                // [WN][QT]
     float* l_s = m_s + WN * QT;
 #pragma unroll
-    for (int mt = 0; mt < MT; ++mt) {
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            l_run[mt][h] = warp_sum4(l_run[mt][h]);
-            if (t4 == 0) {
-                m_s[wn * QT + slab0 + 16 * mt + g + 8 * h] = m_run[mt][h];
-                l_s[wn * QT + slab0 + 16 * mt + g + 8 * h] = l_run[mt][h];
-            }
+    for (int h = 0; h < 2; ++h) {
+        l_run[h] = warp_sum4(l_run[h]);
+        if (t4 == 0) {
+            m_s[wn * QT + wm * 16 + g + 8 * h] = m_run[h];
+            l_s[wn * QT + wm * 16 + g + 8 * h] = l_run[h];
         }
     }
     __syncthreads();
 #pragma unroll
-    for (int mt = 0; mt < MT; ++mt) {
+    for (int h = 0; h < 2; ++h) {
+        const int r = wm * 16 + g + 8 * h;
+        float M = neg_inf();
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            const int r = slab0 + 16 * mt + g + 8 * h;
-            float M = neg_inf();
+        for (int w = 0; w < WN; ++w) M = fmaxf(M, m_s[w * QT + r]);
+        const float f = m_run[h] == neg_inf() ? 0.f : exp2f(m_run[h] - M);
+        float* orow = o_s + (wn * QT + r) * O_ROW;
 #pragma unroll
-            for (int w = 0; w < WN; ++w) M = fmaxf(M, m_s[w * QT + r]);
-            const float f = m_run[mt][h] == neg_inf() ? 0.f : exp2f(m_run[mt][h] - M);
-            float* orow = o_s + (wn * QT + r) * O_ROW;
+        for (int i = 0; i < NDC; ++i) {
 #pragma unroll
-            for (int i = 0; i < NDC; ++i) {
-#pragma unroll
-                for (int e = 0; e < 2; ++e) {
-                    const int col = 2 * t4 + e;
+            for (int e = 0; e < 2; ++e) {
+                const int col = 2 * t4 + e;
 #if JK_KV_FP8
-                    const int d = 32 * (i >> 2) + 4 * col + (i & 3);
+                const int d = 32 * (i >> 2) + 4 * col + (i & 3);
 #else
-                    const int d = 8 * i + col;
+                const int d = 8 * i + col;
 #endif
-                    orow[d] = acc[mt][i][2 * h + e] * f;
-                }
+                orow[d] = acc[i][2 * h + e] * f;
             }
         }
     }
@@ -499,7 +497,9 @@ __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const Param
 
     // ---- split-KV merge, fused: the last CTA of (b, hk, rt) to finish combines all partials ----
     // (threadfence + counter: the classic last-block pattern; the counter is reset for the next
-    // launch, so a captured graph replays without any host work)
+    // launch, so a captured graph replays without any host work). Only for small row groups: one
+    // CTA merging many rows is a long chain of L2 round trips, slower than a second kernel.
+    if (p.counters == nullptr) return;
     __shared__ int s_last;
     __threadfence();
     __syncthreads();
@@ -512,9 +512,6 @@ __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const Param
     __syncthreads();
     if (!s_last) return;
     __threadfence();
-    // One pass of online (max, sum) rescaling per (row, head-dim quad), the partials of MERGE_U
-    // splits loaded at once: the merge is a chain of L2 round trips, so it is kept short.
-    constexpr int MERGE_U = 16;
     const size_t stride = (size_t)p.total_q * p.hq;
     for (int i = tid; i < QT * (D / 4); i += NT) {
         const int r = i / (D / 4), d = (i % (D / 4)) * 4;
@@ -522,40 +519,25 @@ __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const Param
         if (gr >= R) continue;
         const int t = gr / G, gq = gr - t * G;
         const size_t idx = (size_t)(q_start + t) * p.hq + hk * G + gq;
-        float M = neg_inf(), Ls = 0.f;
-        float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
-        for (int s0 = 0; s0 < p.num_splits; s0 += MERGE_U) {
-            float2 ml[MERGE_U];
-            float4 v[MERGE_U];
-#pragma unroll
-            for (int u = 0; u < MERGE_U; ++u) {
-                const size_t w = (size_t)(s0 + u) * stride + idx;
-                if (s0 + u < p.num_splits) {
-                    ml[u] = __ldcg(&p.ws_ml[w]);
-                    v[u] = __ldcg(reinterpret_cast<const float4*>(p.ws_o + w * D + d));
-                } else {
-                    ml[u] = make_float2(neg_inf(), 0.f);
-                    v[u] = make_float4(0.f, 0.f, 0.f, 0.f);
-                }
-            }
-#pragma unroll
-            for (int u = 0; u < MERGE_U; ++u) {
-                if (ml[u].x == neg_inf()) continue;   // an empty split (or past the last)
-                const float mn = fmaxf(M, ml[u].x);
-                const float fa = exp2f(M - mn), fb = exp2f(ml[u].x - mn);
-                Ls = Ls * fa + ml[u].y * fb;
-                o.x = o.x * fa + v[u].x * fb; o.y = o.y * fa + v[u].y * fb;
-                o.z = o.z * fa + v[u].z * fb; o.w = o.w * fa + v[u].w * fb;
-                M = mn;
-            }
-        }
-        const float inv = Ls > 0.f ? 1.f / Ls : 0.f;
-        uint2 packed;
-        packed.x = pack_in2(o.x * inv, o.y * inv);
-        packed.y = pack_in2(o.z * inv, o.w * inv);
-        *reinterpret_cast<uint2*>(p.out + idx * D + d) = packed;
+        merge_quad(p.ws_o, p.ws_ml, p.out, stride, p.num_splits, idx, d);
     }
 #endif
+}
+
+// ---- split-KV merge as its own kernel (large row groups): one warp per (query row, head) ------
+struct MergeParams {
+    const float* ws_o;     // [num_splits, rows, D]
+    const float2* ws_ml;   // [num_splits, rows]
+    in_t* out;             // [rows, D]
+    int rows;              // total_q * hq
+    int num_splits;
+};
+
+__global__ void __launch_bounds__(128) spec_dec_merge(const MergeParams p) {
+    const int idx = blockIdx.x * 4 + (threadIdx.x >> 5);
+    if (idx >= p.rows) return;
+    for (int d = (threadIdx.x & 31) * 4; d < D; d += 128)
+        merge_quad(p.ws_o, p.ws_ml, p.out, (size_t)p.rows, p.num_splits, idx, d);
 }
 
 }  // namespace jk_sd

@@ -156,18 +156,25 @@ def test_empty_prefix_row_without_bits_is_zero():
     assert err < 1e-2
 
 
-@pytest.mark.parametrize("fp8", [False, True])
-def test_graph_replay_identical(fp8):
+def _replay_inputs(kind, seed):
+    """Split-path inputs: 16-node trees (64-row tiles: separate merge kernel) or decode (16-row
+    tiles: merge fused through the counters)."""
+    rng = random.Random(5)
+    kv = torch.float8_e4m3fn if kind == "tree_fp8" else torch.bfloat16
+    drafts = [1, 1] if kind == "decode" else [random_eagle_tree(16, rng) for _ in range(2)]
+    return random_paged_inputs([3000, 5000], drafts, num_heads=32, num_kv_heads=8, head_dim=128,
+                               kv_dtype=kv, page_size=64, tree=kind != "decode",
+                               generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("kind", ["tree", "tree_fp8", "decode"])
+def test_graph_replay_identical(kind):
     """A captured call (split-KV path, workspace grown before capture) replays bit-identically
     to the eager call on new inputs copied into the same buffers."""
     from jitkern.ops import spec_dec_attention
 
-    rng = random.Random(5)
-    trees = [random_eagle_tree(16, rng) for _ in range(2)]
-    kv = torch.float8_e4m3fn if fp8 else torch.bfloat16
-    a = random_paged_inputs([3000, 5000], trees, num_heads=32, num_kv_heads=8, head_dim=128,
-                            kv_dtype=kv, page_size=64, generator=torch.Generator().manual_seed(1))
-    if fp8:
+    a = _replay_inputs(kind, 1)
+    if kind == "tree_fp8":
         a["kv_scale"] = torch.tensor([0.5], device="cuda")
     out = torch.empty_like(a["q"])
     spec_dec_attention(**a, out=out, num_kv_splits=6)    # warm: compile, load, grow workspace
@@ -180,8 +187,7 @@ def test_graph_replay_identical(fp8):
             spec_dec_attention(**a, out=out, num_kv_splits=6)
     torch.cuda.current_stream().wait_stream(s)
     for seed in (11, 12):
-        b = random_paged_inputs([3000, 5000], trees, num_heads=32, num_kv_heads=8, head_dim=128,
-                                kv_dtype=kv, page_size=64, generator=torch.Generator().manual_seed(seed))
+        b = _replay_inputs(kind, seed)
         for k in ("q", "k_cache", "v_cache"):
             a[k].copy_(b[k])
         out.fill_(float("nan"))
@@ -192,15 +198,17 @@ def test_graph_replay_identical(fp8):
         assert _check(a, out, torch.bfloat16) < 1e-2
 
 
-def test_repeated_split_calls_reset_their_counters():
-    """The fused merge counts finished splits per (sequence, KV head, row tile) and the last CTA
-    resets the count: back-to-back calls (different split counts too) all stay exact."""
+@pytest.mark.parametrize("drafts", [[1, 1, 1], [3, 2, 4]])
+def test_repeated_split_calls_reset_their_counters(drafts):
+    """The fused merge (16-row tiles: decode, short chains) counts finished splits per
+    (sequence, KV head, row tile) and the last CTA resets the count: back-to-back calls
+    (different split counts too) all stay exact."""
     from jitkern.ops import spec_dec_attention
 
-    rng = random.Random(9)
-    a = random_paged_inputs([2000, 700, 4100], [random_eagle_tree(24, rng) for _ in range(3)],
-                            num_heads=32, num_kv_heads=8, head_dim=128,
-                            generator=torch.Generator().manual_seed(4))
+    a = random_paged_inputs([2000, 700, 4100], drafts, num_heads=32, num_kv_heads=8,
+                            head_dim=128, tree=False, generator=torch.Generator().manual_seed(4))
+    if "q_cu_seqlens" in a:
+        a["max_q_len"] = max(drafts)            # 16 rows per KV head: the fused-merge tile
     first = spec_dec_attention(**a, num_kv_splits=7)
     assert _check(a, first, torch.bfloat16) < 1e-2
     for splits in (7, 3, 7, 16):

@@ -25,6 +25,9 @@ ATTN_SIGNATURE = (
     ("window", "i32"), ("scale_log2", "f32"), ("kv_scale", "f32"),
 )
 
+MERGE_SIGNATURE = (("ws_o", "ptr"), ("ws_ml", "ptr"), ("out", "ptr"), ("rows", "i32"),
+                   ("num_splits", "i32"))
+
 
 def _validate(cfg: dict) -> None:
     if cfg["kv_dtype"] != "fp8_e4m3" and cfg["kv_dtype"] != cfg["dtype"]:
@@ -32,11 +35,9 @@ def _validate(cfg: dict) -> None:
                          f"{cfg['dtype']!r} or be 'fp8_e4m3' (tensor-core operands share one type)")
 
 
-def warps(q_tile: int, head_dim: int) -> int:
-    """Warps per CTA (mirrors MT/NWARPS in the source): 128-row tiles with D <= 128 run 4 warps
-    of 32 rows; other tiles of 64 rows and more 8 warps (or one per 16 rows); small tiles 4."""
-    if q_tile == 128 and head_dim <= 128:
-        return 4
+def warps(q_tile: int) -> int:
+    """Warps per CTA for a query tile (mirrors NWARPS in the source): 8 for tiles of 64 rows
+    and more (16-row slabs, two warps per slab where there are only 4), else 4."""
     return max(8, q_tile // 16) if q_tile >= 64 else 4
 
 
@@ -44,9 +45,8 @@ def shared_bytes(cfg: dict) -> int:
     """Dynamic shared memory of one CTA; mirrors SMEM_BYTES in the source."""
     d, qt = cfg["head_dim"], cfg["q_tile"]
     kvb = 1 if cfg["kv_dtype"] == "fp8_e4m3" else 2
-    mt = 2 if (qt == 128 and d <= 128) else 1
-    wm = qt // (16 * mt)
-    wn = warps(qt, d) // wm
+    wm = qt // 16
+    wn = warps(qt) // wm
     kv_row = d * kvb + 16
     stages = 2 if (d * kvb >= 512 or qt >= 64) else (5 if d * kvb <= 128 else 3)
     pipe = stages * 2 * KV_TILE * kv_row
@@ -71,6 +71,7 @@ SPEC_DEC_ATTENTION = register_family(KernelFamily(
     ),
     entries={
         "attention": Entry("jk_sd::spec_dec_attention", signature=ATTN_SIGNATURE, packed=True),
+        "merge": Entry("jk_sd::spec_dec_merge", signature=MERGE_SIGNATURE, packed=True),
     },
     options=("-std=c++17", "--use_fast_math"),
     validate=_validate,

@@ -26,6 +26,10 @@ _LOG2E = 1.4426950408889634
 MAX_SPLITS = 64
 MIN_TILES_PER_SPLIT = 2          # a split reads at least 128 positions
 WORKSPACE_CAP_BYTES = 256 << 20  # splits are reduced before the workspace would outgrow this
+# Split partials of 16-row tiles (decode, short chains) are merged inside the attention kernel by
+# the last CTA of each group; larger tiles leave it to a merge kernel, which spreads the rows over
+# the whole GPU (one CTA merging 64+ rows is a long chain of L2 round trips).
+FUSED_MERGE_Q_TILE = 16
 
 
 # ---- launch (the custom op) --------------------------------------------------------------------
@@ -45,7 +49,7 @@ def _launcher(cfg: tuple, index: int):
     if hit is None:
         conf = dict(cfg)
         kern = get_kernel(SPEC_DEC_ATTENTION, conf, index)
-        hit = _LAUNCH[(cfg, index)] = (kern, shared_bytes(conf), 32 * warps(conf["q_tile"], conf["head_dim"]))
+        hit = _LAUNCH[(cfg, index)] = (kern, shared_bytes(conf), 32 * warps(conf["q_tile"]))
     return hit
 
 
@@ -65,14 +69,19 @@ def _spec_dec_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     cfg = kernel_config(q.dtype, k_cache.dtype, d, kv_layout, mode, page_size, q_tile)
     kern, smem, threads = _launcher(cfg, q.device.index)
     split = num_splits > 1
-    ws_ml = workspace.data_ptr() + num_splits * total_q * hq * d * 4 if split else None
+    fused = split and q_tile == FUSED_MERGE_Q_TILE
+    rows = total_q * hq
+    ws_ml = workspace.data_ptr() + num_splits * rows * d * 4 if split else None
     kern.launch("attention", grid=(row_tiles * hkv, num_splits, bt), block=(threads, 1, 1),
                 args=(q, k_cache, v_cache, block_tables, seq_lens, q_cu_seqlens, tree_mask, out,
-                      workspace if split else None, ws_ml, counters if split else None,
+                      workspace if split else None, ws_ml, counters if fused else None,
                       kv_scale_t, total_q, hq, hkv, hq // hkv, q_len, block_tables.shape[1],
                       tree_mask.shape[1] if tree_mask is not None else 0, num_splits, row_tiles,
                       window, scale * _LOG2E, kv_scale),
                 shared_mem=smem)
+    if split and not fused:
+        kern.launch("merge", grid=((rows + 3) // 4, 1, 1), block=(128, 1, 1),
+                    args=(workspace, ws_ml, out, rows, num_splits))
 
 
 # ---- workspace ---------------------------------------------------------------------------------
@@ -165,16 +174,20 @@ def pick_q_tile(rows: int) -> int:
     return 128   # big trees: 8 warps share each K/V tile across 128 rows
 
 
-def pick_num_splits(ctas: int, max_kv_len: int, sm_count: int, rows_total: int, head_dim: int) -> int:
+def pick_num_splits(ctas: int, max_kv_len: int, sm_count: int, rows_total: int, head_dim: int,
+                    kv_bytes: int) -> int:
     """KV splits so that ``ctas`` (batch x KV heads x row tiles) fill the GPU in one wave (each
     partial costs a write, a read and a step of the merge's chain, so no more), each split
-    reading at least MIN_TILES_PER_SPLIT tiles, the workspace capped."""
+    reading at least MIN_TILES_PER_SPLIT tiles, the partials' traffic (written and read back) at
+    most the K/V bytes ``kv_bytes`` (an upper estimate), the workspace capped."""
     if ctas >= sm_count:
         return 1
     want = -(-sm_count // ctas)
     by_len = max(1, -(-max_kv_len // KV_TILE) // MIN_TILES_PER_SPLIT)
-    by_ws = max(1, WORKSPACE_CAP_BYTES // max(1, rows_total * (head_dim + 2) * 4))
-    return max(1, min(want, by_len, by_ws, MAX_SPLITS))
+    per_split = max(1, rows_total * (head_dim + 2) * 4)
+    by_traffic = max(1, kv_bytes // (2 * per_split))
+    by_ws = max(1, WORKSPACE_CAP_BYTES // per_split)
+    return max(1, min(want, by_len, by_traffic, by_ws, MAX_SPLITS))
 
 
 # ---- validation --------------------------------------------------------------------------------
@@ -337,7 +350,9 @@ def prepare(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     q_tile = pick_q_tile(rows)
     row_tiles = -(-rows // q_tile)
     if num_kv_splits is None:
-        splits = pick_num_splits(bt * hkv * row_tiles, max_kv, _sm_count(dev), total_q * hq, d)
+        kv_bytes = bt * max_kv * hkv * d * 2 * k_cache.element_size()
+        splits = pick_num_splits(bt * hkv * row_tiles, max_kv, _sm_count(dev), total_q * hq, d,
+                                 kv_bytes)
     else:
         splits = num_kv_splits
     need = workspace_floats(total_q, hq, d, splits)
@@ -350,7 +365,8 @@ def prepare(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
         ws = reserve_workspace(dev, need)
     else:
         ws = _empty_ws(dev, "workspace")
-    ctr = reserve_counters(dev, bt * hkv * row_tiles) if splits > 1 else _empty_ws(dev, "counters")
+    fused = splits > 1 and q_tile == FUSED_MERGE_Q_TILE
+    ctr = reserve_counters(dev, bt * hkv * row_tiles) if fused else _empty_ws(dev, "counters")
     return (q, k_cache, v_cache, block_tables, seq_lens, q_cu_seqlens, tree_mask, kv_scale_t, out,
             ws, ctr, float(scale), kv_scale_f, kv_layout, mode, q_tile, page_size, q_len, row_tiles,
             splits, sliding_window or 0)
