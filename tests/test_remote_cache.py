@@ -203,7 +203,7 @@ def test_redis_killed_mid_run_and_restarted(server, cache_env, tmp_path):
         r = node.compile(CFGS[1])  # lookup fails (connection refused), compiled locally
         s = r["stats"]
         assert s["compiles"] == 2 and s["remote_errors"] == 1 and s["remote_skipped"] == 1  # the put
-        assert r["timing"]["get"] < timeout + 0.2 and r["timing"]["put"] < 0.05
+        assert r["timing"]["get"] < timeout + 0.25 and r["timing"]["put"] < 0.05
         assert r["remote"]["state"] == "backing-off" and "lookup" in r["remote"]["last_error"]
 
         r = node.compile(CFGS[2])  # inside the back-off: Redis is not even tried
@@ -221,7 +221,7 @@ def test_redis_killed_mid_run_and_restarted(server, cache_env, tmp_path):
         server.kill()  # a second outage: counted and logged at INFO, not warned again
         r = node.compile(CFGS[4])
         assert r["stats"]["remote_errors"] == 2 and r["stats"]["compiles"] == 5
-        assert r["timing"]["get"] < timeout + 0.2
+        assert r["timing"]["get"] < timeout + 0.25
     finally:
         err = node.close()
     assert node.proc.returncode == 0, err
@@ -239,7 +239,7 @@ def test_a_server_that_never_answers_costs_at_most_the_timeout(cache_env, tmp_pa
     node = Node(node_env(cache_env, tmp_path, "a", url, timeout=timeout, backoff=60), tmp_path)
     try:
         r = node.compile(CFGS[0], timeout=30)
-        assert r["timing"]["get"] < timeout + 0.15, r["timing"]
+        assert r["timing"]["get"] < timeout + 0.25, r["timing"]
         assert r["timing"]["put"] < 0.05  # backing off: not tried
         s = r["stats"]
         assert s["compiles"] == 1 and s["remote_errors"] == 1 and s["remote_skipped"] == 1
@@ -259,7 +259,7 @@ def test_a_slow_server_costs_at_most_the_timeout_per_lookup(cache_env, tmp_path)
     node = Node(node_env(cache_env, tmp_path, "a", slow.url, timeout=timeout, backoff=60), tmp_path)
     try:
         r = node.compile(CFGS[0], timeout=30)
-        assert r["timing"]["get"] < timeout + 0.15, r["timing"]
+        assert r["timing"]["get"] < timeout + 0.25, r["timing"]
         assert r["stats"]["remote_errors"] == 1 and r["stats"]["compiles"] == 1
         assert f"no answer within {timeout:g} s" in r["remote"]["last_error"]
     finally:
@@ -288,10 +288,10 @@ def test_concurrent_lookups_on_a_silent_server_are_each_bounded(caplog):
                 t.start()
             for t in threads:
                 t.join(timeout=10)
-            assert len(durations) == 8 and max(durations) < timeout + 0.2, durations
+            assert len(durations) == 8 and max(durations) < timeout + 0.25, durations
             t0 = time.perf_counter()
             assert tier.get("cd" * 32) is None and tier.put(_fake_entry()) is False  # backing off
-            assert time.perf_counter() - t0 < 0.02
+            assert time.perf_counter() - t0 < 0.05
     finally:
         silent.close()
     warnings_ = [r for r in caplog.records if r.levelname == "WARNING" and "unavailable" in r.message]

@@ -291,7 +291,7 @@ class RedisTier:
             except Exception:  # noqa: BLE001
                 pass
         level = logging.WARNING if first else logging.INFO
-        log.log(level, "jitkern: remote cache %s unavailable (%s %s); compiling locally, "
+        log.log(level, "jitkern: remote cache %s unavailable (%s %s); continuing without it, "
                 "retrying in %g s", url, what, error, self.config.backoff)
 
     # --- observability
