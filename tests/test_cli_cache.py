@@ -358,3 +358,33 @@ def test_info_and_stats_show_a_live_remote_tier_without_its_password(cache_env, 
         assert "remote:" in cli(env, "info").stdout
     finally:
         server.stop()
+
+
+def test_a_read_only_cache_can_be_listed_verified_and_exported(cache_env, tmp_path):
+    from test_cache import run_with_read_only
+
+    warm(cache_env, tmp_path, unrolls=(1, 2))
+    d = cache_env["JITKERN_CACHE_DIR"]
+    bundle = tmp_path / "out" / "b.jkb"
+    bundle.parent.mkdir()
+    code = ("import sys, json, io, contextlib\nfrom jitkern.cli import main\n"
+            "def run(*a):\n"
+            "    buf = io.StringIO()\n"
+            "    with contextlib.redirect_stdout(buf):\n"
+            "        code = main(list(a))\n"
+            "    return code, json.loads(buf.getvalue().strip().splitlines()[-1])\n"
+            "out = {}\n"
+            "out['ls'] = run('cache', 'ls', '--json')\n"
+            "out['stats'] = run('cache', 'stats', '--json')\n"
+            "out['verify'] = run('cache', 'verify', '--keep', '--json')\n"
+            f"out['export'] = run('cache', 'export', {str(bundle)!r}, '--json')\n"
+            "print(json.dumps(out))\n")
+    out, proc = run_with_read_only(code, cache_env, d)
+    assert out["ls"][0] == 0 and len(out["ls"][1]) == 4
+    assert out["stats"][1]["entries"] == 4 and out["stats"][1]["writable"] is False
+    assert out["verify"][0] == 0 and out["verify"][1]["checked"] == 4
+    assert out["export"][1]["entries"] == 4 and bundle.is_file()
+    # dropping needs a writable cache: a clear error, not a traceback
+    code = "import sys\nfrom jitkern.cli import main\nsys.exit(main(['cache', 'clear', '--yes']))\n"
+    with pytest.raises(AssertionError, match="cannot open the cache at .* for writing"):
+        run_with_read_only(code, cache_env, d)

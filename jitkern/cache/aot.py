@@ -70,3 +70,24 @@ class ReadOnlyCache:
             return []
         return [r[0] for r in self._db.execute("SELECT key FROM Cache WHERE raw = 1")
                 if isinstance(r[0], str) and not r[0].startswith("jitkern:")]
+
+    # --- inspection (``jitkern cache ls`` on a read-only directory)
+    def rows(self) -> list[dict]:
+        """Every entry's index row, as ``DiskTier.rows()`` gives them."""
+        if self._db is None:
+            return []
+        cur = self._db.execute("SELECT key, size, store_time, access_time, access_count, filename "
+                               "FROM Cache WHERE raw = 1")
+        return [dict(key=k, size=size or 0, stored=st or 0.0, used=at or 0.0, hits=n or 0,
+                     filename=fn)
+                for k, size, st, at, n, fn in cur.fetchall()
+                if isinstance(k, str) and not k.startswith("jitkern:")]
+
+    def peek(self, key: str) -> bytes | None:
+        return self.get(key)
+
+    def volume(self) -> int:
+        """Bytes on disk: the index plus the value files."""
+        db = self.directory / "cache.db"
+        return (db.stat().st_size if db.is_file() else 0) + sum(r["size"] for r in self.rows())
+

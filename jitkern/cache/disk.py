@@ -120,6 +120,10 @@ class DiskTier:
                 out.append(p)
         return out
 
+    def volume(self) -> int:
+        """Bytes on disk (diskcache's estimate: the index plus the value files)."""
+        return self.cache.volume() if self.cache is not None else 0
+
     def clear(self) -> int:
         """Remove every entry; returns how many there were."""
         if self.cache is None:

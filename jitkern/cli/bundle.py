@@ -38,7 +38,7 @@ def cmd_export(args) -> int:
     from ..entry import CacheEntry
     from ..errors import CorruptEntry
 
-    disk = open_disk(args)
+    disk = open_disk(args, write=False)
     if disk is None:
         raise CliError(f"nothing to export: no cache at {cache_dir(args)}")
     archs = None

@@ -112,7 +112,7 @@ def _entries(disk) -> list[dict]:
 
 
 def cmd_ls(args) -> int:
-    disk = open_disk(args)
+    disk = open_disk(args, write=False)
     rows = _entries(disk) if disk else []
     if args.family:
         rows = [r for r in rows if r["family"] in args.family]
@@ -152,7 +152,7 @@ def tier_stats(args) -> dict:
     from ..cache.aot import ReadOnlyCache
 
     d = cache_dir(args)
-    disk = open_disk(args)
+    disk = open_disk(args, write=False)
     rows = _entries(disk) if disk else []
     per = {}
     for r in rows:
@@ -164,7 +164,7 @@ def tier_stats(args) -> dict:
     out = {
         "cache_dir": str(d), "exists": disk is not None, "entries": len(rows),
         "bytes": sum(r["size"] for r in rows),
-        "volume": disk.cache.volume() if disk else 0,
+        "volume": disk.volume() if disk else 0, "writable": hasattr(disk, "put"),
         "size_limit": settings.size_limit(), "hits": sum(r["hits"] for r in rows),
         "oldest_use": min((r["used"] for r in rows), default=None),
         "newest_use": max((r["used"] for r in rows), default=None),
@@ -260,7 +260,7 @@ def cmd_verify(args) -> int:
     from ..entry import CacheEntry
     from ..errors import CorruptEntry
 
-    disk = open_disk(args)
+    disk = open_disk(args, write=not args.keep)
     report = {"cache_dir": str(cache_dir(args)), "checked": 0, "bad": 0, "dropped": 0,
               "orphan_files": 0, "stale": 0, "load_tested": 0, "bad_entries": []}
     if disk is None:
@@ -297,7 +297,7 @@ def cmd_verify(args) -> int:
             if not args.keep:
                 disk.delete(row["key"])
                 report["dropped"] += 1
-    orphans = disk.orphan_files()
+    orphans = disk.orphan_files() if hasattr(disk, "orphan_files") else []  # read-only: none
     report["orphan_files"] = len(orphans)
     if not args.keep:
         for p in orphans:
@@ -339,7 +339,7 @@ def cmd_prune(args) -> int:
         max_age = parse_duration(args.older_than) if args.older_than else None
     except ValueError as e:
         raise CliError(f"--older-than: {e}") from None
-    disk = open_disk(args)
+    disk = open_disk(args, write=not args.dry_run)
     rows = _entries(disk) if disk else []
     drop: dict = {}
     if args.stale:

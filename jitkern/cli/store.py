@@ -16,11 +16,14 @@ def cache_dir(args) -> Path:
     return Path(args.cache_dir).expanduser() if getattr(args, "cache_dir", None) else settings.cache_dir()
 
 
-def open_disk(args, create: bool = False):
-    """The writable disk tier of the chosen directory, or None when there is no cache there.
+def open_disk(args, create: bool = False, write: bool = True):
+    """The cache in the chosen directory, or None when there is no cache there.
 
-    Only ``create=True`` (import) makes a missing directory."""
+    ``write``: the writable disk tier, or CliError saying why not. Otherwise a directory that
+    cannot be written (a cache baked into an image) is opened read-only for inspection. Only
+    ``create=True`` (import) makes a missing directory."""
     from .. import settings
+    from ..cache.aot import ReadOnlyCache
     from ..cache.disk import DiskTier
 
     d = cache_dir(args)
@@ -31,10 +34,14 @@ def open_disk(args, create: bool = False):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         disk = DiskTier(d, settings.size_limit())
-    if not disk.writable:
-        msg = caught[0].message if caught else disk.reason
-        raise CliError(f"cannot open the cache at {d} for writing: {msg}")
-    return disk
+    if disk.writable:
+        return disk
+    if not write:
+        ro = ReadOnlyCache(d)
+        if ro.available:
+            return ro
+    msg = caught[0].message if caught else disk.reason
+    raise CliError(f"cannot open the cache at {d} for writing: {msg}")
 
 
 def metadata(blob: bytes) -> dict | None:
