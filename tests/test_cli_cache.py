@@ -388,3 +388,28 @@ def test_a_read_only_cache_can_be_listed_verified_and_exported(cache_env, tmp_pa
     code = "import sys\nfrom jitkern.cli import main\nsys.exit(main(['cache', 'clear', '--yes']))\n"
     with pytest.raises(AssertionError, match="cannot open the cache at .* for writing"):
         run_with_read_only(code, cache_env, d)
+
+
+@pytest.mark.gpu
+def test_verify_load_tests_entries_on_the_gpu_and_drops_one_that_does_not_load(cache_env):
+    import torch
+
+    major, minor = torch.cuda.get_device_capability(0)
+    arch = f"sm_{major}{minor}"
+    cli_json(cache_env, "warmup", "--arch", arch, "--family", "selftest", "--json")
+    # an entry whose checksum holds but whose cubin is not a cubin: only loading finds it
+    code = f"""
+from jitkern.entry import CacheEntry
+from jitkern.service import SERVICE
+e = CacheEntry(key="e" * 64, family="selftest", name="selftest/garbage", config={{}},
+               arch="{arch}", nvrtc_version="0", options=[], lowered_names={{"axpy": "x"}},
+               compile_seconds=0.0, cubin=b"definitely not a cubin")
+SERVICE.disk.put(e.key, e.to_bytes())
+"""
+    subprocess.run([sys.executable, "-c", code], env=cache_env, cwd=ROOT, check=True)
+    v = cli_json(cache_env, "cache", "verify", "--json", expect=1)
+    assert v["checked"] == 3 and v["load_tested"] == 2 and v["bad"] == 1
+    assert v["bad_entries"][0]["key"] == "e" * 64
+    assert "does not load on this GPU" in v["bad_entries"][0]["problem"]
+    again = cli_json(cache_env, "cache", "verify", "--json")
+    assert again["checked"] == 2 and again["bad"] == 0 and again["load_tested"] == 2

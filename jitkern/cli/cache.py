@@ -244,13 +244,14 @@ def _load_tester():
     if cap is None:
         return None, None
 
-    def load(entry) -> None:
-        from cupy.cuda import function
+    def load(entry) -> None:  # as the service loads it (jitkern.launch): module, then functions
+        import cupy
 
-        m = function.Module()
-        m.load(entry.cubin)
-        for sym in entry.lowered_names.values():
-            m.get_function(sym)
+        with cupy.cuda.Device(0):
+            m = cupy.cuda.function.Module()
+            m.load(entry.cubin)
+            for sym in entry.lowered_names.values():
+                m.get_function(sym)
 
     return load, cap
 
