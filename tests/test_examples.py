@@ -340,31 +340,84 @@ def test_main_on_cpu_runs_and_reports(capsys):
     assert "PASS" in out and "float64 references stand in" in out
 
 
-def test_example_shapes_are_in_the_nemotron_h_preset():
-    """The warm-cache guide says `jitkern warmup --preset nemotron-h-8b` covers this example:
-    every configuration the example's op calls pick is in the preset's set."""
-    from jitkern.families.mamba2 import nemotron_config, pick_tiling
-    from jitkern.ops.spec_dec_attention import kernel_config, pick_q_tile
+class _Planned(Exception):
+    """Raised instead of loading a kernel: carries the configuration the op chose."""
+
+
+def _fake_cuda(t):
+    """A fake CUDA tensor with t's metadata (no GPU needed: only shapes, strides and dtypes)."""
+    if not isinstance(t, torch.Tensor):
+        return t
+    return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="cuda")
+
+
+class ConfigRecordingOps(tsd.ReferenceOps):
+    """The references compute; each call's arguments are replayed as fake CUDA tensors through the
+    real ops up to the point where they ask for their kernel, and that configuration is kept."""
+
+    def __init__(self, monkeypatch):
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        self.mode = FakeTensorMode()
+        self.configs = set()
+        self.m2 = importlib.import_module("jitkern.ops.mamba2")
+        self.sda = importlib.import_module("jitkern.ops.spec_dec_attention")
+
+        def planned(family, cfg, device):
+            raise _Planned(family.name, cfg)
+
+        monkeypatch.setattr(self.m2, "get_kernel", planned)
+        # scratch buffers come from per-device caches that query the device: fake ones here
+        monkeypatch.setattr(self.sda, "_empty_ws",
+                            lambda device, *a: torch.empty(1, device=device))
+
+    def _plan(self, fn, *args, **kw):
+        with self.mode:
+            args = [_fake_cuda(a) for a in args]
+            kw = {k: _fake_cuda(v) for k, v in kw.items()}
+            try:
+                fn(*args, **kw)
+            except _Planned as p:
+                self.configs.add((p.args[0], tuple(sorted(p.args[1].items()))))
+                return
+        raise AssertionError(f"{fn.__name__} did not ask for a kernel")
+
+    def ssm_update(self, state, x, dt, A, B, C, D, dt_bias, **kw):
+        self._plan(self.m2.mamba2_mtp_ssm_update, state, x, dt, A, B, C, D=D, dt_bias=dt_bias,
+                   dt_softplus=True, out=x, **kw)
+        return super().ssm_update(state, x, dt, A, B, C, D, dt_bias, **kw)
+
+    def commit(self, state, inter, accepted, **kw):
+        self._plan(self.m2.mamba2_commit_accepted_state, state, inter, accepted, **kw)
+        super().commit(state, inter, accepted, **kw)
+
+    def attention(self, q, k_cache, v_cache, block_tables, seq_lens, **kw):
+        with self.mode:   # the op's own "which configuration would this call run"
+            cfg = self.sda.planned_config(*[_fake_cuda(t) for t in (q, k_cache, v_cache,
+                                                                    block_tables, seq_lens)],
+                                          num_kv_splits=1,
+                                          **{k: _fake_cuda(v) for k, v in kw.items()})
+        self.configs.add(("spec_dec_attention", tuple(sorted(cfg.items()))))
+        return super().attention(q, k_cache, v_cache, block_tables, seq_lens, **kw)
+
+
+def test_example_kernels_are_in_the_nemotron_h_preset(monkeypatch):
+    """The deployment guide says `jitkern warmup --preset nemotron-h-8b` covers the tree example:
+    every configuration the example's op calls choose (recorded from the real ops' planning on
+    fake CUDA tensors, with the example's default model shapes) is in the preset's set."""
     from jitkern.presets import get_preset
 
-    cfg = tsd.ModelConfig()
-    preset = get_preset("nemotron-h-8b")
-    have = {(f, tuple(sorted(c.items()))) for f, c in preset.configs()}
-    G = cfg.q_heads // cfg.kv_heads
-    want = []
-    sd = {"float32": "fp32", "bfloat16": "bf16"}[cfg.state_dtype]
-    for tree, inter in ((True, True), (False, False)):   # verify, decode (as the op picks them)
-        c = nemotron_config(sd, tree=tree, intermediate=inter)
-        tiling = pick_tiling(cfg.d_state, sd, cfg.ssm_head_dim, tree)
-        c.update(N=cfg.d_state, **dict(zip(("TPR", "ROWS", "RPT"), tiling)))
-        want.append(("mamba2_mtp_ssm_update", c))
-    want.append(("mamba2_mtp_ssm_update", nemotron_config(sd, tree=False)))   # the commit
-    for mode, q_len in [("decode", 1)] + [("tree", n) for n in range(3, tsd.MAX_TREE_NODES + 1)]:
-        c = dict(kernel_config(torch.bfloat16, torch.bfloat16, cfg.head_dim, "NHD", mode,
-                               tsd.RunConfig().page_size, pick_q_tile(q_len * G)))
-        want.append(("spec_dec_attention", c))
-    missing = [w for w in want if (w[0], tuple(sorted(w[1].items()))) not in have]
-    assert not missing, missing
+    ops = ConfigRecordingOps(monkeypatch)
+    model = tsd.HybridModel(tsd.ModelConfig(vocab=256, d_model=128), "cpu", seed=1)
+    run = tsd.RunConfig(context_lens=(3, 18), max_nodes=16, accept_prob=0.8, seed=2)
+    with torch.inference_mode():
+        r = tsd.run_step(model, run, ops)
+    assert r["check"]["passed"]
+    families = {f for f, _ in ops.configs}
+    assert families == {"mamba2_mtp_ssm_update", "spec_dec_attention"}
+    have = {(f, tuple(sorted(c.items()))) for f, c in get_preset("nemotron-h-8b").configs()}
+    missing = [dict(c) for f, c in sorted(ops.configs - have)]
+    assert not missing, f"not warmed by the preset: {missing}"
 
 
 # ---------------------------------------------------------------------- shared helpers
