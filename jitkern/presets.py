@@ -121,18 +121,21 @@ class Preset:
         return unique
 
     def _mamba2_configs(self) -> list[dict]:
+        """The op's choices (jitkern.ops.mamba2): tree kernel only with a parent index and more
+        than one token, tiling from (N, state dtype, P, tree, one token or more), Nemotron dtypes
+        and flags; plus the accepted-state commit's configuration."""
         m = self.mamba2
-        modes = [dict(tree=False, intermediate=False)]             # plain decode, T = 1
-        if self.spec.chain > 1:
-            modes.append(dict(tree=False, intermediate=True))      # chain drafts (MTP)
+        modes = [(False, False, 1)]                    # (tree, intermediate, T): plain decode
+        if self.spec.chain > 1 or self.spec.tree is not None:
+            modes += [(False, True, 1),                # a verification pass of one token
+                      (False, True, None)]             # chain drafts (MTP), T > 1
         if self.spec.tree is not None:
-            modes.append(dict(tree=True, intermediate=True))       # draft trees
+            modes.append((True, True, None))           # draft trees, T > 1
         out = []
         for sd in m.state_dtypes:
-            for mode in modes:
-                # the op's choice: Nemotron dtypes and flags, tiling from (N, state dtype, P, tree)
-                cfg = nemotron_config(sd, **mode)
-                tiling = pick_tiling(m.d_state, sd, m.head_dim, mode["tree"])
+            for tree, inter, T in modes:
+                cfg = nemotron_config(sd, tree=tree, intermediate=inter, T=T)
+                tiling = pick_tiling(m.d_state, sd, m.head_dim, tree, T)
                 cfg.update(N=m.d_state, **dict(zip(("TPR", "ROWS", "RPT"), tiling)))
                 out.append(cfg)
             if len(modes) > 1:  # the accepted-state commit runs this one, whatever N and P are

@@ -62,11 +62,20 @@ def test_mamba2_configs_are_the_ones_the_op_builds():
     from jitkern.families.mamba2 import nemotron_config
 
     cfgs = [c for f, c in PRESETS["nemotron-h-8b"].configs() if f == "mamba2_mtp_ssm_update"]
-    # N=128, P=64 is the Nemotron shape the family's nemotron_config describes exactly
-    want = [nemotron_config(sd, tree=t, intermediate=i) for sd in ("bf16", "fp32")
-            for t, i in ((False, False), (False, True), (True, True))]
+    # N=128, P=64 is the Nemotron shape the family's nemotron_config describes exactly; the op
+    # runs decode (T=1), one-token and multi-token chains with intermediate states, trees of
+    # T > 1, and the commit with nemotron_config(state dtype, tree=False)
+    want = [nemotron_config(sd, tree=t, intermediate=i, T=T) for sd in ("bf16", "fp32")
+            for t, i, T in ((False, False, 1), (False, True, 1), (False, True, None),
+                            (True, True, None))]
+    want += [nemotron_config(sd, tree=False) for sd in ("bf16", "fp32")]
     key = lambda c: tuple(sorted(c.items()))  # noqa: E731
-    assert sorted(map(key, cfgs)) == sorted(map(key, want))
+    assert sorted(set(map(key, cfgs))) == sorted(set(map(key, want)))
+    assert len(cfgs) == len(set(map(key, cfgs)))
+    # the family's own warm-up set is part of every Nemotron preset's set
+    from jitkern.families.mamba2 import MAMBA2
+
+    assert set(map(key, MAMBA2.warmup_configs())) <= set(map(key, cfgs))
 
 
 def test_q_tile_mirror_matches_the_op():
