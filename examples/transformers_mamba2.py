@@ -162,7 +162,9 @@ def run(backend: str, device, dtype, batch: int = 3, prompt_len: int = 12, new_t
         ref_tokens, ref_logits = generate(model, ids, new_tokens)
         with patched_ssm_update(fn) as seen:
             new_tokens_, new_logits = generate(model, ids, new_tokens)
-    tol = 1e-3 if dtype == torch.float32 else 3e-2
+    # bf16: transformers' own update rounds dt and dB to bf16, the kernel keeps fp32; measured
+    # ~2e-2 on the logits after 4 layers (a wrong update: 0.1 to 1)
+    tol = 1e-3 if dtype == torch.float32 else 5e-2
     res = compare_generations(ref_tokens, ref_logits, new_tokens_, new_logits, tol)
     res["calls"] = seen["calls"]
     res["expected_calls"] = (new_tokens - 1) * model.config.num_hidden_layers
