@@ -362,6 +362,21 @@ def test_tls_with_a_private_ca(tmp_path, cache_env):
         server.stop()
 
 
+@needs_server
+def test_a_unix_socket_url(tmp_path, cache_env):
+    sock = tmp_path / "r.sock"
+    server = RedisServer(tmp_path / "redis", extra_args=("--unixsocket", str(sock))).start()
+    try:
+        url = f"unix://{sock}?db=2"
+        run_node(node_env(cache_env, tmp_path, "a", url), CFGS[:1])
+        b, _ = run_node(node_env(cache_env, tmp_path, "b", url), CFGS[:1])
+        assert b[0]["stats"]["remote_hits"] == 1 and b[0]["stats"]["compiles"] == 0
+        assert server.client().dbsize() == 0  # db 0 (TCP) is empty: the entry is in db 2
+        assert len(redis.Redis(unix_socket_path=str(sock), db=2).keys("jitkern:v1:*")) == 1
+    finally:
+        server.stop()
+
+
 # --- authentication -----------------------------------------------------------------------------
 
 def _flip(value: bytes, index: int) -> bytes:
