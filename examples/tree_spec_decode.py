@@ -628,7 +628,11 @@ def decode_path(model: HybridModel, caches: Caches, trees: list[DraftTree],
 
 # -------------------------------------------------------------------------------------- check
 
-TOLERANCE = {"logits": 3e-2, "ssm_state": 2e-2, "kv": 2e-2}
+# Relative to the largest step-by-step value. The two paths run different kernels (tree vs decode
+# attention, GEMMs of other sizes) whose bf16 roundings differ; emulating that with 1-ulp noise
+# on every op output gives ~1e-2 after four layers, while a wrong commit or a missing KV move
+# gives 0.18 or more.
+TOLERANCE = {"logits": 3e-2, "ssm_state": 3e-2, "kv": 3e-2}
 
 
 def check_against_step_by_step(model: HybridModel, before: Caches, after: Caches,
