@@ -251,7 +251,11 @@ class RedisTier:
             finally:
                 done.set()
 
-        threading.Thread(target=work, name="jitkern-remote", daemon=True).start()
+        try:
+            threading.Thread(target=work, name="jitkern-remote", daemon=True).start()
+        except RuntimeError as e:  # no thread to be had (process limits): treat as an outage
+            self._failed(what, f"RuntimeError: {e}", writes_only=False)
+            return _FAILED
         if not done.wait(self.config.timeout):
             self._failed(what, f"no answer within {self.config.timeout:g} s", writes_only=False)
             return _FAILED
