@@ -40,7 +40,6 @@ def test_tree_step_matches_step_by_step_decoding(state_dtype, seed):
     c = r["check"]
     print(state_dtype, seed, r["trees"], r["paths"], c["errors"], c["greedy_agreement"])
     assert c["passed"], c
-    assert len(set(r["trees"])) > 1
 
 
 def test_tree_step_kernels_match_references_in_place():
