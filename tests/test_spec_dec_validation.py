@@ -139,6 +139,25 @@ def test_warmup_configs_compile_for_sm90a():
     assert len(jitkern.compile(SPEC_DEC_ATTENTION, cfgs[0], arch="sm_90").cubin) > 1000
 
 
+def test_custom_op_fake_impl_on_meta_tensors():
+    """The registered custom op traces with meta tensors (its fake implementation) and mutates
+    only out / workspace / counters."""
+    import jitkern.ops  # noqa: F401  (registers the op)
+
+    m = dict(device="meta")
+    op = torch.ops.jitkern.spec_dec_attention.default
+    args = (torch.empty(8, 8, 128, dtype=torch.bfloat16, **m),
+            torch.empty(6, 16, 2, 128, dtype=torch.bfloat16, **m),
+            torch.empty(6, 16, 2, 128, dtype=torch.bfloat16, **m),
+            torch.empty(2, 3, dtype=torch.int32, **m), torch.empty(2, dtype=torch.int32, **m),
+            None, torch.empty(8, 1, dtype=torch.int32, **m), None,
+            torch.empty(8, 8, 128, dtype=torch.bfloat16, **m), torch.empty(1, **m),
+            torch.empty(1, dtype=torch.int32, **m), 0.088, 1.0, "NHD", "tree", 64, 16, 4, 1, 1, 0)
+    assert op(*args) is None
+    mutated = [a.name for a in op._schema.arguments if a.alias_info is not None and a.alias_info.is_write]
+    assert mutated == ["out", "workspace", "counters"]
+
+
 def test_family_rejects_mixed_16bit_types():
     from jitkern.families.spec_dec_attention import SPEC_DEC_ATTENTION
 

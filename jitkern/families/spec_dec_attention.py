@@ -80,8 +80,9 @@ SPEC_DEC_ATTENTION = register_family(KernelFamily(
              q_tile=qt, split_kv=True)
         for kv in ("bf16", "fp8_e4m3")
         for ps in (16, 64)
-        # Llama-3-8B (G=4) and 70B-TP8 (G=8): decode packs G rows into a 16-row tile, a 4-chain
-        # 16/32 rows, trees of 16..64 nodes 64..512 rows
-        for mode, qt in (("decode", 16), ("chain", 32), ("tree", 64))
+        # Llama-3-8B (G=4) and 70B-TP8 (G=8), the query tiles the op picks (rows = q_len * G):
+        # decode 4/8 rows -> 16; a 4-chain 16/32 rows -> 16/32; 16-node trees 64/128 -> 64/128;
+        # 64-node trees 256/512 -> 128
+        for mode, qt in (("decode", 16), ("chain", 16), ("chain", 32), ("tree", 64), ("tree", 128))
     ),
 ))
