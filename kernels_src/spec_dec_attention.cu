@@ -9,12 +9,13 @@
 //   cp.async, STAGES deep. Warps are laid out WM x WN: WM slabs of 16 query rows (the MMA M), and
 //   WN slices of each KV tile. Each warp keeps a private online softmax (m, l, O) over the
 //   positions it saw; the epilogue merges the WN warps of a row slab through shared memory and
-//   either writes the output (one split) or an unnormalized partial (O, m, l) for the merge kernel.
+//   either writes the output (one split) or an unnormalized partial (O, m, l). Partials are
+//   combined by the last CTA of the group (16-row tiles, counters) or by spec_dec_merge.
 //
 // Numerics: S = Q K^T and O = P V on tensor cores (m16n8k16, fp32 accumulate), softmax in the
-// log2 domain in fp32, P rounded to the input type before P V (as XQA does). fp8 e4m3 K/V are
-// converted to the input type in registers; kv_scale is folded into the softmax scale (K) and the
-// final output (V), which is exact math.
+// log2 domain in fp32, P rounded to the input type before P V (as XQA does). With an fp8 e4m3
+// cache the MMAs run in fp16: K/V are converted exactly in registers, Q once in shared memory, P is
+// rounded to fp16; kv_scale is folded into the softmax scale (K) and the output (V), exact math.
 //
 // Masking (applied only on tiles that reach the draft region, the window edge, or the end):
 //   prefix positions < ctx = L - n always visible; draft j = pos - ctx visible iff
