@@ -164,3 +164,20 @@ def test_family_rejects_mixed_16bit_types():
     cfg = dict(SPEC_DEC_ATTENTION.warmup_configs()[0], dtype="fp16", kv_dtype="bf16")
     with pytest.raises(ValueError, match="kv_dtype 'bf16' must equal dtype 'fp16' or be 'fp8_e4m3'"):
         SPEC_DEC_ATTENTION.specialize(cfg)
+
+
+def test_query_tile_and_split_choices():
+    from jitkern.ops.spec_dec_attention import MAX_SPLITS, pick_num_splits, pick_q_tile
+
+    assert [pick_q_tile(r) for r in (4, 16, 17, 32, 64, 65, 512)] == [16, 16, 32, 32, 64, 128, 128]
+    kv = 8192 * 8 * 128 * 2 * 2                  # one 8k sequence, 8 KV heads, bf16
+    # enough CTAs already: no split
+    assert pick_num_splits(132, 8192, 132, 64 * 32, 128, 64 * kv) == 1
+    # decode, batch 1, 8 KV heads: one wave of 132 SMs -> 17 splits
+    assert pick_num_splits(8, 8192, 132, 32, 128, kv) == 17
+    # short context: each split keeps at least two 64-position tiles
+    assert pick_num_splits(8, 512, 132, 32, 128, kv) == 4
+    # many rows (64-node tree, G = 8, one KV head): partial traffic capped at the K/V bytes
+    kv1 = 8192 * 1 * 128 * 2 * 2
+    assert pick_num_splits(4, 8192, 132, 64 * 8, 128, kv1) == kv1 // (2 * 64 * 8 * 130 * 4)
+    assert pick_num_splits(1, 1 << 20, 132, 1, 128, 1 << 40) == MAX_SPLITS

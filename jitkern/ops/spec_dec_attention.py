@@ -87,7 +87,9 @@ def _spec_dec_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 # ---- workspace ---------------------------------------------------------------------------------
 
 _WORKSPACE: dict = {}   # device index -> float32 buffer
-_KEEP: list = []        # buffers replaced after a capture used them (a graph may still hold them)
+# Replaced buffers are kept alive: a captured graph may still reference them. Growth at least
+# doubles, so the kept ones add up to less than the live one.
+_KEEP: list = []
 
 
 def workspace_floats(total_q: int, num_heads: int, head_dim: int, num_splits: int) -> int:
@@ -111,9 +113,11 @@ def reserve_workspace(device, floats: int) -> torch.Tensor:
             f"spec_dec_attention: the split-KV workspace ({floats} float32 needed, "
             f"{0 if ws is None else ws.numel()} cached) cannot grow during CUDA graph capture; "
             f"run the same call once before capturing, call reserve_workspace(), or pass workspace=")
+    old = 0 if ws is None else ws.numel()
     if ws is not None:
-        _KEEP.append(ws)  # never free a buffer an earlier capture may reference
-    ws = torch.empty(max(floats, 1 << 16), dtype=torch.float32, device=torch.device("cuda", index))
+        _KEEP.append(ws)
+    ws = torch.empty(max(floats, 2 * old, 1 << 16), dtype=torch.float32,
+                     device=torch.device("cuda", index))
     _WORKSPACE[index] = ws
     return ws
 
@@ -133,9 +137,10 @@ def reserve_counters(device, n: int) -> torch.Tensor:
     if torch.cuda.is_current_stream_capturing():
         raise RuntimeError(f"spec_dec_attention: the split counters ({n} needed) cannot grow "
                            f"during CUDA graph capture; run the same call once before capturing")
+    old = 0 if c is None else c.numel()
     if c is not None:
         _KEEP.append(c)
-    c = torch.zeros(max(n, 4096), dtype=torch.int32, device=torch.device("cuda", index))
+    c = torch.zeros(max(n, 2 * old, 4096), dtype=torch.int32, device=torch.device("cuda", index))
     _COUNTERS[index] = c
     return c
 
@@ -207,14 +212,14 @@ _INT32 = (torch.int32,)
 
 
 def prepare(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                       block_tables: torch.Tensor, seq_lens: torch.Tensor,
-                       q_cu_seqlens: torch.Tensor | None = None,
-                       tree_mask: torch.Tensor | None = None, scale: float | None = None,
-                       kv_scale: float | torch.Tensor | None = None, kv_layout: str = "NHD",
-                       sliding_window: int | None = None, out: torch.Tensor | None = None, *,
-                       max_q_len: int | None = None, max_seq_len: int | None = None,
-                       num_kv_splits: int | None = None, workspace: torch.Tensor | None = None,
-                       check_values: bool = False) -> tuple:
+            block_tables: torch.Tensor, seq_lens: torch.Tensor,
+            q_cu_seqlens: torch.Tensor | None = None,
+            tree_mask: torch.Tensor | None = None, scale: float | None = None,
+            kv_scale: float | torch.Tensor | None = None, kv_layout: str = "NHD",
+            sliding_window: int | None = None, out: torch.Tensor | None = None, *,
+            max_q_len: int | None = None, max_seq_len: int | None = None,
+            num_kv_splits: int | None = None, workspace: torch.Tensor | None = None,
+            check_values: bool = False) -> tuple:
     """Validate and resolve the arguments of ``spec_dec_attention`` (which see) into the
     custom op's argument tuple. Raises TypeError/ValueError naming the argument."""
     _tensor("q", q, _IN_DTYPES, 3, "float16 or bfloat16")
