@@ -180,39 +180,35 @@ def flex_thunk(a, n, k, v, vis):
 
 
 def explore(sets, outs, qname, batch):
-    """Time the custom op with other query tiles (trees) or split counts (small batches)."""
-    from jitkern.ops.spec_dec_attention import _spec_dec_attention_op, prepare
+    """Time the custom op with other query tiles (trees) or split counts (small batches), by
+    editing the resolved argument tuple of ``prepare`` (indices as in its return statement)."""
+    from jitkern.ops.spec_dec_attention import (_spec_dec_attention_op, prepare, reserve_counters,
+                                                reserve_workspace, workspace_floats)
 
+    Q, K, SL, WS, CTR, QTILE, ROW_TILES, SPLITS = 0, 1, 4, 9, 10, 15, 18, 19
     base = [list(prepare(**s, out=o)) for s, o in zip(sets, outs)]
+    qt0, sp0 = base[0][QTILE], base[0][SPLITS]
     variants = []
-    qt0, sp0 = base[0][15], base[0][19]
     if "tree" in qname:
-        rows = base[0][18] * qt0
-        for qt in (32, 64, 128):
-            if qt != qt0:
-                variants.append((f"q_tile={qt}", dict(q_tile=qt, row_tiles=-(-rows // qt))))
+        rows = base[0][ROW_TILES] * qt0
+        variants += [(f"q_tile={qt}", qt, -(-rows // qt), sp0) for qt in (32, 64, 128) if qt != qt0]
     if batch <= 8:
-        for sp in (max(1, sp0 // 2), sp0 * 2):
-            if sp != sp0 and sp > 1:
-                variants.append((f"splits={sp}", dict(num_splits=sp)))
-    for name, ch in variants:
+        variants += [(f"splits={sp}", qt0, base[0][ROW_TILES], sp)
+                     for sp in (max(1, sp0 // 2), sp0 * 2) if sp != sp0 and sp > 1]
+    for name, qt, row_tiles, sp in variants:
         calls = []
         for b in base:
             a = list(b)
-            if "q_tile" in ch:
-                a[15], a[18] = ch["q_tile"], ch["row_tiles"]
-            if "num_splits" in ch:
-                a[19] = ch["num_splits"]
-                total_q, hq, d = a[0].shape
-                from jitkern.ops.spec_dec_attention import reserve_workspace, workspace_floats, reserve_counters
-                a[9] = reserve_workspace(a[0].device, workspace_floats(total_q, hq, d, a[19]))
-            if a[19] > 1:
-                from jitkern.ops.spec_dec_attention import reserve_counters
-                a[10] = reserve_counters(a[0].device, a[4].shape[0] * a[1].shape[2] * a[18])
+            a[QTILE], a[ROW_TILES], a[SPLITS] = qt, row_tiles, sp
+            total_q, hq, d = a[Q].shape
+            if sp > 1:
+                a[WS] = reserve_workspace(a[Q].device, workspace_floats(total_q, hq, d, sp))
+                a[CTR] = reserve_counters(a[Q].device, a[SL].shape[0] * a[K].shape[2] * row_tiles)
             calls.append(lambda a=a: _spec_dec_attention_op(*a))
         try:
             t = time_graph(calls)
-            print(f"<!-- explore {qname} batch {batch}: base q_tile={qt0} splits={sp0}; {name}: {t * 1e6:.1f} us -->")
+            print(f"<!-- explore {qname} batch {batch}: base q_tile={qt0} splits={sp0}; "
+                  f"{name}: {t * 1e6:.1f} us -->")
         except Exception as e:   # noqa: BLE001
             print(f"<!-- explore {name} failed: {type(e).__name__}: {e} -->")
 

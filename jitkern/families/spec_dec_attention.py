@@ -4,6 +4,11 @@ Compile-time parameters (see docs/spec_dec_attention.md): head_dim, input dtype,
 (the input's 16-bit type or fp8 e4m3), KV layout, page size, mode (decode / chain / tree), the
 query tile (rows per CTA: 16 rows per warp slab; 16 and 32 split each KV tile across warps, 64 and
 128 give each warp all of it) and whether the split-KV path is compiled in.
+
+Launch contract (the op keeps it): mode "decode" needs one query token per sequence and no
+q_cu_seqlens; split_kv=False needs num_splits == 1; with num_splits > 1 and q_tile 16 the kernel
+merges the partials itself through ``counters`` (int32, zero between launches), otherwise the
+"merge" entry runs after it; dynamic shared memory is ``shared_bytes(config)``.
 """
 
 from __future__ import annotations
