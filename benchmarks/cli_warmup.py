@@ -57,6 +57,8 @@ def main() -> int:
 
     rows = {f"cold -j 1": [], f"cold -j {args.jobs}": [], "all cached (rerun)": []}
     inside = {k: [] for k in rows}
+    nvrtc = {k: [] for k in rows}  # summed NVRTC seconds: grows when processes share a core
+    load_before = f"{os.getloadavg()[0]:.2f}"
     last = {}
     per_family: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -67,6 +69,7 @@ def main() -> int:
                 assert out["compiled"] == out["total"] and out["cached"] == 0, out
                 rows[name].append(wall)
                 inside[name].append(out["seconds"])
+                nvrtc[name].append(out["compile_seconds"])
                 last[name] = out
                 if jobs == 1:
                     for g in out["by_family"]:
@@ -77,6 +80,7 @@ def main() -> int:
                 assert out["compiled"] == 0 and out["cached"] == out["total"], out
                 rows["all cached (rerun)"].append(wall)
                 inside["all cached (rerun)"].append(out["seconds"])
+                nvrtc["all cached (rerun)"].append(out["compile_seconds"])
                 last["all cached (rerun)"] = out
 
     total = last["cold -j 1"]["total"]
@@ -84,11 +88,15 @@ def main() -> int:
           f"target {args.arch} -> {', '.join(last['cold -j 1']['targets'])}; "
           f"{total} kernels ({', '.join(last['cold -j 1']['families'])}); "
           f"{args.repeats} repeats, {args.cached_runs} cached runs each")
-    print(f"{'run':<22}{'kernels':>8}{'compiled':>9}{'wall s median':>15}{'min':>8}{'in-command s':>14}")
+    print(f"load average before: {load_before}; after: {os.getloadavg()[0]:.2f} (other processes "
+          "share these CPUs)")
+    print(f"{'run':<22}{'kernels':>8}{'compiled':>9}{'wall s median':>15}{'min':>8}"
+          f"{'in-command s':>14}{'NVRTC s summed':>16}")
     for name, walls in rows.items():
         out = last[name]
         print(f"{name:<22}{out['total']:>8}{out['compiled']:>9}{statistics.median(walls):>15.2f}"
-              f"{min(walls):>8.2f}{statistics.median(inside[name]):>14.2f}")
+              f"{min(walls):>8.2f}{statistics.median(inside[name]):>14.2f}"
+              f"{statistics.median(nvrtc[name]):>16.2f}")
     cold1 = statistics.median(rows["cold -j 1"])
     coldn = statistics.median(rows[f"cold -j {args.jobs}"])
     print(f"speed-up -j {args.jobs} over -j 1: {cold1 / coldn:.2f}x; all-cached rerun: "
