@@ -99,6 +99,8 @@ def run(args) -> int:
     from .runner import run_parallel, run_serial
 
     processes = min(args.jobs or cpu_count(), max(1, len(todo)))
+    if processes > 1:
+        _longest_first(todo)
     progress = Progress(len(todo), quiet=args.quiet)
     if dropped:
         progress.note(f"dropped {dropped} damaged cache entr{'y' if dropped == 1 else 'ies'}; "
@@ -129,6 +131,19 @@ def run(args) -> int:
               f"Run the same command again to continue.", file=sys.stderr)
         return 130
     return 1 if summary["failed"] else 0
+
+
+def _longest_first(jobs) -> None:
+    """Order jobs by their family's source size, largest first (a proxy for compile time): the
+    short ones then fill the end and no worker idles long behind a late, long compile."""
+    from ..service import SERVICE
+
+    size = {}
+    for j in jobs:
+        if j.family.name not in size:
+            c = SERVICE.closure(j.family)
+            size[j.family.name] = len(c.main_text) + sum(len(t) for _, t in c.headers)
+    jobs.sort(key=lambda j: -size[j.family.name])
 
 
 def _check_writable() -> None:
