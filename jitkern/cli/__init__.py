@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..errors import JitkernError
 from .common import CliError, HelpFormatter
 
 DESCRIPTION = """\
@@ -44,6 +45,9 @@ def main(argv=None) -> int:
     except CliError as e:
         print(f"{name}: error: {e}", file=sys.stderr)
         return e.code
+    except JitkernError as e:  # NVRTC or the CUDA headers missing: the message says what to install
+        print(f"{name}: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"{name}: interrupted", file=sys.stderr)
         return 130
