@@ -368,14 +368,15 @@ def _is_refusal(err: BaseException) -> bool:
 
 
 def make_client(config: RemoteConfig):
-    """A redis.Redis for ``config``: socket timeouts at the tier's deadline (so abandoned helper
-    threads end soon), no retries (the tier's back-off replaces them), RESP2 and no CLIENT
-    SETINFO (the fewest round trips on connect, and any Redis server version)."""
+    """A redis.Redis for ``config``: socket timeouts a little past the tier's deadline (so the
+    deadline, not a socket, decides when a call gives up, and an abandoned helper thread ends
+    soon after), no retries (the tier's back-off replaces them), RESP2 and no CLIENT SETINFO (the
+    fewest round trips on connect, and any Redis server version)."""
     import redis
     from redis.backoff import NoBackoff
     from redis.retry import Retry
 
-    t = config.timeout
+    t = 2 * config.timeout
     kwargs = dict(socket_connect_timeout=t, socket_timeout=t, retry=Retry(NoBackoff(), 0),
                   health_check_interval=0)
     params = inspect.signature(redis.Redis.__init__).parameters
