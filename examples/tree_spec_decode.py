@@ -2,10 +2,11 @@
 
 What happens (the functions below, in this order; ``main()`` runs them and prints what it saw):
 
-1. ``HybridModel``: random bf16 weights, a stack of Mamba2 mixer layers ("M") and GQA attention
-   layers ("A") with RoPE over a paged KV cache; ``Caches`` holds the decode state of a batch of
-   sequences: one SSM state pool per Mamba2 layer (sequences live in shuffled slots), one paged
-   K/V pool per attention layer (pages shuffled across the pool) and the page table.
+1. ``HybridModel``: random bf16 weights, a stack of Mamba2 mixer layers ("M": in_proj, causal
+   conv1d, the SSM, gated RMSNorm, out_proj) and GQA attention layers ("A") with RoPE over a
+   paged KV cache; ``Caches`` holds the decode state of a batch of sequences: per Mamba2 layer an
+   SSM state pool and a conv-state pool (sequences live in shuffled slots), per attention layer a
+   paged K/V pool (pages shuffled across the pool), and the page table.
 2. ``prefill``: the contexts (different lengths) go through the decode path token by token; the
    greedy token after each context is the *root* of its draft tree (sampled, not yet processed).
 3. ``draft_trees``: an EAGLE-like tree per sequence (a few children per node, only the best
@@ -14,24 +15,26 @@ What happens (the functions below, in this order; ``main()`` runs them and print
    right token at its first (or second) child with probability ``accept_prob``, random tokens
    elsewhere. A real engine would use an EAGLE head; the verification below does not know.
 4. ``verify_forward``: ONE pass of the model over every draft token of the batch.
-   Mamba2 layers call ``mamba2_mtp_ssm_update`` with ``retrieve_parent_token`` (each node
-   continues from its parent's stored state) and ``intermediate_states`` (every node's state is
-   kept), leaving the state pool untouched. Attention layers append the drafts' K/V to the paged
+   Mamba2 layers convolve each node over its own ancestors (the conv window follows the tree)
+   and call ``mamba2_mtp_ssm_update`` with ``retrieve_parent_token`` (each node continues from
+   its parent's stored state) and ``intermediate_states`` (every node's state is kept), leaving
+   the state pools untouched. Attention layers append the drafts' K/V to the paged
    cache and call ``spec_dec_attention`` with the packed tree mask and ragged draft lengths
    (``q_cu_seqlens``).
 5. ``accept_paths``: from the root, follow the child whose token is the target's greedy choice
    (argmax of the parent's verify logits) as long as one exists: the longest path greedy
    decoding agrees with. The next root (the "bonus" token) is the argmax at the path's end.
 6. ``commit``: ``mamba2_commit_accepted_state`` copies the last accepted node's state into each
-   sequence's slot; the accepted tokens' K/V move to consecutive positions (KV compaction) and
+   sequence's slot and the conv state becomes the accepted path's last inputs; the accepted
+   tokens' K/V move to consecutive positions (KV compaction) and
    pages past the new length go back to the free list.
 7. ``check_against_step_by_step``: decode the accepted path one token at a time (T = 1, decode
    attention) from a copy of the caches taken before verification; the accepted tokens' logits,
-   the committed SSM states and the compacted K/V must match within bf16 tolerance.
+   the committed SSM and conv states and the compacted K/V must match within bf16 tolerance.
 
-Simplified on purpose (none of it changes what the two ops see): the Mamba2 mixer has no causal
-conv1d (in_proj -> SSM -> gated RMSNorm -> out_proj, the SSM step is the real op); there are no
-MLP blocks; prefill is token by token; the drafter is simulated as described.
+Simplified on purpose (none of it changes what the two ops see): the causal conv1d and the gated
+RMSNorm of the Mamba2 mixer run in plain torch (the norm over all heads at once, not per group);
+there are no MLP blocks; prefill is token by token; the drafter is simulated as described.
 
 Shapes match the Nemotron-H preset (Mamba2 P=64, N=128, bf16 inputs / fp32 or bf16 state; GQA
 group 4, head_dim 128, bf16 KV, pages of 16), so ``jitkern warmup --preset nemotron-h-8b`` covers
@@ -127,6 +130,7 @@ class ModelConfig:
     ssm_head_dim: int = 64      # P
     d_state: int = 128          # N
     ssm_groups: int = 2         # G
+    conv_kernel: int = 4        # causal conv1d width over x, B, C
     q_heads: int = 8
     kv_heads: int = 2
     head_dim: int = 128
@@ -139,9 +143,14 @@ class ModelConfig:
 class MambaWeights:
     def __init__(self, cfg: ModelConfig, w):
         H, P, N, G = cfg.ssm_heads, cfg.ssm_head_dim, cfg.d_state, cfg.ssm_groups
-        self.split = (H * P, H * P, G * N, G * N, H)          # z | x | B | C | dt
+        self.xbc_split = (H * P, G * N, G * N)                 # x | B | C (convolved together)
+        self.split = (H * P, sum(self.xbc_split), H)           # z | xBC | dt
         self.norm = w.ones(cfg.d_model)
         self.in_proj = w.linear(cfg.d_model, sum(self.split))
+        K = cfg.conv_kernel
+        self.conv_w = (torch.randn(self.split[1], K, generator=w.gen) / math.sqrt(K)).to(
+            w.device, w.dtype)                                 # depthwise: one filter a channel
+        self.conv_b = (0.1 * torch.randn(self.split[1], generator=w.gen)).to(w.device, w.dtype)
         # Mamba2's initialization: A in [-16, -1], softplus(dt_bias) in [1e-3, 1e-1], D = 1
         self.A = -torch.empty(H).uniform_(1, 16, generator=w.gen).to(w.device)        # fp32
         dt0 = torch.exp(torch.empty(H).uniform_(math.log(1e-3), math.log(1e-1), generator=w.gen))
@@ -184,6 +193,8 @@ class HybridModel:
         self.state_dtype = getattr(torch, cfg.state_dtype)
         if cfg.ssm_heads % cfg.ssm_groups or cfg.q_heads % cfg.kv_heads:
             raise ValueError("ssm_groups must divide ssm_heads and kv_heads must divide q_heads")
+        if cfg.conv_kernel < 2:
+            raise ValueError(f"conv_kernel must be at least 2, got {cfg.conv_kernel}")
         w = _Init(self.device, self.dtype, seed)
         self.embed = torch.randn(cfg.vocab, cfg.d_model, generator=w.gen).to(self.device,
                                                                               self.dtype)
@@ -214,15 +225,25 @@ def rope(x: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor) -> torch.Te
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
 
 
-def mamba_in(w: MambaWeights, cfg: ModelConfig, x: torch.Tensor):
-    """in_proj of ``x [..., d_model]`` -> z, x ``[..., H, P]``, B, C ``[..., G, N]``,
-    dt ``[..., H]`` (views of one projection: the ops take strided views with stride 1 on the
-    last dimension)."""
-    lead = x.shape[:-1]
-    z, xs, B, C, dt = (x @ w.in_proj).split(w.split, dim=-1)
+def mamba_proj(w: MambaWeights, x: torch.Tensor):
+    """in_proj of ``x [n, d_model]`` -> z ``[n, H*P]``, xBC ``[n, H*P + 2*G*N]`` (before the
+    conv), dt ``[n, H]``: views of one projection."""
+    return (x @ w.in_proj).split(w.split, dim=-1)
+
+
+def causal_conv(w: MambaWeights, window: torch.Tensor) -> torch.Tensor:
+    """Depthwise conv + SiLU of ``window [n, K, C]`` (oldest input first) -> ``[n, C]``."""
+    y = (window.float() * w.conv_w.float().t()).sum(-2) + w.conv_b.float()
+    return torch.nn.functional.silu(y).to(window.dtype)
+
+
+def ssm_inputs(w: MambaWeights, cfg: ModelConfig, xbc: torch.Tensor, dt: torch.Tensor):
+    """Convolved ``xbc [..., C]`` and ``dt [..., H]`` -> the op's x ``[..., H, P]``, B, C
+    ``[..., G, N]`` and dt (views: the ops take strided views with stride 1 on the last dim)."""
+    lead = xbc.shape[:-1]
+    xs, B, C = xbc.split(w.xbc_split, dim=-1)
     H, P, G, N = cfg.ssm_heads, cfg.ssm_head_dim, cfg.ssm_groups, cfg.d_state
-    return (z.reshape(*lead, H, P), xs.reshape(*lead, H, P), B.reshape(*lead, G, N),
-            C.reshape(*lead, G, N), dt)
+    return xs.reshape(*lead, H, P), B.reshape(*lead, G, N), C.reshape(*lead, G, N), dt
 
 
 def mamba_out(w: MambaWeights, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -253,6 +274,9 @@ class Caches:
       ``slots[b]`` (a shuffled choice among S > num_seqs slots, like an engine's pool).
     - ``inter[l]``: ``[num_seqs, MAX_TREE_NODES, H, P, N]``: every draft node's state during
       verification (row b for sequence b).
+    - ``conv[l]``: ``[S, K - 1, C]``: the last K - 1 conv inputs (x, B, C before the conv) of
+      each slot, oldest first; ``conv_src[l]``: verification scratch, every sequence's conv state
+      followed by every draft node's conv input (``VerifyBatch.conv_index`` points into it).
     - ``k[l]``, ``v[l]``: ``[num_pages, page_size, Hkv, D]`` paged pools of attention layer l;
       ``pages[b]`` lists sequence b's physical pages in order (one table for all layers, as in
       vLLM), ``block_tables`` is its int32 ``[num_seqs, max_pages]`` form (-1 = unused).
@@ -272,6 +296,13 @@ class Caches:
                     for l in model.mamba_layers()}
         self.inter = {l: torch.zeros(num_seqs, MAX_TREE_NODES, *shape, device=dev,
                                      dtype=model.state_dtype) for l in model.mamba_layers()}
+        self.conv_len = cfg.conv_kernel - 1
+        C = cfg.ssm_heads * cfg.ssm_head_dim + 2 * cfg.ssm_groups * cfg.d_state
+        self.conv = {l: torch.zeros(S, self.conv_len, C, device=dev, dtype=model.dtype)
+                     for l in model.mamba_layers()}
+        self.conv_src = {l: torch.zeros(num_seqs * (self.conv_len + MAX_TREE_NODES), C,
+                                        device=dev, dtype=model.dtype)
+                         for l in model.mamba_layers()}
         kv = (num_pages, page_size, cfg.kv_heads, cfg.head_dim)
         self.k = {l: torch.zeros(kv, device=dev, dtype=model.dtype)
                   for l in model.attention_layers()}
@@ -364,14 +395,18 @@ def decode_forward(model: HybridModel, caches: Caches, seqs: list[int], tokens: 
     tables = caches.block_tables[seq_idx]                    # the sub-batch's rows
     lens = (pos + 1).to(torch.int32)
     slots = caches.slots[seq_idx]
+    slot_idx = slots.long()
     h = model.embed[torch.tensor(tokens, device=dev)]
     for li, w in enumerate(model.layers):
         x = rms_norm(h, w.norm)
         if isinstance(w, MambaWeights):
-            z, xs, B, C, dt = mamba_in(w, cfg, x)            # [n, H, P], [n, G, N], [n, H]
+            z, xbc, dt = mamba_proj(w, x)
+            window = torch.cat((caches.conv[li][slot_idx], xbc[:, None]), 1)    # [n, K, C]
+            caches.conv[li][slot_idx] = window[:, 1:]
+            xs, B, C, dt = ssm_inputs(w, cfg, causal_conv(w, window), dt)
             y = ops.ssm_update(caches.ssm[li], xs, dt, w.A, B, C, w.D, w.dt_bias,
-                               state_batch_indices=slots)
-            h = h + mamba_out(w, y.reshape(len(seqs), -1), z.reshape(len(seqs), -1))
+                               state_batch_indices=slots)     # x [n, H, P], B/C [n, G, N]
+            h = h + mamba_out(w, y.reshape(len(seqs), -1), z)
         else:
             q, k, v = attention_qkv(w, cfg, x, pos, model.inv_freq)
             page, off = caches.physical(seq_idx, pos)
@@ -422,6 +457,13 @@ class DraftTree:
 
     def children(self, node: int) -> list[int]:
         return [c for c in range(1, len(self.parents)) if self.parents[c] == node]
+
+    def path_to(self, node: int) -> list[int]:
+        """Nodes from the root down to ``node``."""
+        path = [node]
+        while self.parents[path[-1]] >= 0:
+            path.append(self.parents[path[-1]])
+        return path[::-1]
 
     def depth(self) -> int:
         d = [0] * len(self.parents)
@@ -474,7 +516,9 @@ class VerifyBatch:
 
     Rows are the draft nodes of all sequences back to back (``total_q`` rows); the Mamba2 op
     needs ``[Bt, T]`` instead, so ``padded_index`` places row r at ``b * T + t`` (T = the longest
-    tree; the padding steps of shorter trees are computed and ignored)."""
+    tree; the padding steps of shorter trees are computed and ignored). A node's conv window is
+    its K - 1 nearest ancestors' inputs (continued into the sequence's conv state) and its own:
+    ``conv_index`` gives their rows in ``Caches.conv_src`` (see ``conv_rows``)."""
 
     tokens: torch.Tensor          # long [total_q]
     seq_of_row: torch.Tensor      # long [total_q]
@@ -485,9 +529,20 @@ class VerifyBatch:
     seq_lens: torch.Tensor        # int32 [Bt]: context + draft
     tree_mask: torch.Tensor       # int32 [total_q, ceil(T / 32)]
     parents: torch.Tensor         # int32 [Bt, T], -1 for the roots and the padding
+    conv_index: torch.Tensor      # long [total_q, K]: rows of Caches.conv_src, a node's window
     T: int
     context_lens: list[int] = field(default_factory=list)
     cu: list[int] = field(default_factory=list)
+
+
+def conv_rows(b: int, path: list[int], num_seqs: int, conv_len: int, row0: int,
+              width: int) -> list[int]:
+    """Rows of ``Caches.conv_src`` holding the last ``width`` conv inputs along ``path`` (node
+    indices of sequence b from its root): the sequence's conv state (rows ``b * conv_len ..``)
+    continued by the path's nodes (rows ``num_seqs * conv_len + row0 + node``)."""
+    rows = [b * conv_len + k for k in range(conv_len)]
+    rows += [num_seqs * conv_len + row0 + n for n in path]
+    return rows[-width:]
 
 
 def prepare_verify(caches: Caches, trees: list[DraftTree], device) -> VerifyBatch:
@@ -497,7 +552,7 @@ def prepare_verify(caches: Caches, trees: list[DraftTree], device) -> VerifyBatc
     for t in trees:
         cu.append(cu[-1] + len(t.parents))
     ctx = list(caches.seq_lens)
-    tokens, seq_of_row, rope_pos, kv_pos, padded = [], [], [], [], []
+    tokens, seq_of_row, rope_pos, kv_pos, padded, conv = [], [], [], [], [], []
     parents = torch.full((len(trees), T), -1, dtype=torch.int32)
     for b, t in enumerate(trees):
         caches.reserve(b, ctx[b] + len(t.parents))
@@ -506,6 +561,8 @@ def prepare_verify(caches: Caches, trees: list[DraftTree], device) -> VerifyBatc
             if i:
                 depth[i] = depth[p] + 1
             parents[b, i] = p
+            conv.append(conv_rows(b, t.path_to(i), len(trees), caches.conv_len, cu[b],
+                                  caches.conv_len + 1))
         tokens += t.tokens
         seq_of_row += [b] * len(t.parents)
         rope_pos += [ctx[b] + d for d in depth]
@@ -522,7 +579,7 @@ def prepare_verify(caches: Caches, trees: list[DraftTree], device) -> VerifyBatc
         seq_lens=torch.tensor([c + len(t.parents) for c, t in zip(ctx, trees)],
                               dtype=torch.int32, device=device),
         tree_mask=pack_tree_masks([t.parents for t in trees]).to(device),
-        parents=parents.to(device), T=T, context_lens=ctx, cu=cu)
+        parents=parents.to(device), conv_index=lt(conv), T=T, context_lens=ctx, cu=cu)
 
 
 # ------------------------------------------------------------------------------- verification
@@ -530,25 +587,32 @@ def prepare_verify(caches: Caches, trees: list[DraftTree], device) -> VerifyBatc
 def verify_forward(model: HybridModel, caches: Caches, vb: VerifyBatch, ops) -> torch.Tensor:
     """The model over every draft node of the batch in one pass; float32 logits ``[total_q, V]``.
 
-    Writes the drafts' K/V at their slots and every node's SSM state into ``caches.inter``; the
-    SSM state pools and ``seq_lens`` are not changed (so the pass can be repeated)."""
+    Writes the drafts' K/V at their slots, every node's SSM state into ``caches.inter`` and its
+    conv input into ``caches.conv_src``; the state pools and ``seq_lens`` are not changed (so
+    the pass can be repeated)."""
     cfg = model.cfg
     Bt, T, n = len(vb.context_lens), vb.T, vb.tokens.shape[0]
     tables = caches.block_tables
+    slots = caches.slots.long()
     h = model.embed[vb.tokens]
     for li, w in enumerate(model.layers):
         x = rms_norm(h, w.norm)
         if isinstance(w, MambaWeights):
-            xp = x.new_zeros(Bt * T, cfg.d_model)
-            xp[vb.padded_index] = x                          # [Bt * T, d]: rows in tree order
-            z, xs, B, C, dt = mamba_in(w, cfg, xp.view(Bt, T, -1))
+            z, xbc, dt = mamba_proj(w, x)
+            src, k = caches.conv_src[li], Bt * caches.conv_len
+            src[:k] = caches.conv[li][slots].flatten(0, 1)  # conv states, then the nodes' inputs
+            src[k:k + n] = xbc
+            u = torch.cat((causal_conv(w, src[vb.conv_index]), dt), -1)
+            up = u.new_zeros(Bt * T, u.shape[-1])
+            up[vb.padded_index] = u                          # [Bt * T, ...]: rows in tree order
+            xs, B, C, dt = ssm_inputs(w, cfg, *up.view(Bt, T, -1).split(
+                (xbc.shape[-1], dt.shape[-1]), dim=-1))
             y = ops.ssm_update(caches.ssm[li], xs, dt, w.A, B, C, w.D, w.dt_bias,
                                state_batch_indices=caches.slots,
                                intermediate_states=caches.inter[li],
                                intermediate_state_indices=caches.inter_rows,
                                retrieve_parent_token=vb.parents, disable_state_update=True)
-            y = y.reshape(Bt * T, -1)[vb.padded_index]
-            h = h + mamba_out(w, y, z.reshape(Bt * T, -1)[vb.padded_index])
+            h = h + mamba_out(w, y.reshape(Bt * T, -1)[vb.padded_index], z)
         else:
             q, k, v = attention_qkv(w, cfg, x, vb.rope_pos, model.inv_freq)
             page, off = caches.physical(vb.seq_of_row, vb.kv_pos)
@@ -589,14 +653,20 @@ def kv_moves(context_lens: list[int], paths: list[list[int]]):
 
 def commit(model: HybridModel, caches: Caches, vb: VerifyBatch, paths: list[list[int]],
            ops) -> dict:
-    """Make the accepted paths part of the sequences: SSM states, K/V compaction, lengths, pages.
+    """Make the accepted paths part of the sequences: SSM and conv states, K/V compaction,
+    lengths, pages.
 
     Returns what moved: ``{"kv_moves": n, "pages_freed": n}``."""
     dev = model.device
     accepted = torch.tensor([p[-1] for p in paths], dtype=torch.int32, device=dev)
+    # the new conv state: the last K - 1 inputs along each accepted path
+    rows = torch.tensor([conv_rows(b, p, len(paths), caches.conv_len, vb.cu[b], caches.conv_len)
+                         for b, p in enumerate(paths)], device=dev)
+    slots = caches.slots.long()
     for li in model.mamba_layers():
         ops.commit(caches.ssm[li], caches.inter[li], accepted, state_batch_indices=caches.slots,
                    intermediate_state_indices=caches.inter_rows)
+        caches.conv[li][slots] = caches.conv_src[li][rows]
     moves = kv_moves(vb.context_lens, paths)
     if moves:
         seqs = torch.tensor([m[0] for m in moves], device=dev)
@@ -632,7 +702,7 @@ def decode_path(model: HybridModel, caches: Caches, trees: list[DraftTree],
 # attention, GEMMs of other sizes) whose bf16 roundings differ; emulating that with 1-ulp noise
 # on every op output gives ~1e-2 after four layers, while a wrong commit or a missing KV move
 # gives 0.18 or more.
-TOLERANCE = {"logits": 3e-2, "ssm_state": 3e-2, "kv": 3e-2}
+TOLERANCE = {"logits": 3e-2, "ssm_state": 3e-2, "conv_state": 3e-2, "kv": 3e-2}
 
 
 def check_against_step_by_step(model: HybridModel, before: Caches, after: Caches,
@@ -641,7 +711,8 @@ def check_against_step_by_step(model: HybridModel, before: Caches, after: Caches
     """Decode the accepted paths token by token from ``before`` (the caches as they were before
     verification) and compare with the verified and committed ``after``: accepted tokens'
     logits, committed SSM states of the sequences' slots, K/V of every committed position, and
-    lengths. Errors are max |diff| / max |step-by-step value|; NaN fails."""
+    lengths. Errors are max |diff| / max |step-by-step value|; NaN fails. (The conv state holds
+    bf16 activations, compared like the K/V.)"""
     ref = before.clone()
     step_logits = decode_path(model, ref, trees, paths, ops)
     rows = [vb.cu[b] + node for b, p in enumerate(paths) for node in p]
@@ -651,6 +722,8 @@ def check_against_step_by_step(model: HybridModel, before: Caches, after: Caches
     slots = after.slots.long()
     err["ssm_state"] = max((rel_err(after.ssm[l][slots], ref.ssm[l][slots])
                             for l in model.mamba_layers()), default=0.0)
+    err["conv_state"] = max((rel_err(after.conv[l][slots], ref.conv[l][slots])
+                             for l in model.mamba_layers()), default=0.0)
     kv = 0.0
     for l in model.attention_layers():
         for b, n in enumerate(ref.seq_lens):

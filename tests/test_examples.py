@@ -119,6 +119,14 @@ def test_prepare_verify_describes_trees_to_both_ops():
         assert torch.equal(unpack_bits(vb.tree_mask[lo:hi], n), want)
     # pages reserved for context + draft
     assert [len(p) for p in caches.pages] == [1, 3, 2]
+    # conv windows (K = 4): conv_src rows are 3 state rows per sequence (0..8), then the 11 nodes
+    # (9..19); a node sees its 3 nearest ancestors, continued into its sequence's state rows
+    idx = vb.conv_index.tolist()
+    assert idx[0] == [0, 1, 2, 9]            # seq 0 root: its state, itself
+    assert idx[3] == [2, 9, 10, 12]          # seq 0 node 3 (0 -> 1 -> 3)
+    assert idx[5] == [2, 9, 11, 14]          # seq 0 node 5 (0 -> 2 -> 5), not node 4 or 3
+    assert idx[6] == [3, 4, 5, 15]           # seq 1 root
+    assert idx[10] == [16, 17, 18, 19]       # seq 2 node 3 of the chain 0 -> 1 -> 2 -> 3
 
 
 def test_accept_paths_follows_greedy_choices():
@@ -180,6 +188,8 @@ def test_commit_compacts_kv_and_releases_pages():
         caches.v[li][page, off] = -val.expand(-1, model.cfg.kv_heads, model.cfg.head_dim)
     inter0 = caches.inter[model.mamba_layers()[0]]
     inter0.copy_(torch.randn_like(inter0))
+    src0 = caches.conv_src[model.mamba_layers()[0]]
+    src0.copy_(torch.randn_like(src0))
     paths = [[0, 2, 4, 5], [0]]
     moved = tsd.commit(model, caches, vb, paths, ops)
     assert moved["kv_moves"] == 3
@@ -197,10 +207,14 @@ def test_commit_compacts_kv_and_releases_pages():
     assert caches.block_tables[1].tolist()[2:] == [-1] * (caches.max_pages - 2)
     used = [p for ps in caches.pages for p in ps]
     assert len(set(used)) == len(used) and not set(used) & set(caches.free_pages)
-    # the SSM state of each slot is its last accepted node's intermediate state
+    # the SSM state of each slot is its last accepted node's intermediate state; its conv state
+    # the last 3 conv inputs along the path: sequence 0 (root 0 at row 6 = 2 sequences x 3
+    # state rows): nodes 2, 4, 5; sequence 1 (only its root, at row 6 + 8): state rows 4, 5, root
     ml = model.mamba_layers()[0]
     for b, p in enumerate(paths):
         assert torch.equal(caches.ssm[ml][int(caches.slots[b])], inter0[b, p[-1]])
+    assert torch.equal(caches.conv[ml][int(caches.slots[0])], src0[[6 + 2, 6 + 4, 6 + 5]])
+    assert torch.equal(caches.conv[ml][int(caches.slots[1])], src0[[4, 5, 6 + 8]])
 
 
 # ------------------------------------------------------------------- the whole step (CPU)
@@ -315,6 +329,34 @@ def test_check_catches_ssm_ignoring_the_tree():
     assert not c["passed"]
 
 
+def test_check_catches_conv_windows_ignoring_the_tree(monkeypatch):
+    model, ops = small_model(), tsd.ReferenceOps()
+    with torch.inference_mode():
+        caches, before, trees, vb = _pipeline(model, ops)
+        with monkeypatch.context() as m:   # windows in node order, as if every draft were a chain
+            m.setattr(tsd.DraftTree, "path_to", lambda self, node: list(range(node + 1)))
+            wrong = tsd.prepare_verify(before.clone(), trees, "cpu")
+        assert not torch.equal(wrong.conv_index, vb.conv_index)
+        logits = tsd.verify_forward(model, caches, wrong, ops)
+        paths, bonus = tsd.accept_paths(trees, logits, vb.cu)
+        tsd.commit(model, caches, vb, paths, ops)
+        c = _check(model, ops, caches, before, trees, vb, logits, paths, bonus)
+    assert not c["passed"] and c["errors"]["logits"] > tsd.TOLERANCE["logits"]
+
+
+def test_check_catches_a_conv_state_left_uncommitted():
+    model, ops = small_model(), tsd.ReferenceOps()
+    with torch.inference_mode():
+        caches, before, trees, vb = _pipeline(model, ops)
+        logits = tsd.verify_forward(model, caches, vb, ops)
+        paths, bonus = tsd.accept_paths(trees, logits, vb.cu)
+        tsd.commit(model, caches, vb, paths, ops)
+        for li in model.mamba_layers():
+            caches.conv[li].copy_(before.conv[li])
+        c = _check(model, ops, caches, before, trees, vb, logits, paths, bonus)
+    assert not c["passed"] and c["errors"]["conv_state"] > tsd.TOLERANCE["conv_state"]
+
+
 def test_nan_never_passes():
     a = torch.ones(3)
     b = torch.tensor([1.0, float("nan"), 1.0])
@@ -330,6 +372,8 @@ def test_run_step_rejects_too_large_trees():
 def test_model_config_checks_groups():
     with pytest.raises(ValueError, match="ssm_groups must divide ssm_heads"):
         small_model(ssm_groups=3)
+    with pytest.raises(ValueError, match="conv_kernel must be at least 2, got 1"):
+        small_model(conv_kernel=1)
 
 
 def test_main_on_cpu_runs_and_reports(capsys):
