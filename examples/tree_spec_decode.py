@@ -599,9 +599,9 @@ def verify_forward(model: HybridModel, caches: Caches, vb: VerifyBatch, ops) -> 
         x = rms_norm(h, w.norm)
         if isinstance(w, MambaWeights):
             z, xbc, dt = mamba_proj(w, x)
-            src, k = caches.conv_src[li], Bt * caches.conv_len
-            src[:k] = caches.conv[li][slots].flatten(0, 1)  # conv states, then the nodes' inputs
-            src[k:k + n] = xbc
+            src, states = caches.conv_src[li], Bt * caches.conv_len
+            src[:states] = caches.conv[li][slots].flatten(0, 1)   # conv states, then the nodes'
+            src[states:states + n] = xbc                            # inputs
             u = torch.cat((causal_conv(w, src[vb.conv_index]), dt), -1)
             up = u.new_zeros(Bt * T, u.shape[-1])
             up[vb.padded_index] = u                          # [Bt * T, ...]: rows in tree order
