@@ -9,7 +9,7 @@ What happens (the functions below, in this order; ``main()`` runs them and print
    paged K/V pool (pages shuffled across the pool), and the page table.
 2. ``prefill``: the contexts (different lengths) go through the decode path token by token; the
    greedy token after each context is the *root* of its draft tree (sampled, not yet processed).
-3. ``draft_trees``: an EAGLE-like tree per sequence (a few children per node, only the best
+3. ``draft_tree``: an EAGLE-like tree per sequence (a few children per node, only the best
    nodes of a level expanded, a different size per sequence). The drafter is *simulated*: it
    knows the target's greedy continuation (decoded ahead on a copy of the caches) and puts the
    right token at its first (or second) child with probability ``accept_prob``, random tokens
@@ -18,16 +18,16 @@ What happens (the functions below, in this order; ``main()`` runs them and print
    Mamba2 layers convolve each node over its own ancestors (the conv window follows the tree)
    and call ``mamba2_mtp_ssm_update`` with ``retrieve_parent_token`` (each node continues from
    its parent's stored state) and ``intermediate_states`` (every node's state is kept), leaving
-   the state pools untouched. Attention layers append the drafts' K/V to the paged
-   cache and call ``spec_dec_attention`` with the packed tree mask and ragged draft lengths
+   the state pools untouched. Attention layers append the drafts' K/V to the paged cache and
+   call ``spec_dec_attention`` with the packed tree mask and ragged draft lengths
    (``q_cu_seqlens``).
 5. ``accept_paths``: from the root, follow the child whose token is the target's greedy choice
    (argmax of the parent's verify logits) as long as one exists: the longest path greedy
    decoding agrees with. The next root (the "bonus" token) is the argmax at the path's end.
 6. ``commit``: ``mamba2_commit_accepted_state`` copies the last accepted node's state into each
    sequence's slot and the conv state becomes the accepted path's last inputs; the accepted
-   tokens' K/V move to consecutive positions (KV compaction) and
-   pages past the new length go back to the free list.
+   tokens' K/V move to consecutive positions (KV compaction) and pages past the new length go
+   back to the free list.
 7. ``check_against_step_by_step``: decode the accepted path one token at a time (T = 1, decode
    attention) from a copy of the caches taken before verification; the accepted tokens' logits,
    the committed SSM and conv states and the compacted K/V must match within bf16 tolerance.
