@@ -411,6 +411,9 @@ class ConfigRecordingOps(tsd.ReferenceOps):
             raise _Planned(family.name, cfg)
 
         monkeypatch.setattr(self.m2, "get_kernel", planned)
+        # no prepared launch from an earlier real call in this process may short-cut the planning
+        monkeypatch.setattr(self.m2, "_plans", {})
+        monkeypatch.setattr(self.m2, "_commit_plans", {})
         # scratch buffers come from per-device caches that query the device: fake ones here
         monkeypatch.setattr(self.sda, "_empty_ws",
                             lambda device, *a: torch.empty(1, device=device))
