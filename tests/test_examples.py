@@ -520,10 +520,11 @@ def test_transformers_check_catches_a_wrong_update(monkeypatch):
 
 
 @needs_transformers
-def test_transformers_jitkern_wrapper_passes_op_validation():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_transformers_jitkern_wrapper_passes_op_validation(dtype):
     """transformers' argument forms (stride-0 dt/A/D/dt_bias views, B/C views) are accepted by
     the real op: on CPU it gets as far as the device check."""
-    model = tm.build_model("cpu", torch.float32, **TINY)
+    model = tm.build_model("cpu", dtype, **TINY)
     ids = torch.randint(0, 128, (2, 5))
     errors = []
 
