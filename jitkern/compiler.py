@@ -8,7 +8,7 @@ import time
 
 from . import toolchain
 from .entry import CacheEntry
-from .errors import CompileError
+from .errors import CompileError, ToolchainError
 from .key import compile_options
 
 log = logging.getLogger("jitkern")
@@ -19,6 +19,11 @@ _DIAG = re.compile(r"^(?P<file>[^\s(][^(]*)\((?P<line>\d+)\): (?P<kind>error|cat
 def compile_spec(spec, arch: str, closure, key: str) -> CacheEntry:
     """Compile ``spec`` for ``arch`` with NVRTC; returns a CacheEntry, raises CompileError."""
     nv = toolchain.nvrtc()
+    loaded = "{}.{}".format(*nv.getVersion())
+    if loaded != toolchain.nvrtc_version():  # the key named another NVRTC than the one loaded
+        raise ToolchainError(f"the loaded NVRTC is {loaded} but the cache key was computed for "
+                             f"{toolchain.nvrtc_version()} (two NVRTC installations?); "
+                             "uninstall one or set CUDA_HOME consistently")
     toolchain.check_supported(arch)
     options = compile_options(spec, arch)
     full = options + [f"-I{toolchain.cuda_include_dir()}"]

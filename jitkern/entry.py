@@ -62,6 +62,8 @@ class CacheEntry:
             meta = json.loads(blob[8:8 + n])
         except ValueError as e:
             raise CorruptEntry(f"unreadable metadata: {e}") from None
+        if not isinstance(meta, dict):
+            raise CorruptEntry("metadata is not an object")
         cubin = blob[8 + n:]
         if len(cubin) != meta.get("cubin_size"):
             raise CorruptEntry(f"cubin is {len(cubin)} bytes, expected {meta.get('cubin_size')} (truncated?)")

@@ -35,6 +35,9 @@ def nvrtc_version() -> str:
     lib = _nvrtc_library_file()
     memo_key = None
     if lib is not None:
+        wheel = _wheel_nvrtc_version(lib)
+        if wheel is not None:
+            return wheel
         st = lib.stat()
         memo_key = f"nvrtc:{lib}:{st.st_size}:{st.st_mtime_ns}"
         cached = _MEMO.get(memo_key)
@@ -45,6 +48,23 @@ def nvrtc_version() -> str:
     if memo_key is not None:
         _MEMO.put(memo_key, version)
     return version
+
+
+def _wheel_nvrtc_version(lib: Path) -> str | None:
+    """major.minor of the nvidia-cuda-nvrtc wheel that ships ``lib``, from its package metadata
+    (no library load): a brand-new node computes keys without loading libnvrtc."""
+    import importlib.metadata as md
+
+    for dist in ("nvidia-cuda-nvrtc", f"nvidia-cuda-nvrtc-cu{lib.name.rsplit('.', 1)[-1]}"):
+        try:
+            version = md.version(dist)
+        except md.PackageNotFoundError:
+            continue
+        parts = version.split(".")
+        # the wheel must be the one whose soname this is (libnvrtc.so.<major>)
+        if len(parts) >= 2 and lib.name.endswith(f".so.{parts[0]}"):
+            return f"{parts[0]}.{parts[1]}"
+    return None
 
 
 def _nvrtc_library_file() -> Path | None:

@@ -256,3 +256,14 @@ def test_aot_directories_are_searched_first_and_never_written(cache_env, tmp_pat
     stats, _ = run_with_read_only(compile_code(), env, aot)
     assert stats["aot_hits"] == 1 and stats["compiles"] == 0 and stats["disk_writes"] == 0
     assert sorted(str(p) for p in aot.rglob("*")) == before
+
+
+def test_entry_metadata_that_is_not_an_object_is_corrupt():
+    import struct
+
+    from jitkern.entry import MAGIC, CacheEntry
+    from jitkern.errors import CorruptEntry
+
+    blob = MAGIC + struct.pack("<I", 6) + b"[1, 2]"
+    with pytest.raises(CorruptEntry, match="metadata is not an object"):
+        CacheEntry.from_bytes(blob)

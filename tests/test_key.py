@@ -130,3 +130,13 @@ def test_a_process_reading_the_cache_does_not_load_nvrtc(cache_env):
             " jitkern.stats()['compiles']]))")
     assert run_py(code, cache_env)[0] == [True, 1]
     assert run_py(code, cache_env)[0] == [False, 0]
+
+
+def test_nvrtc_version_of_the_wheel_needs_no_library_load():
+    import sys
+
+    lib = toolchain._nvrtc_library_file()
+    if lib is None:
+        pytest.skip("NVRTC does not come from the nvidia-cuda-nvrtc wheel here")
+    assert toolchain._wheel_nvrtc_version(lib) == "{}.{}".format(*toolchain.nvrtc().getVersion())
+    assert "cupy_backends.cuda.libs.nvrtc" in sys.modules  # (loaded above, for the comparison)
