@@ -13,7 +13,8 @@
 set -euo pipefail
 
 JITKERN=${JITKERN:-jitkern}
-HERE=$(cd "$(dirname "$0")" && pwd)
+PYTHON=${PYTHON:-python3}
+HERE=$(realpath --relative-to=. "$(dirname "$0")")
 
 run() {   # print the command, then run it
   echo "\$ $*"
@@ -36,7 +37,7 @@ case "${1:-}" in
     run $JITKERN cache import "$bundle"
     run $JITKERN cache verify
     # a process whose first calls find every kernel in the cache (it exits 1 if its check fails)
-    run python "$HERE/tree_spec_decode.py" --no-rerun
+    run $PYTHON "$HERE/tree_spec_decode.py" --no-rerun
     ;;
   *)
     echo "usage: $0 build PRESET [ARCH] | serve BUNDLE" >&2
