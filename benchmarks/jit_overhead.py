@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 def cold_compile_table(arch: str) -> list[dict]:
     """Compile every registered family's warm-up set in a fresh process and empty cache."""
     code = f"""
-import json, time, jitkern
+import json, time, jitkern, jitkern.toolchain
 from jitkern.family import registered
 rows = []
 for fam in registered():
@@ -36,8 +36,9 @@ for fam in registered():
         e = jitkern.compile(fam, cfg, arch={arch!r})
         secs.append(time.perf_counter() - t)
     if secs:
-        rows.append(dict(family=fam.name, configs=len(secs), total_s=sum(secs),
-                         median_s=sorted(secs)[len(secs) // 2], max_s=max(secs)))
+        rows.append(dict(family=fam.name, configs=len(secs), total_s=sum(secs), first_s=secs[0],
+                         median_s=sorted(secs)[len(secs) // 2], max_s=max(secs),
+                         nvrtc=jitkern.toolchain.nvrtc_version()))
 print(json.dumps(rows))
 """
     with tempfile.TemporaryDirectory() as d:
@@ -159,9 +160,12 @@ def main():
         print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}")
     arch = arch or "sm_90"
     print(f"\n## cold compile, {os.cpu_count()} CPU cores, target {arch} (fresh process, empty cache)")
-    print(f"{'family':28s} {'configs':>7s} {'total s':>8s} {'median s':>9s} {'max s':>7s}")
+    print("(the families compile one after another in one process: 'first' is a family's first")
+    print(" configuration, 'median' over all of its configurations)")
+    print(f"{'family':28s} {'configs':>7s} {'total s':>8s} {'first s':>8s} {'median s':>9s} {'max s':>7s} NVRTC")
     for r in cold_compile_table(arch):
-        print(f"{r['family']:28s} {r['configs']:7d} {r['total_s']:8.2f} {r['median_s']:9.3f} {r['max_s']:7.3f}")
+        print(f"{r['family']:28s} {r['configs']:7d} {r['total_s']:8.2f} {r['first_s']:8.3f} "
+              f"{r['median_s']:9.3f} {r['max_s']:7.3f} {r['nvrtc']}")
     if args.cpu:
         return
     fc = first_call()
