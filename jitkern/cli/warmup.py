@@ -85,13 +85,14 @@ def run(args) -> int:
     exact = exact or args.exact_arch
     try:
         jobs = J.build(items, families, archs, exact)
-        check_targets(j.target for j in jobs)
     except ToolchainError as e:
         raise CliError(str(e)) from None
     if not args.dry_run:
         _check_writable()
     dropped = J.mark_cached(jobs, touch=not args.dry_run)
     todo = [j for j in jobs if j.status != "cached"]
+    # only what must be compiled needs NVRTC loaded (an all-cached run never loads it)
+    check_targets(j.target for j in todo)
     if args.dry_run:
         return _dry_run(args, jobs, todo)
 
