@@ -14,7 +14,9 @@ call is the replay time over R. FlashInfer runs through the same graphs and the 
 
     python benchmarks/mamba2_mtp.py                 # the full table
     python benchmarks/mamba2_mtp.py --quick         # a subset
+    python benchmarks/mamba2_mtp.py --story         # H=128, T 1/4/8, batch 1/32/256
     python benchmarks/mamba2_mtp.py --tune          # tiling sweep (threads per row, block size)
+    python benchmarks/mamba2_mtp.py --variants      # tree-read and tiling variants, T 4/8
 """
 
 from __future__ import annotations
@@ -195,7 +197,9 @@ def load_flashinfer():
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--story", action="store_true")
     ap.add_argument("--tune", action="store_true")
+    ap.add_argument("--variants", action="store_true")
     ap.add_argument("--no-eager", action="store_true")
     ap.add_argument("--no-flashinfer", action="store_true")
     args = ap.parse_args()
@@ -209,6 +213,9 @@ def main():
     if args.tune:
         tune(bw)
         return
+    if args.variants:
+        variants(bw)
+        return
 
     shapes = [(128, 8), (32, 2)]
     states = ["fp32", "bf16"]
@@ -216,6 +223,8 @@ def main():
     batches = [1, 8, 32, 128, 256]
     if args.quick:
         shapes, states, Ts, batches = [(128, 8)], ["fp32"], [8], [1, 32, 256]
+    if args.story:
+        shapes, batches = [(128, 8)], [1, 32, 256]
 
     if fi is not None:
         prewarm_flashinfer(fi, states, Ts)
@@ -283,6 +292,36 @@ def tune(bw):
                     print(f"| {sd} | {'yes' if tree else 'no'} | {Bt} | {threads} | "
                           f"{tiling[0]} | {tiling[1]} | {tiling[2]} | {ms * 1e3:.1f} | "
                           f"{100 * pr.bytes / ms / 1e6 / bw:.0f}% |", flush=True)
+                del pr
+                torch.cuda.empty_cache()
+
+
+VARIANTS = {   # state -> tree -> (threads per block, TPR, RPT, tree_prefetch) candidates
+    "fp32": {True: [(128, 16, 2, True), (128, 16, 2, False), (256, 16, 1, False),
+                    (256, 16, 1, True)]},
+    "bf16": {True: [(128, 8, 2, False), (128, 8, 2, True), (128, 8, 1, False),
+                    (256, 8, 1, False), (64, 8, 2, False)],
+             False: [(128, 8, 2, False), (128, 8, 1, False), (256, 8, 1, False),
+                     (64, 8, 2, False)]},
+}
+
+
+def variants(bw):
+    """Tree-read (prefetch one step ahead or read into the replaced registers) and tiling
+    variants, H=128, G=8, P=64, N=128, T 4 and 8; the first candidate is the default."""
+    print("\n## variants (H=128, G=8, P=64, N=128)")
+    print("| state | tree | T | batch | threads | TPR | ROWS | RPT | prefetch | us | % copy |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for sd, modes in VARIANTS.items():
+        for tree, cands in modes.items():
+            for T, Bt in ((8, 1), (4, 32), (4, 256), (8, 32), (8, 256)):
+                pr = Problem(128, 8, 64, 128, T, Bt, DT[sd], tree)
+                for threads, tpr, rpt, pf in cands:
+                    tiling = pick_tiling(128, sd, 64, tree, T, threads=threads, tpr=tpr, rpt=rpt)
+                    ms = time_calls([pr.jitkern_call(i, tiling + (pf,)) for i in range(pr.R)])
+                    print(f"| {sd} | {'yes' if tree else 'no'} | {T} | {Bt} | {threads} | "
+                          f"{tiling[0]} | {tiling[1]} | {tiling[2]} | {'yes' if pf else 'no'} | "
+                          f"{ms * 1e3:.1f} | {100 * pr.bytes / ms / 1e6 / bw:.0f}% |", flush=True)
                 del pr
                 torch.cuda.empty_cache()
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .families.mamba2 import nemotron_config, pick_tiling
+from .families.mamba2 import nemotron_config, pick_layout
 
 ATTENTION_FAMILY = "spec_dec_attention"
 MAMBA2_FAMILY = "mamba2_mtp_ssm_update"
@@ -135,8 +135,7 @@ class Preset:
         for sd in m.state_dtypes:
             for tree, inter, T in modes:
                 cfg = nemotron_config(sd, tree=tree, intermediate=inter, T=T)
-                tiling = pick_tiling(m.d_state, sd, m.head_dim, tree, T)
-                cfg.update(N=m.d_state, **dict(zip(("TPR", "ROWS", "RPT"), tiling)))
+                cfg.update(N=m.d_state, **pick_layout(m.d_state, sd, m.head_dim, tree, T))
                 out.append(cfg)
             if len(modes) > 1:  # the accepted-state commit runs this one, whatever N and P are
                 out.append(nemotron_config(sd, tree=False))

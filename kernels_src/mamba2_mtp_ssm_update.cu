@@ -23,10 +23,14 @@
 //
 // Tree mode: a step whose parent is the previous step rounds its registers to the stored dtype
 // (the same value a re-read would give); any other parent 0 <= p < t is re-read from the
-// intermediate states, loaded one step ahead so the load latency hides behind a step of work.
+// intermediate states (written by this same thread, so a plain load sees them). Two ways, by
+// TREE_PREFETCH: loaded one step ahead into registers of their own (the latency hides behind a
+// whole step, at RPT * K * 4 more live registers), or loaded right after the current node is
+// stored into registers that replace the state (dead by then; the latency overlaps the step's
+// reduction and output). 2-byte states need the second: the first costs them occupancy.
 //
 // Compile-time (macros set by the family): N, TPR, ROWS, RPT, the dtypes, and the flags HAS_D,
-// HAS_Z, HAS_DT_BIAS, DT_SOFTPLUS, TREE, INTERMEDIATE. Run-time: T, Bt (grid), H, P, G, strides,
+// HAS_Z, HAS_DT_BIAS, DT_SOFTPLUS, TREE, TREE_PREFETCH, INTERMEDIATE. Run-time: T, Bt (grid), H, P, G, strides,
 // indices, pad_slot_id, disable_state_update. All element offsets are 64-bit.
 
 #include <cuda_bf16.h>
@@ -257,9 +261,10 @@ __global__ void __launch_bounds__(THREADS) mtp_ssm_update(const UpdateParams prm
 #if JK_HAS_D
     const float Dh = to_f(prm.D[(long long)h * prm.D_sh]);
 #endif
-#if JK_TREE
+#if JK_TREE && JK_TREE_PREFETCH
     // The parent node of the next step, loaded one step ahead so its latency hides behind the
     // current step. This thread wrote exactly these elements earlier, so a plain load sees them.
+    // Costs RPT * K * 4 live registers for the whole loop (fp32 state has them to spare).
     uint4 pre[RPT][K];
 #pragma unroll
     for (int j = 0; j < RPT; ++j)
@@ -267,9 +272,33 @@ __global__ void __launch_bounds__(THREADS) mtp_ssm_update(const UpdateParams prm
         for (int k = 0; k < K; ++k) pre[j][k] = make_uint4(0, 0, 0, 0);
 #endif
 
+    // y of step t: the sum of each row's TPR partial sums (consecutive lanes of one warp), then
+    // D, the gate, and the store by the row's first lane.
+    auto finish_step = [&](int t, const float (&xv)[RPT], float (&y)[RPT]) {
+#pragma unroll
+        for (int o = TPR / 2; o > 0; o >>= 1)
+#pragma unroll
+            for (int j = 0; j < RPT; ++j) y[j] += __shfl_xor_sync(0xffffffffu, y[j], o);
+        if (lane == 0) {
+#pragma unroll
+            for (int j = 0; j < RPT; ++j) {
+                if (!active[j]) continue;
+                float yj = y[j];
+#if JK_HAS_D
+                yj = fmaf(xv[j], Dh, yj);
+#endif
+#if JK_HAS_Z
+                const float zv = s_z[t][grp + j * GROUPS];
+                yj *= zv / (1.f + expf(-zv));
+#endif
+                out_b[t * prm.out_st + j * GROUPS] = from_f<input_t>(yj);
+            }
+        }
+    };
+
     // 3. The T steps.
     for (int t = 0; t < T; ++t) {
-#if JK_TREE
+#if JK_TREE && JK_TREE_PREFETCH
         if (t > 0) {
             const int par = s_parent[t];
             if (par == t - 1) {
@@ -344,26 +373,39 @@ __global__ void __launch_bounds__(THREADS) mtp_ssm_update(const UpdateParams prm
             }
         }
 #endif
-        // y = sum over the row's TPR lanes (consecutive lanes of one warp).
+#if JK_TREE && !JK_TREE_PREFETCH
+        // Lean tree path: the next step's parent is decided here, after this step's node is
+        // stored. A parent stored earlier (np < t) is loaded into registers that replace hs (dead
+        // once stored), so the tree costs no registers beyond the chain kernel's; the load's
+        // latency overlaps this step's reduction and output store.
+        const int np = t + 1 < T ? s_parent[t + 1] : -1;
+        if (np >= 0 && np < t) {
+            uint4 node[RPT][K];
 #pragma unroll
-        for (int o = TPR / 2; o > 0; o >>= 1)
+            for (int j = 0; j < RPT; ++j)
 #pragma unroll
-            for (int j = 0; j < RPT; ++j) y[j] += __shfl_xor_sync(0xffffffffu, y[j], o);
-        if (lane == 0) {
+                for (int k = 0; k < K; ++k)
+                    node[j][k] = active[j] ? *reinterpret_cast<const uint4*>(
+                                                 it_row + (long long)np * step_stride +
+                                                 j * ROW_J + k * TPR * VEC)
+                                           : make_uint4(0, 0, 0, 0);
+            finish_step(t, xv, y);
 #pragma unroll
-            for (int j = 0; j < RPT; ++j) {
-                if (!active[j]) continue;
-                float yj = y[j];
-#if JK_HAS_D
-                yj = fmaf(xv[j], Dh, yj);
-#endif
-#if JK_HAS_Z
-                const float zv = s_z[t][grp + j * GROUPS];
-                yj *= zv / (1.f + expf(-zv));
-#endif
-                out_b[t * prm.out_st + j * GROUPS] = from_f<input_t>(yj);
-            }
+            for (int j = 0; j < RPT; ++j)
+#pragma unroll
+                for (int k = 0; k < K; ++k) unpack(node[j][k], hs[j][k]);
+            continue;
         }
+        if (np == t && sizeof(state_t) != sizeof(float)) {
+            // The parent is this step, still in registers: the stored node is its rounded
+            // value, so round in place (fp32 state: nothing to do).
+#pragma unroll
+            for (int j = 0; j < RPT; ++j)
+#pragma unroll
+                for (int k = 0; k < K; ++k) unpack(pack(hs[j][k]), hs[j][k]);
+        }
+#endif
+        finish_step(t, xv, y);
     }
 
     // 4. The state after the last step.

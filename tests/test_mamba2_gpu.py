@@ -196,8 +196,10 @@ def test_sweep(i):
 @pytest.mark.parametrize("tiling", [(32, 8, 1), (16, 16, 1), (8, 16, 2), (8, 64, 4), (4, 64, 2),
                                     (4, 32, 4), (16, 32, 2), (2, 32, 2)])
 @pytest.mark.parametrize("state_dtype", ["fp32", "bf16"])
-def test_tilings(tiling, state_dtype):
-    """Every tiling the benchmark's sweep may choose computes the same thing (tree, pads, z, D)."""
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_tilings(tiling, state_dtype, prefetch):
+    """Every tiling the benchmark's sweep may choose computes the same thing (tree, pads, z, D),
+    with the tree's parent nodes prefetched one step ahead or read into the state's registers."""
     from jitkern.ops import mamba2 as m2
 
     update_ref, _ = _ref()
@@ -218,13 +220,14 @@ def test_tilings(tiling, state_dtype):
                             "state_batch_indices", "pad_slot_id", "intermediate_states",
                             "intermediate_state_indices", "retrieve_parent_token",
                             "disable_state_update", "out")]
-    plan = m2._prepare_update(*args, tiling=tiling)
+    plan = m2._prepare_update(*args, tiling=tiling + (prefetch,))
+    assert f"tree_prefetch={int(prefetch)}" in plan.kernel.name   # the variant asked for ran
     a = dict(zip(("state", "x", "dt", "A", "B", "C", "D", "z", "dt_bias", "dt_softplus", "sbi",
                   "pad", "inter", "iidx", "parent", "disable", "out"), args))
     m2._launch_update(plan, a["state"], a["x"], a["dt"], a["A"], a["B"], a["C"], a["D"], a["z"],
                       a["dt_bias"], a["sbi"], a["pad"], a["inter"], a["iidx"], a["parent"],
                       a["disable"], a["out"])
-    ctx = f"seed {SEED} tiling {tiling} {state_dtype}"
+    ctx = f"seed {SEED} tiling {tiling} prefetch {prefetch} {state_dtype}"
     _check("out", kw["out"], y_ref, 2e-2, ctx)
     _check("state", kw["state"], rkw["state"], 2e-2, ctx)
     _check("intermediate_states", kw["intermediate_states"], rkw["intermediate_states"], 2e-2, ctx)

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 import jitkern
-from jitkern.families.mamba2 import MAMBA2, chunks_per_row, nemotron_config, pick_tiling
+from jitkern.families.mamba2 import (MAMBA2, chunks_per_row, nemotron_config, pick_layout,
+                                     pick_tiling)
 from jitkern.ops import mamba2_commit_accepted_state as commit
 from jitkern.ops import mamba2_mtp_ssm_update as update
 
@@ -354,6 +355,10 @@ def test_family_configuration_errors():
         MAMBA2.specialize(dict(cfg, TPR=8, ROWS=2, RPT=1))
     with pytest.raises(ValueError, match=r"RPT=4 must divide ROWS=2"):
         MAMBA2.specialize(dict(cfg, TPR=32, ROWS=2, RPT=4))
+    with pytest.raises(ValueError, match=r"tree_prefetch=True needs tree=True"):
+        MAMBA2.specialize(dict(cfg, tree_prefetch=True))
+    with pytest.raises(ValueError, match=r"parameter 'tree_prefetch' = 1 is not allowed"):
+        MAMBA2.specialize(dict(cfg, tree=True, tree_prefetch=1))
     with pytest.raises(ValueError, match=r"parameter 'N' = 24 is not allowed; allowed values: "
                                          r"multiples of 16 from 16 to 512"):
         MAMBA2.specialize(dict(cfg, N=24))
@@ -368,6 +373,11 @@ def test_tiling_is_valid_for_every_shape():
         assert threads % 32 == 0 and threads <= 1024
         MAMBA2.canonical(dict(nemotron_config(sd, tree=tree), N=n, TPR=tpr, ROWS=rows, RPT=rpt,
                               state_dtype=sd))
+        lay = pick_layout(n, sd, p, tree, t)
+        assert (lay["TPR"], lay["ROWS"], lay["RPT"]) == (tpr, rows, rpt)
+        assert lay["tree_prefetch"] in ((False, True) if tree else (False,))
+    # 2-byte states read tree parents into the registers they replace (no prefetch registers)
+    assert not pick_layout(128, "bf16", 64, True, 8)["tree_prefetch"]
     # an explicit request is honoured where the shape allows it
     assert pick_tiling(128, "fp32", 64, threads=256, tpr=16, rpt=1) == (16, 16, 1)
     assert pick_tiling(128, "bf16", 80, threads=128, tpr=4, rpt=2) == (4, 16, 2)
@@ -403,7 +413,9 @@ def test_odd_configs_compile(own_cache):
                      dt_softplus=False),
                 dict(N=256, TPR=8, ROWS=64, RPT=4, state_dtype="fp32"),
                 dict(N=48, TPR=2, ROWS=32, RPT=2, state_dtype="bf16", input_dtype="fp16",
-                     dt_dtype="fp32", A_dtype="bf16", D_dtype="fp16", dt_bias_dtype="fp32")):
+                     dt_dtype="fp32", A_dtype="bf16", D_dtype="fp16", dt_bias_dtype="fp32"),
+                dict(N=64, TPR=4, ROWS=64, RPT=2, state_dtype="fp32", tree_prefetch=False),
+                dict(N=256, TPR=16, ROWS=16, RPT=2, state_dtype="bf16", tree_prefetch=True)):
         full = dict(nemotron_config("fp32", tree=True), **cfg)
         assert len(jitkern.compile(MAMBA2, full, arch="sm_90").cubin) > 1000
 

@@ -5,7 +5,8 @@ states and draft tree) and ``commit`` (copy an accepted intermediate node into t
 
 Compile-time parameters are those that change the code a thread runs: the row length ``N`` (the
 register array of a thread and the unrolled inner loop), the tiling (``TPR`` threads per state
-row, ``ROWS`` rows per block, ``RPT`` rows per thread), the six dtypes, and the optional-tensor / mode flags. Everything
+row, ``ROWS`` rows per block, ``RPT`` rows per thread; in tree mode ``tree_prefetch``, how a
+parent node is read back), the six dtypes, and the optional-tensor / mode flags. Everything
 that only enters address arithmetic (T, Bt, H, P, G, strides, indices, pad id,
 disable_state_update) is a run-time argument, so one specialization serves every batch, draft
 length and head count of a model. See jitkern.ops.mamba2 for how the tiling is chosen.
@@ -45,18 +46,20 @@ def chunks_per_row(N: int, state_dtype: str) -> int:
     return N * ESIZE[state_dtype] // 16
 
 
-# (threads per block, threads per row, rows per thread) by state element size and tree mode,
-# chosen by measurement on an H200 (BENCHMARKS.md, "tiling sweep").
-# Chosen by measurement on an H200 (BENCHMARKS.md: tiling sweep and table). fp32 chain: 16
-# threads x 1 row in 256-thread blocks was 3-5% faster than 16 x 2 at T = 8, but at T = 1 the
-# 16 x 2 x 128 tiling reached 89-94% of copy against 77-80%: per-block fixed costs dominate one
-# step. fp32 tree: 16 x 2 x 128. 2-byte state: 8 x 2 x 128 in both modes (32 elements per
-# thread; 4 x 1 and 4 x 2 were 3-10% slower).
-DEFAULT_TILING = {   # (state bytes, tree, T == 1) -> (threads per block, threads per row, RPT)
-    (4, False, False): (256, 16, 1), (4, False, True): (128, 16, 2),
-    (4, True, False): (128, 16, 2), (4, True, True): (128, 16, 2),
-    (2, False, False): (128, 8, 2), (2, False, True): (128, 8, 2),
-    (2, True, False): (128, 8, 2), (2, True, True): (128, 8, 2),
+# The compile-time choices by state element size, tree mode and one token (T == 1) or more:
+# (threads per block, threads per row, rows per thread, tree_prefetch). Chosen by measurement on
+# an H200 (BENCHMARKS.md: tiling sweep and table). fp32 chain: 16 threads x 1 row in 256-thread
+# blocks was 3-5% faster than 16 x 2 at T = 8, but at T = 1 the 16 x 2 x 128 tiling reached
+# 89-94% of copy against 77-80%: per-block fixed costs dominate one step. fp32 tree: 16 x 2 x 128
+# with the parent loaded one step ahead. 2-byte state: 8 x 2 x 128 in both modes (32 elements per
+# thread; 4 x 1 and 4 x 2 were 3-10% slower); its tree kernel reads a parent into the registers
+# of the state it replaces (prefetching costs 16 registers: 80 per thread, 6 blocks per SM
+# instead of 8).
+DEFAULT_TILING = {
+    (4, False, False): (256, 16, 1, False), (4, False, True): (128, 16, 2, False),
+    (4, True, False): (128, 16, 2, True), (4, True, True): (128, 16, 2, True),
+    (2, False, False): (128, 8, 2, False), (2, False, True): (128, 8, 2, False),
+    (2, True, False): (128, 8, 2, False), (2, True, True): (128, 8, 2, False),
 }
 
 
@@ -69,7 +72,7 @@ def pick_tiling(N: int, state_dtype: str, P: int, tree: bool = False, T: int | N
     RPT rows per thread. ROWS rows per block: the most with ROWS / RPT * TPR <= ``threads``,
     whole warps, ROWS dividing P. Unset arguments come from DEFAULT_TILING (T: tokens per
     sequence, when known; one step favours a different tiling)."""
-    d_threads, d_tpr, d_rpt = DEFAULT_TILING[(ESIZE[state_dtype], bool(tree), T == 1)]
+    d_threads, d_tpr, d_rpt, _ = DEFAULT_TILING[(ESIZE[state_dtype], bool(tree), T == 1)]
     threads = threads or d_threads
     t = tpr or d_tpr
     r = rpt or d_rpt
@@ -85,10 +88,23 @@ def pick_tiling(N: int, state_dtype: str, P: int, tree: bool = False, T: int | N
     return t, 32 // t, 1
 
 
+def pick_layout(N: int, state_dtype: str, P: int, tree: bool = False,
+                T: int | None = None) -> dict:
+    """The layout parameters of a configuration: TPR, ROWS, RPT (pick_tiling) and tree_prefetch
+    (tree kernels only: load the next step's parent one step ahead into registers of its own,
+    or read it into the registers of the state it replaces)."""
+    tpr, rows, rpt = pick_tiling(N, state_dtype, P, tree, T)
+    prefetch = DEFAULT_TILING[(ESIZE[state_dtype], bool(tree), T == 1)][3]
+    return dict(TPR=tpr, ROWS=rows, RPT=rpt, tree_prefetch=bool(tree) and prefetch)
+
+
 def _validate(cfg: dict) -> None:
     if cfg["tree"] and not cfg["intermediate"]:
         raise ValueError("mamba2_mtp_ssm_update: tree=True needs intermediate=True (the parent "
                          "nodes are read back from the intermediate states)")
+    if cfg["tree_prefetch"] and not cfg["tree"]:
+        raise ValueError("mamba2_mtp_ssm_update: tree_prefetch=True needs tree=True (it is how "
+                         "the tree kernel reads parent nodes)")
     chunks = chunks_per_row(cfg["N"], cfg["state_dtype"])
     if chunks % cfg["TPR"]:
         raise ValueError(f"mamba2_mtp_ssm_update: TPR={cfg['TPR']} must divide the {chunks} "
@@ -110,11 +126,10 @@ def nemotron_config(state_dtype: str, tree: bool, intermediate: bool = True,
     """The Nemotron-H / Nemotron 3 decode configuration: N=128, bf16 x/B/C and dt/D/dt_bias
     (one dtype for the three, as FlashInfer and TensorRT-LLM callers pass them), fp32 A, softplus
     on, no z (the gate is applied by the gated RMSNorm after the op)."""
-    tpr, rows, rpt = pick_tiling(128, state_dtype, 64, tree, T)
-    return dict(N=128, TPR=tpr, ROWS=rows, RPT=rpt, state_dtype=state_dtype, input_dtype="bf16",
-                dt_dtype="bf16", A_dtype="fp32", D_dtype="bf16", dt_bias_dtype="bf16",
-                has_D=True, has_z=False, has_dt_bias=True, dt_softplus=True, tree=tree,
-                intermediate=intermediate)
+    return dict(N=128, **pick_layout(128, state_dtype, 64, tree, T), state_dtype=state_dtype,
+                input_dtype="bf16", dt_dtype="bf16", A_dtype="fp32", D_dtype="bf16",
+                dt_bias_dtype="bf16", has_D=True, has_z=False, has_dt_bias=True, dt_softplus=True,
+                tree=tree, intermediate=intermediate)
 
 
 def _warmup() -> tuple:
@@ -152,6 +167,7 @@ MAMBA2 = register_family(KernelFamily(
         Param("dt_softplus", (False, True), macro="JK_DT_SOFTPLUS"),
         Param("tree", (False, True), macro="JK_TREE"),
         Param("intermediate", (False, True), macro="JK_INTERMEDIATE"),
+        Param("tree_prefetch", (False, True), macro="JK_TREE_PREFETCH", default=False),
     ),
     entries={
         "update": Entry("jk_mamba2::mtp_ssm_update", signature=UPDATE_SIGNATURE, packed=True),

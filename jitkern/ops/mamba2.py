@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 
 from ..families.mamba2 import (COMMIT_THREADS, COMMIT_UNROLL, ESIZE, MAMBA2, MAX_T,
-                               nemotron_config, pick_tiling)
+                               nemotron_config, pick_layout)
 from ..service import get_kernel
 from ..torch_ops import custom_op
 
@@ -313,8 +313,13 @@ def _prepare_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, sbi, pad_
     # With one token there is no step t > 0 whose parent could matter: the chain kernel computes
     # the same (and is faster: the tree's prefetch registers cost occupancy).
     tree = parent is not None and T > 1
-    tpr, rows, rpt = tiling if tiling is not None else pick_tiling(N, state_dt, P, tree, T)
-    cfg = dict(N=N, TPR=tpr, ROWS=rows, RPT=rpt, state_dtype=state_dt, input_dtype=in_dt, dt_dtype=dt_dt,
+    layout = pick_layout(N, state_dt, P, tree, T)
+    if tiling is not None:   # (TPR, ROWS, RPT[, tree_prefetch]): benchmarks and tests
+        layout.update(zip(("TPR", "ROWS", "RPT"), tiling[:3]))
+        if len(tiling) > 3:
+            layout["tree_prefetch"] = bool(tiling[3]) and tree
+    rows, rpt, tpr = layout["ROWS"], layout["RPT"], layout["TPR"]
+    cfg = dict(N=N, **layout, state_dtype=state_dt, input_dtype=in_dt, dt_dtype=dt_dt,
                A_dtype=A_dt, D_dtype=D_dt, dt_bias_dtype=bias_dt, has_D=D is not None,
                has_z=z is not None, has_dt_bias=dt_bias is not None, dt_softplus=dt_softplus,
                tree=tree, intermediate=inter is not None)
