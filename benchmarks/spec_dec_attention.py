@@ -6,7 +6,8 @@ through enough copies of the inputs), percent of the read bandwidth measured in 
 it, FlexAttention (tree as ``mask_mod``, dense gathered K/V), SDPA on a gathered dense copy, and
 for trees the percent of the bf16 matmul rate measured with ``torch.matmul``.
 
-    python benchmarks/spec_dec_attention.py [--grid quick|sampled|full] [--no-flex] [--explore]
+    python benchmarks/spec_dec_attention.py [--grid quick|story|sampled|full] [--no-flex]
+        [--explore] [--budget SECONDS]
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import math
 import random
 import statistics
 import sys
+import time
 
 import torch
 
@@ -179,9 +181,13 @@ def flex_thunk(a, n, k, v, vis):
     return call
 
 
+SPLIT_SWEEP = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+
+
 def explore(sets, outs, qname, batch):
-    """Time the custom op with other query tiles (trees) or split counts (small batches), by
-    editing the resolved argument tuple of ``prepare`` (indices as in its return statement)."""
+    """Time the custom op with other query tiles (trees) or split counts, by editing the
+    resolved argument tuple of ``prepare`` (indices as in its return statement). Small batches
+    sweep the split count; batch 64 tries a few (finer work against the wave tail)."""
     from jitkern.ops.spec_dec_attention import (_spec_dec_attention_op, prepare, reserve_counters,
                                                 reserve_workspace, workspace_floats)
 
@@ -192,9 +198,10 @@ def explore(sets, outs, qname, batch):
     if "tree" in qname:
         rows = base[0][ROW_TILES] * qt0
         variants += [(f"q_tile={qt}", qt, -(-rows // qt), sp0) for qt in (32, 64, 128) if qt != qt0]
-    if batch <= 8:
-        variants += [(f"splits={sp}", qt0, base[0][ROW_TILES], sp)
-                     for sp in (max(1, sp0 // 2), sp0 * 2) if sp != sp0 and sp > 1]
+    sweep = SPLIT_SWEEP if batch <= 8 else (2, 4)
+    if "tree" in qname and batch <= 8:
+        sweep = tuple(sp for sp in SPLIT_SWEEP if sp0 // 4 <= sp <= sp0 * 2)
+    variants += [(f"splits={sp}", qt0, base[0][ROW_TILES], sp) for sp in sweep if sp != sp0]
     for name, qt, row_tiles, sp in variants:
         calls = []
         for b in base:
@@ -208,7 +215,7 @@ def explore(sets, outs, qname, batch):
         try:
             t = time_graph(calls)
             print(f"<!-- explore {qname} batch {batch}: base q_tile={qt0} splits={sp0}; "
-                  f"{name}: {t * 1e6:.1f} us -->")
+                  f"{name}: {t * 1e6:.1f} us -->", flush=True)
         except Exception as e:   # noqa: BLE001
             print(f"<!-- explore {name} failed: {type(e).__name__}: {e} -->")
 
@@ -217,13 +224,26 @@ def explore(sets, outs, qname, batch):
 
 def grid(kind: str):
     """Rows of the table. 'full': the issue's whole grid (5 shapes x q 1/4/16/64 x ctx 1k/8k/32k x
-    batch 1/8/64 x bf16/fp8 KV on the main shape); 'sampled' (default): every q on the main shape
-    at (1k, 8), (8k, 1), (8k, 8), (8k, 64), (32k, 1), (32k, 8), both KV types, and the other
-    shapes at 8k, batch 1 and 64, bf16; 'quick': a few rows."""
+    batch 1/8/64 x bf16/fp8 KV on the main shape); 'story': the main shape's whole grid, memory-
+    bound rows (decode, chains) first, then the other shapes at 8k, batch 1 and 64, bf16;
+    'sampled' (default): every q on the main shape at (1k, 8), (8k, 1), (8k, 8), (8k, 64),
+    (32k, 1), (32k, 8), both KV types, and the other shapes at 8k, batch 1 and 64, bf16; 'quick':
+    a few rows."""
     main = (32, 8, 128)
     qspecs = (("1", 1), ("4 chain", 4), ("16 tree", 16), ("64 tree", 64))
     others = ((8, 1, 128), (64, 8, 128), (16, 16, 64), (8, 4, 256))
     rows = []
+    if kind == "story":
+        for q in qspecs:
+            for c in (1024, 8192, 32768):
+                for b in (1, 8, 64):
+                    for kv in ("bf16", "fp8"):
+                        rows.append((main, q, c, b, kv))
+        for shape in others:
+            for q in (qspecs[0], qspecs[2], qspecs[3]):
+                for b in (1, 64):
+                    rows.append((shape, q, 8192, b, "bf16"))
+        return rows
     if kind == "quick":
         for q in (qspecs[0], qspecs[2], qspecs[3]):
             for c, b in ((8192, 1), (8192, 64)):
@@ -250,13 +270,18 @@ def grid(kind: str):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--grid", choices=("quick", "sampled", "full"), default="sampled")
+    ap.add_argument("--grid", choices=("quick", "story", "sampled", "full"), default="sampled")
     ap.add_argument("--no-flex", action="store_true")
     ap.add_argument("--rows", type=int, default=0, help="run only the first N rows")
     ap.add_argument("--page-size", type=int, default=64)
     ap.add_argument("--explore", action="store_true",
                     help="also time other query tiles / split counts (comment lines)")
+    ap.add_argument("--explore-upto", type=int, default=0,
+                    help="explore only in the first N rows (0: all)")
+    ap.add_argument("--budget", type=float, default=0,
+                    help="start no new row after this many seconds (0: no limit)")
     args = ap.parse_args()
+    t_start = time.monotonic()
     torch.manual_seed(0)
     dev = torch.cuda.get_device_name()
     bw = read_bandwidth()
@@ -277,7 +302,10 @@ def main():
     if args.rows:
         rows = rows[:args.rows]
     rng = random.Random(0)
-    for (hq, hkv, d), (qname, n), ctx, batch, kvn in rows:
+    for ri, ((hq, hkv, d), (qname, n), ctx, batch, kvn) in enumerate(rows):
+        if args.budget and time.monotonic() - t_start > args.budget:
+            print(f"<!-- budget of {args.budget:.0f} s spent: {len(rows) - ri} rows not run -->")
+            break
         kv_dtype = torch.float8_e4m3fn if kvn == "fp8" else torch.bfloat16
         draft = chain_parents(n) if "tree" not in qname else random_eagle_tree(n, rng)
         ps = args.page_size
@@ -291,7 +319,7 @@ def main():
         ours_calls = [(lambda s=s, o=o: spec_dec_attention(**s, out=o)) for s, o in zip(sets, outs)]
         t_ours = time_graph(ours_calls)
         cells = dict(ours=t_ours)
-        if args.explore:
+        if args.explore and (not args.explore_upto or ri < args.explore_upto):
             explore(sets, outs, qname, batch)
         xerr = ""
         if have_xqa:

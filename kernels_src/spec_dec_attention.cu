@@ -107,6 +107,7 @@ struct Params {
                                 // null: the separate merge kernel combines the partials
     const float* kv_scale_ptr;  // null: use kv_scale
     int total_q, hq, hkv, group, q_len, bt_stride, mask_words, num_splits, row_tiles, window;
+    int kv_tiles;               // KV tiles of the longest sequence (host bound): sizes the splits
     float scale_log2;           // softmax scale * log2(e)
     float kv_scale;
 };
@@ -167,6 +168,22 @@ __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const Param
     const int rt = blockIdx.x % p.row_tiles, hk = blockIdx.x / p.row_tiles;
     const int split = blockIdx.y, b = blockIdx.z;
 
+    // KV tiles of this split: the host's bound on the longest sequence is cut into num_splits
+    // equal ranges (the last one runs to the sequence's end, whatever the bound said). The range
+    // needs no device data, so the first page-table reads below go out together with the
+    // seq_lens / q_cu reads instead of one round trip after them.
+    const int per0 = (p.kv_tiles + p.num_splits - 1) / p.num_splits;
+    const int* bt = p.block_tables + (size_t)b * p.bt_stride;
+    int pg[NP];
+    auto load_pages = [&](int tile) {   // page ids of `tile` (-1 past the table), one tile ahead
+#pragma unroll
+        for (int k = 0; k < NP; ++k) {
+            const int lp = PS >= TILE ? (tile * TILE) / PS : tile * NP + k;
+            pg[k] = lp < p.bt_stride ? __ldg(bt + lp) : -1;
+        }
+    };
+    load_pages(split * per0);
+
     int q_start, n;
     if (MODE == 0) { q_start = b; n = 1; }
     else if (p.q_cu != nullptr) { q_start = p.q_cu[b]; n = p.q_cu[b + 1] - q_start; }
@@ -180,14 +197,18 @@ __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const Param
     const int ctx = L - n;   // first draft position
     const int window = (MODE == 1) ? p.window : 0;
 
-    // KV tiles of this split. With a sliding window, tiles before the earliest visible position
-    // (of draft token 0) are skipped outright.
-    const int first = window > 0 ? max(0, ctx - window + 1) / TILE : 0;
     const int ntiles = (L + TILE - 1) / TILE;
-    const int span = max(ntiles - first, 0);
-    const int per = (span + p.num_splits - 1) / p.num_splits;
-    const int t_begin = first + split * per;
-    const int t_end = min(t_begin + per, ntiles);
+    int t_begin = split * per0;
+    int t_end = split == p.num_splits - 1 ? ntiles : min(t_begin + per0, ntiles);
+    if (window > 0) {
+        // sliding window: tiles before the earliest visible position (of draft token 0) are
+        // skipped outright, and the splits share the rest (the pages are read again)
+        const int first = max(0, ctx - window + 1) / TILE;
+        const int per = (max(ntiles - first, 0) + p.num_splits - 1) / p.num_splits;
+        t_begin = first + split * per;
+        t_end = min(t_begin + per, ntiles);
+        load_pages(t_begin);
+    }
 
     const float ks = p.kv_scale_ptr != nullptr ? *p.kv_scale_ptr : p.kv_scale;
     const float sl2 = JK_KV_FP8 ? p.scale_log2 * ks : p.scale_log2;
@@ -208,16 +229,7 @@ __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const Param
     }
 
     // ---- K/V tile loader: logical page -> physical page through the block table -------------
-    const int* bt = p.block_tables + (size_t)b * p.bt_stride;
-    const int npages = (L + PS - 1) / PS;
-    int pg[NP];
-    auto load_pages = [&](int tile) {   // page ids of `tile`, one tile ahead of their use
-#pragma unroll
-        for (int k = 0; k < NP; ++k) {
-            const int lp = PS >= TILE ? (tile * TILE) / PS : tile * NP + k;
-            pg[k] = (tile < t_end && lp < npages) ? __ldg(bt + lp) : -1;
-        }
-    };
+    // (a page id read past the sequence's end is never used: such rows are zero-filled)
     auto issue = [&](int tile, int stage) {
         u8* ksm = kv_s + stage * 2 * KV_TILE_BYTES;
         u8* vsm = ksm + KV_TILE_BYTES;
@@ -244,7 +256,6 @@ __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const Param
     };
 
     // prologue: STAGES-1 tiles in flight (the Q copies ride in the first group)
-    load_pages(t_begin);
 #pragma unroll
     for (int s = 0; s < STAGES - 1; ++s) {
         if (t_begin + s < t_end) {

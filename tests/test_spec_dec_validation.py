@@ -152,7 +152,7 @@ def test_custom_op_fake_impl_on_meta_tensors():
             torch.empty(2, 3, dtype=torch.int32, **m), torch.empty(2, dtype=torch.int32, **m),
             None, torch.empty(8, 1, dtype=torch.int32, **m), None,
             torch.empty(8, 8, 128, dtype=torch.bfloat16, **m), torch.empty(1, **m),
-            torch.empty(1, dtype=torch.int32, **m), 0.088, 1.0, "NHD", "tree", 64, 16, 4, 1, 1, 0)
+            torch.empty(1, dtype=torch.int32, **m), 0.088, 1.0, "NHD", "tree", 64, 16, 4, 1, 1, 0, 1)
     assert op(*args) is None
     mutated = [a.name for a in op._schema.arguments if a.alias_info is not None and a.alias_info.is_write]
     assert mutated == ["out", "workspace", "counters"]
@@ -171,13 +171,33 @@ def test_query_tile_and_split_choices():
 
     assert [pick_q_tile(r) for r in (4, 16, 17, 32, 64, 65, 512)] == [16, 16, 32, 32, 64, 128, 128]
     kv = 8192 * 8 * 128 * 2 * 2                  # one 8k sequence, 8 KV heads, bf16
-    # enough CTAs already: no split
-    assert pick_num_splits(132, 8192, 132, 64 * 32, 128, 64 * kv) == 1
-    # decode, batch 1, 8 KV heads: one wave of 132 SMs -> 17 splits
-    assert pick_num_splits(8, 8192, 132, 32, 128, kv) == 17
+    slots = 2 * 132                              # two CTAs on each of 132 SMs
+    # more than half a wave of CTAs already: no split
+    assert pick_num_splits(133, 8192, slots, 64 * 32, 128, 64 * kv) == 1
+    # exactly half a wave: two splits fill it
+    assert pick_num_splits(132, 8192, slots, 64 * 32, 128, 64 * kv) == 2
+    # decode, batch 1, 8 KV heads: 33 splits fit the wave, trimmed to 32 (4 tiles each)
+    assert pick_num_splits(8, 8192, slots, 32, 128, kv) == 32
+    # batch 8: 4 splits (256 CTAs), never a second partial wave
+    assert pick_num_splits(64, 8192, slots, 8 * 32, 128, 8 * kv) == 4
+    # 100 tiles: 33 splits would give 4 tiles per split, and 25 splits do the same
+    assert pick_num_splits(8, 6400, slots, 32, 128, kv) == 25
     # short context: each split keeps at least two 64-position tiles
-    assert pick_num_splits(8, 512, 132, 32, 128, kv) == 4
+    assert pick_num_splits(8, 512, slots, 32, 128, kv) == 4
     # many rows (64-node tree, G = 8, one KV head): partial traffic capped at the K/V bytes
     kv1 = 8192 * 1 * 128 * 2 * 2
-    assert pick_num_splits(4, 8192, 132, 64 * 8, 128, kv1) == kv1 // (2 * 64 * 8 * 130 * 4)
-    assert pick_num_splits(1, 1 << 20, 132, 1, 128, 1 << 40) == MAX_SPLITS
+    assert pick_num_splits(4, 8192, slots, 64 * 8, 128, kv1) == kv1 // (2 * 64 * 8 * 130 * 4)
+    assert pick_num_splits(1, 1 << 20, slots, 1, 128, 1 << 40) == MAX_SPLITS
+
+
+def test_resident_ctas_follow_shared_memory_and_launch_bounds():
+    from jitkern.families.spec_dec_attention import resident_ctas, shared_bytes
+
+    sm90 = 228 * 1024
+    decode = dict(head_dim=128, q_tile=16, kv_dtype="bf16")
+    assert shared_bytes(decode) == 16 * 272 + 3 * 2 * 64 * 272
+    assert resident_ctas(decode, sm90) == 2
+    assert resident_ctas(dict(decode, kv_dtype="fp8_e4m3"), sm90) == 2
+    assert resident_ctas(dict(decode, head_dim=256), sm90) == 1      # 512-byte rows: 140 KiB
+    assert resident_ctas(dict(decode, q_tile=64), sm90) == 2         # 8 warps, 2 CTAs bound
+    assert resident_ctas(decode, 100 * 1024) == 0 + 1                # never below one

@@ -27,7 +27,7 @@ ATTN_SIGNATURE = (
     ("ws_ml", "ptr"), ("counters", "ptr"), ("kv_scale_ptr", "ptr"),
     ("total_q", "i32"), ("hq", "i32"), ("hkv", "i32"), ("group", "i32"), ("q_len", "i32"),
     ("bt_stride", "i32"), ("mask_words", "i32"), ("num_splits", "i32"), ("row_tiles", "i32"),
-    ("window", "i32"), ("scale_log2", "f32"), ("kv_scale", "f32"),
+    ("window", "i32"), ("kv_tiles", "i32"), ("scale_log2", "f32"), ("kv_scale", "f32"),
 )
 
 MERGE_SIGNATURE = (("ws_o", "ptr"), ("ws_ml", "ptr"), ("out", "ptr"), ("rows", "i32"),
@@ -57,6 +57,17 @@ def shared_bytes(cfg: dict) -> int:
     pipe = stages * 2 * KV_TILE * kv_row
     epi = (wn * qt * (d + 4) + 2 * wn * qt) * 4
     return qt * (d + 8) * 2 + max(pipe, epi)
+
+
+def resident_ctas(cfg: dict, smem_per_sm: int, regs_per_sm: int = 65536) -> int:
+    """CTAs of ``cfg`` one SM holds at once, bounded from the source's launch bounds (a CTA
+    without a two-CTA bound is assumed to use up to 255 registers a thread) and shared memory
+    (1 KiB reserved per CTA)."""
+    nt = 32 * warps(cfg["q_tile"])
+    min_blocks = 2 if nt >= 256 and cfg["head_dim"] <= 128 else 1   # MIN_BLOCKS in the source
+    by_regs = max(min_blocks, regs_per_sm // (nt * 256))
+    by_smem = smem_per_sm // (shared_bytes(cfg) + 1024)
+    return max(1, min(by_regs, by_smem, 2048 // nt))
 
 
 SPEC_DEC_ATTENTION = register_family(KernelFamily(

@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 
 from ..families.spec_dec_attention import (HEAD_DIMS, KV_TILE, PAGE_SIZES, SPEC_DEC_ATTENTION,
-                                           shared_bytes, warps)
+                                           resident_ctas, shared_bytes, warps)
 from ..service import get_kernel
 from ..torch_ops import custom_op
 
@@ -61,7 +61,7 @@ def _spec_dec_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            workspace: torch.Tensor, counters: torch.Tensor, scale: float,
                            kv_scale: float, kv_layout: str,
                            mode: str, q_tile: int, page_size: int, q_len: int, row_tiles: int,
-                           num_splits: int, window: int) -> None:
+                           num_splits: int, window: int, kv_tiles: int) -> None:
     """Launch only: arguments were validated and resolved by ``spec_dec_attention``."""
     total_q, hq, d = q.shape
     hkv = k_cache.shape[2] if kv_layout == "NHD" else k_cache.shape[1]
@@ -77,7 +77,7 @@ def _spec_dec_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                       workspace if split else None, ws_ml, counters if fused else None,
                       kv_scale_t, total_q, hq, hkv, hq // hkv, q_len, block_tables.shape[1],
                       tree_mask.shape[1] if tree_mask is not None else 0, num_splits, row_tiles,
-                      window, scale * _LOG2E, kv_scale),
+                      window, kv_tiles, scale * _LOG2E, kv_scale),
                 shared_mem=smem)
     if split and not fused:
         kern.launch("merge", grid=((rows + 3) // 4, 1, 1), block=(128, 1, 1),
@@ -161,13 +161,23 @@ def _empty_ws(device, kind: str) -> torch.Tensor:
 
 # ---- choices -----------------------------------------------------------------------------------
 
-_SMS: dict = {}
+_SLOTS: dict = {}   # (device, head_dim, q_tile, kv bytes) -> CTAs resident on the whole GPU
 
 
-def _sm_count(device) -> int:
-    n = _SMS.get(device)
+def _slots(device, head_dim: int, q_tile: int, kv_bytes: int) -> int:
+    """CTAs of the specialization that the device holds at once (SMs x CTAs per SM)."""
+    key = (device, head_dim, q_tile, kv_bytes)
+    n = _SLOTS.get(key)
     if n is None:
-        n = _SMS[device] = torch.cuda.get_device_properties(device).multi_processor_count
+        import cupy
+
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        sms = torch.cuda.get_device_properties(index).multi_processor_count
+        # cudaDevAttrMaxSharedMemoryPerMultiprocessor
+        smem = cupy.cuda.runtime.deviceGetAttribute(81, index)
+        cfg = dict(head_dim=head_dim, q_tile=q_tile,
+                   kv_dtype="fp8_e4m3" if kv_bytes == 1 else "bf16")
+        n = _SLOTS[key] = sms * resident_ctas(cfg, smem)
     return n
 
 
@@ -179,20 +189,23 @@ def pick_q_tile(rows: int) -> int:
     return 128   # big trees: 8 warps share each K/V tile across 128 rows
 
 
-def pick_num_splits(ctas: int, max_kv_len: int, sm_count: int, rows_total: int, head_dim: int,
+def pick_num_splits(ctas: int, max_kv_len: int, slots: int, rows_total: int, head_dim: int,
                     kv_bytes: int) -> int:
-    """KV splits so that ``ctas`` (batch x KV heads x row tiles) fill the GPU in one wave (each
-    partial costs a write, a read and a step of the merge's chain, so no more), each split
-    reading at least MIN_TILES_PER_SPLIT tiles, the partials' traffic (written and read back) at
-    most the K/V bytes ``kv_bytes`` (an upper estimate), the workspace capped."""
-    if ctas >= sm_count:
+    """KV splits so that ``ctas`` (batch x KV heads x row tiles) fill the ``slots`` CTAs the GPU
+    holds at once in one wave, never past it (each partial costs a write, a read and a step of
+    the merge's chain, and a CTA of a second wave would double the time), each split reading at
+    least MIN_TILES_PER_SPLIT tiles, the partials' traffic (written and read back) at most the
+    K/V bytes ``kv_bytes`` (an upper estimate), the workspace capped. The count is then trimmed
+    to the fewest splits with the same tiles per split."""
+    if 2 * ctas > slots:
         return 1
-    want = -(-sm_count // ctas)
-    by_len = max(1, -(-max_kv_len // KV_TILE) // MIN_TILES_PER_SPLIT)
+    tiles = -(-max_kv_len // KV_TILE)
+    by_len = max(1, tiles // MIN_TILES_PER_SPLIT)
     per_split = max(1, rows_total * (head_dim + 2) * 4)
     by_traffic = max(1, kv_bytes // (2 * per_split))
     by_ws = max(1, WORKSPACE_CAP_BYTES // per_split)
-    return max(1, min(want, by_len, by_traffic, by_ws, MAX_SPLITS))
+    s = max(1, min(slots // ctas, by_len, by_traffic, by_ws, MAX_SPLITS))
+    return -(-tiles // -(-tiles // s))
 
 
 # ---- validation --------------------------------------------------------------------------------
@@ -356,7 +369,8 @@ def prepare(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     row_tiles = -(-rows // q_tile)
     if num_kv_splits is None:
         kv_bytes = bt * max_kv * hkv * d * 2 * k_cache.element_size()
-        splits = pick_num_splits(bt * hkv * row_tiles, max_kv, _sm_count(dev), total_q * hq, d,
+        splits = pick_num_splits(bt * hkv * row_tiles, max_kv,
+                                 _slots(dev, d, q_tile, k_cache.element_size()), total_q * hq, d,
                                  kv_bytes)
     else:
         splits = num_kv_splits
@@ -374,7 +388,7 @@ def prepare(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     ctr = reserve_counters(dev, bt * hkv * row_tiles) if fused else _empty_ws(dev, "counters")
     return (q, k_cache, v_cache, block_tables, seq_lens, q_cu_seqlens, tree_mask, kv_scale_t, out,
             ws, ctr, float(scale), kv_scale_f, kv_layout, mode, q_tile, page_size, q_len, row_tiles,
-            splits, sliding_window or 0)
+            splits, sliding_window or 0, -(-max_kv // KV_TILE))
 
 
 def spec_dec_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
