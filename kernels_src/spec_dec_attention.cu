@@ -157,6 +157,100 @@ __device__ __forceinline__ void merge_quad(const float* ws_o, const float2* ws_m
     *reinterpret_cast<uint2*>(out + idx * D + d) = packed;
 }
 
+// The fused merge of a 16-row tile, run by the CTA that finished last: the partials of all
+// splits are staged through shared memory (the freed K/V pipeline) with cp.async, as many splits
+// per round as fit, so each round is one L2 round trip with the whole chunk in flight (a
+// register-staged merge needs one round trip per few splits and rows). Per round: each row's
+// running (M, L) is rescaled by the chunk's maxima (one thread per row), then every thread folds
+// its quads of four head-dim elements. Partials already carry the fp8 V scale.
+constexpr int MERGE_ITEMS = (QT * D / 4 + NT - 1) / NT;   // quads per thread
+constexpr int MERGE_AREA = SMEM_BYTES - QT * Q_ROW;        // bytes of the freed pipeline
+
+__device__ __forceinline__ void merge_staged(const Params& p, u8* area, size_t stride, int row0,
+                                             int R, int G, int q_start, int hk) {
+    const int tid = threadIdx.x;
+    const int nr = min(QT, R - row0);                      // rows of this tile
+    float* row_m = reinterpret_cast<float*>(area);          // [QT] running max (log2 units)
+    float* row_l = row_m + QT;                              // [QT] running sum
+    float* row_a = row_l + QT;                              // [QT] this round's rescale
+    float* f_s = row_a + QT;                                // [sc][nr] m, then exp2(m - M)
+    const int per_split = nr * (D * 4 + 8);
+    const int head = 3 * QT * 4;
+    const int sc_max = (MERGE_AREA - head - 16) / per_split;
+    auto row_idx = [&](int r) {
+        const int gr = row0 + r, t = gr / G, gq = gr - t * G;
+        return (size_t)(q_start + t) * p.hq + hk * G + gq;
+    };
+    if (tid < QT) { row_m[tid] = neg_inf(); row_l[tid] = 0.f; }
+    float4 acc[MERGE_ITEMS];
+#pragma unroll
+    for (int k = 0; k < MERGE_ITEMS; ++k) acc[k] = make_float4(0.f, 0.f, 0.f, 0.f);
+
+    for (int s0 = 0; s0 < p.num_splits; s0 += sc_max) {
+        const int sc = min(sc_max, p.num_splits - s0);
+        float* l_s = f_s + sc * nr;                                        // [sc][nr]
+        float* o_s = reinterpret_cast<float*>(area + ((head + 2 * sc * nr * 4 + 15) & ~15));
+        for (int i = tid; i < sc * nr * (D / 4); i += NT) {               // [sc][nr][D] floats
+            const int c = i % (D / 4), sr = i / (D / 4);
+            const int s = sr / nr, r = sr - s * nr;
+            const float* src = p.ws_o + ((size_t)(s0 + s) * stride + row_idx(r)) * D + 4 * c;
+            cp_async16(smem_u32(o_s + (size_t)i * 4), src, 16);
+        }
+        cp_async_commit();
+        for (int i = tid; i < sc * nr; i += NT) {
+            const int s = i / nr, r = i - s * nr;
+            const float2 ml = __ldcg(&p.ws_ml[(size_t)(s0 + s) * stride + row_idx(r)]);
+            f_s[i] = ml.x;
+            l_s[i] = ml.y;
+        }
+        cp_async_wait<0>();
+        __syncthreads();
+        if (tid < nr) {
+            const int r = tid;
+            const float m_old = row_m[r];
+            float mx = m_old;
+            for (int s = 0; s < sc; ++s) mx = fmaxf(mx, f_s[s * nr + r]);
+            const float ref = mx == neg_inf() ? 0.f : mx;        // all empty so far: weights 0
+            const float a = exp2f(m_old - ref);
+            float l = row_l[r] * a;
+            for (int s = 0; s < sc; ++s) {
+                const float f = exp2f(f_s[s * nr + r] - ref);
+                l += l_s[s * nr + r] * f;
+                f_s[s * nr + r] = f;
+            }
+            row_m[r] = mx;
+            row_l[r] = l;
+            row_a[r] = a;
+        }
+        __syncthreads();
+#pragma unroll
+        for (int k = 0; k < MERGE_ITEMS; ++k) {
+            const int i = tid + k * NT, r = i / (D / 4), c = i % (D / 4);
+            if (r >= nr) continue;
+            const float a = row_a[r];
+            float4 o = make_float4(acc[k].x * a, acc[k].y * a, acc[k].z * a, acc[k].w * a);
+            for (int s = 0; s < sc; ++s) {
+                const float f = f_s[s * nr + r];
+                const float4 v = *reinterpret_cast<const float4*>(o_s + ((size_t)(s * nr + r) * (D / 4) + c) * 4);
+                o.x += f * v.x; o.y += f * v.y; o.z += f * v.z; o.w += f * v.w;
+            }
+            acc[k] = o;
+        }
+        __syncthreads();   // the next round overwrites the staging area
+    }
+#pragma unroll
+    for (int k = 0; k < MERGE_ITEMS; ++k) {
+        const int i = tid + k * NT, r = i / (D / 4), c = i % (D / 4);
+        if (r >= nr) continue;
+        const float l = row_l[r];
+        const float inv = l > 0.f ? 1.f / l : 0.f;
+        uint2 packed;
+        packed.x = pack_in2(acc[k].x * inv, acc[k].y * inv);
+        packed.y = pack_in2(acc[k].z * inv, acc[k].w * inv);
+        *reinterpret_cast<uint2*>(p.out + row_idx(r) * D + 4 * c) = packed;
+    }
+}
+
 __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const Params p) {
     extern __shared__ __align__(128) u8 smem[];
     u8* q_s = smem;
@@ -168,10 +262,10 @@ __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const Param
     const int rt = blockIdx.x % p.row_tiles, hk = blockIdx.x / p.row_tiles;
     const int split = blockIdx.y, b = blockIdx.z;
 
-    // KV tiles of this split: the host's bound on the longest sequence is cut into num_splits
-    // equal ranges (the last one runs to the sequence's end, whatever the bound said). The range
-    // needs no device data, so the first page-table reads below go out together with the
-    // seq_lens / q_cu reads instead of one round trip after them.
+    // KV tiles of this split: the host's bound on the longest sequence (kv_tiles; the op's
+    // contract: no sequence exceeds it) is cut into num_splits equal ranges. The range needs no
+    // device data, so the first page-table reads below go out together with the seq_lens / q_cu
+    // reads instead of one round trip after them.
     const int per0 = (p.kv_tiles + p.num_splits - 1) / p.num_splits;
     const int* bt = p.block_tables + (size_t)b * p.bt_stride;
     int pg[NP];
@@ -199,7 +293,7 @@ __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const Param
 
     const int ntiles = (L + TILE - 1) / TILE;
     int t_begin = split * per0;
-    int t_end = split == p.num_splits - 1 ? ntiles : min(t_begin + per0, ntiles);
+    int t_end = min(t_begin + per0, ntiles);
     if (window > 0) {
         // sliding window: tiles before the earliest visible position (of draft token 0) are
         // skipped outright, and the splits share the rest (the pages are read again)
@@ -525,6 +619,10 @@ __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const Param
     if (!s_last) return;
     __threadfence();
     const size_t stride = (size_t)p.total_q * p.hq;
+    if constexpr (QT == 16) {
+        merge_staged(p, kv_s, stride, row0, R, G, q_start, hk);
+        return;
+    }
     for (int i = tid; i < QT * (D / 4); i += NT) {
         const int r = i / (D / 4), d = (i % (D / 4)) * 4;
         const int gr = row0 + r;
