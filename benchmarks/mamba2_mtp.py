@@ -297,7 +297,7 @@ def tune(bw):
 
 
 VARIANTS = {   # state -> tree -> (threads per block, TPR, RPT, tree_prefetch) candidates
-    "fp32": {True: [(128, 16, 2, True), (128, 16, 2, False), (256, 16, 1, False),
+    "fp32": {True: [(128, 16, 2, False), (128, 16, 2, True), (256, 16, 1, False),
                     (256, 16, 1, True)]},
     "bf16": {True: [(128, 8, 2, False), (128, 8, 2, True), (128, 8, 1, False),
                     (256, 8, 1, False), (64, 8, 2, False)],
