@@ -52,9 +52,10 @@ def chunks_per_row(N: int, state_dtype: str) -> int:
 # 256-thread blocks was 3-5% faster than 16 x 2 at T = 8, but at T = 1 the 16 x 2 x 128 tiling
 # reached 89-93% of copy against 77-80%: per-block fixed costs dominate one step. fp32 tree:
 # 16 x 2 x 128. 2-byte state: 8 x 2 x 128 in both modes (32 elements per thread; 4 x 1, 4 x 2,
-# 8 x 1 and 64-thread blocks were 3-30% slower). Tree kernels read a parent node into the
+# 8 x 1 and 64-thread blocks were 3-36% slower). Tree kernels read a parent node into the
 # registers of the state it replaces: prefetching it one step ahead costs 16 registers (bf16: 80
-# per thread, 6 blocks per SM instead of 8; 14-23% slower) and gained fp32 at most 0.8%.
+# per thread, 6 blocks per SM instead of 8; 9-23% slower at batch >= 32) and gained fp32 at
+# most 0.8%.
 DEFAULT_TILING = {
     (4, False, False): (256, 16, 1, False), (4, False, True): (128, 16, 2, False),
     (4, True, False): (128, 16, 2, False), (4, True, True): (128, 16, 2, False),

@@ -9,11 +9,12 @@ on torch's current stream there.
 
 Compile-time (one specialization each): d_state N, the tiling (threads per state row, rows per
 block, rows per thread, and in tree mode how parent nodes are read back; derived from N, the
-state dtype, P, tree mode and T == 1: families.mamba2.pick_layout), the dtypes of state / x,B,C,z,out / dt / A / D /
-dt_bias, and the flags D given, z given, dt_bias given, dt_softplus, tree mode, intermediate
-states given. Run-time: T, Bt, H, P, G, every stride, the index tensors, pad_slot_id and
-disable_state_update. P and T are run-time because they only enter address arithmetic: one
-specialization then serves every head_dim, draft length and TP slice of a model.
+state dtype, P, tree mode and T == 1 by families.mamba2.pick_layout), the dtypes of state /
+x,B,C,z,out / dt / A / D / dt_bias, and the flags D given, z given, dt_bias given, dt_softplus,
+tree mode, intermediate states given. Run-time: T, Bt, H, P, G, every stride, the index
+tensors, pad_slot_id and disable_state_update. P and T are run-time because they only enter
+address arithmetic: one specialization then serves every head_dim, draft length and TP slice of
+a model.
 
 Validation runs once per call signature (shapes, strides, dtypes, devices, flags): the prepared
 launch is cached, so a repeated call only checks pointer alignment and packs the arguments.
