@@ -182,42 +182,70 @@ def flex_thunk(a, n, k, v, vis):
 
 
 SPLIT_SWEEP = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+STAGE_SWEEP = (2, 3, 4, 5, 6)
 
 
 def explore(sets, outs, qname, batch):
-    """Time the custom op with other query tiles (trees) or split counts, by editing the
-    resolved argument tuple of ``prepare`` (indices as in its return statement). Small batches
-    sweep the split count; batch 64 tries a few (finer work against the wave tail)."""
-    from jitkern.ops.spec_dec_attention import (_spec_dec_attention_op, prepare, reserve_counters,
-                                                reserve_workspace, workspace_floats)
+    """Time the custom op with other query tiles (trees), split counts, or K/V pipeline depths
+    (decode and chains; each with the split count the op would pick for its occupancy), by
+    editing the resolved argument tuple of ``prepare`` (indices as in its return statement).
+    Small batches sweep the split count; batch 64 tries a few (finer work against the wave
+    tail). Each line also gives the variant's relative difference from the op's own output."""
+    from jitkern.families.spec_dec_attention import MAX_SHARED, resident_ctas, shared_bytes
+    from jitkern.ops.spec_dec_attention import (_spec_dec_attention_op, pick_num_splits,
+                                                prepare, reserve_counters, reserve_workspace,
+                                                workspace_floats)
 
-    Q, K, SL, WS, CTR, QTILE, ROW_TILES, SPLITS = 0, 1, 4, 9, 10, 15, 18, 19
+    Q, K, SL, OUT, WS, CTR, QTILE, ROW_TILES, SPLITS, TILES, STAGES = (0, 1, 4, 8, 9, 10, 15, 18,
+                                                                       19, 21, 22)
     base = [list(prepare(**s, out=o)) for s, o in zip(sets, outs)]
-    qt0, sp0 = base[0][QTILE], base[0][SPLITS]
-    variants = []
+    qt0, sp0, rt0 = base[0][QTILE], base[0][SPLITS], base[0][ROW_TILES]
+    q0, k0 = base[0][Q], base[0][K]
+    total_q, hq, d = q0.shape
+    variants = []   # (name, q_tile, row_tiles, splits, stages)
     if "tree" in qname:
-        rows = base[0][ROW_TILES] * qt0
-        variants += [(f"q_tile={qt}", qt, -(-rows // qt), sp0) for qt in (32, 64, 128) if qt != qt0]
+        rows = rt0 * qt0
+        variants += [(f"q_tile={qt}", qt, -(-rows // qt), sp0, 0)
+                     for qt in (32, 64, 128) if qt != qt0]
     sweep = SPLIT_SWEEP if batch <= 8 else (2, 4)
     if "tree" in qname and batch <= 8:
         sweep = tuple(sp for sp in SPLIT_SWEEP if sp0 // 4 <= sp <= sp0 * 2)
-    variants += [(f"splits={sp}", qt0, base[0][ROW_TILES], sp) for sp in sweep if sp != sp0]
-    for name, qt, row_tiles, sp in variants:
-        calls = []
+    variants += [(f"splits={sp}", qt0, rt0, sp, 0) for sp in sweep if sp != sp0]
+    if "tree" not in qname:
+        kvb = k0.element_size()
+        cfg = dict(head_dim=d, q_tile=qt0, kv_dtype="fp8_e4m3" if kvb == 1 else "bf16")
+        import cupy
+
+        smem = cupy.cuda.runtime.deviceGetAttribute(81, q0.device.index or 0)
+        sms = torch.cuda.get_device_properties(q0.device).multi_processor_count
+        hkv = k0.shape[2] if base[0][13] == "NHD" else k0.shape[1]
+        bt = base[0][SL].shape[0]
+        for st in STAGE_SWEEP:
+            c = dict(cfg, kv_stages=st)
+            if shared_bytes(c) > MAX_SHARED:
+                continue
+            sp = pick_num_splits(bt * hkv * rt0, base[0][TILES] * 64, sms * resident_ctas(c, smem),
+                                 total_q * hq, d, bt * base[0][TILES] * 64 * hkv * d * 2 * kvb)
+            variants.append((f"kv_stages={st} splits={sp}", qt0, rt0, sp, st))
+    ref = outs[0].float()
+    for name, qt, row_tiles, sp, st in variants:
+        calls, first = [], None
         for b in base:
             a = list(b)
-            a[QTILE], a[ROW_TILES], a[SPLITS] = qt, row_tiles, sp
-            total_q, hq, d = a[Q].shape
+            a[QTILE], a[ROW_TILES], a[SPLITS], a[STAGES] = qt, row_tiles, sp, st
+            a[OUT] = torch.empty_like(b[OUT])
+            first = first if first is not None else a[OUT]
             if sp > 1:
                 a[WS] = reserve_workspace(a[Q].device, workspace_floats(total_q, hq, d, sp))
                 a[CTR] = reserve_counters(a[Q].device, a[SL].shape[0] * a[K].shape[2] * row_tiles)
             calls.append(lambda a=a: _spec_dec_attention_op(*a))
         try:
             t = time_graph(calls)
+            diff = float((first.float() - ref).norm() / ref.norm())
             print(f"<!-- explore {qname} batch {batch}: base q_tile={qt0} splits={sp0}; "
-                  f"{name}: {t * 1e6:.1f} us -->", flush=True)
+                  f"{name}: {t * 1e6:.1f} us (diff {diff:.1e}) -->", flush=True)
         except Exception as e:   # noqa: BLE001
-            print(f"<!-- explore {name} failed: {type(e).__name__}: {e} -->")
+            print(f"<!-- explore {name} failed: {type(e).__name__}: {e} -->", flush=True)
 
 
 # ---- the table ---------------------------------------------------------------------------------

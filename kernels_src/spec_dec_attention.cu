@@ -47,6 +47,9 @@
 #ifndef JK_SPLIT_KV
 #define JK_SPLIT_KV 1
 #endif
+#ifndef JK_KV_STAGES
+#define JK_KV_STAGES 0  // K/V pipeline depth; 0: the choice below
+#endif
 
 namespace jk_sd {
 
@@ -77,7 +80,8 @@ constexpr int KV_TILE_BYTES = TILE * KV_ROW;
 // Memory-bound (small query tiles) shapes need about 128 KB of K/V in flight per SM to cover
 // HBM latency: 5 stages of 128-byte rows (fp8 D=128, 16-bit D=64) or 3 of 256-byte rows, two CTAs
 // per SM. Compute-bound tiles (trees) and 512-byte rows take 2, keeping two CTAs per SM.
-constexpr int STAGES = (D * KV_BYTES >= 512 || QT >= 64) ? 2 : (D * KV_BYTES <= 128 ? 5 : 3);
+constexpr int STAGES = JK_KV_STAGES > 0 ? JK_KV_STAGES
+                     : (D * KV_BYTES >= 512 || QT >= 64) ? 2 : (D * KV_BYTES <= 128 ? 5 : 3);
 constexpr int Q_ROW = (D + 8) * 2;
 constexpr int CPR = D * KV_BYTES / 16;         // 16-byte chunks per KV row
 constexpr int ROWS_PER_PASS = NT / CPR;
@@ -85,7 +89,9 @@ constexpr int RPT = TILE / ROWS_PER_PASS;      // KV rows each thread copies per
 constexpr int NP = PS >= TILE ? 1 : TILE / PS; // pages per KV tile
 constexpr int O_ROW = D + 4;                   // floats per row of the epilogue staging
 constexpr bool Q_IN_REGS = D <= 128 && QT < 64; // else Q fragments are reloaded (register budget)
-constexpr int MIN_BLOCKS = (NT >= 256 && D <= 128) ? 2 : 1;
+// CTAs per SM the register budget must allow: 16-row tiles (~160 registers) fit three, which a
+// shallow pipeline (kv_stages 2) can use; 8-warp tiles two; the rest as registers fall.
+constexpr int MIN_BLOCKS = (NT >= 256 && D <= 128) ? 2 : (QT == 16 && D <= 128) ? 3 : 1;
 constexpr int SMEM_PIPE = STAGES * 2 * KV_TILE_BYTES;
 constexpr int SMEM_EPI = (WN * QT * O_ROW + 2 * WN * QT) * 4;
 constexpr int SMEM_BYTES = QT * Q_ROW + (SMEM_PIPE > SMEM_EPI ? SMEM_PIPE : SMEM_EPI);

@@ -219,6 +219,84 @@ def test_repeated_split_calls_reset_their_counters(drafts):
         assert _check(a, out, torch.bfloat16) < 1e-2
 
 
+@pytest.mark.parametrize("shape,kv,drafts,splits", [
+    ((32, 8, 128), "bf16", [1], 64),            # decode, 4 rows: one staging round
+    ((32, 8, 128), "bf16", [4, 4], 40),          # 16 rows: several rounds (12 splits each)
+    ((32, 8, 128), "fp8", [3, 4], 29),           # fp8 partials carry the V scale; ragged
+    ((16, 16, 64), "fp16", [1, 1, 1], 100),      # more splits than tiles: empty partials
+    ((8, 4, 256), "bf16", [8], 23),              # 512-byte rows: 8 splits a round
+    ((8, 1, 128), "bf16", [2, 1], 17),           # G = 8, chain of 2: 16 rows
+])
+def test_fused_merge_many_splits(shape, kv, drafts, splits):
+    """The fused merge of 16-row tiles stages the partials in rounds of as many splits as fit in
+    shared memory: one round, several rounds, rounds of empty splits, all head dims."""
+    from jitkern.ops import spec_dec_attention
+    from jitkern.ops.spec_dec_attention import pick_q_tile
+
+    hq, hkv, d = shape
+    dtype = torch.float16 if kv == "fp16" else torch.bfloat16
+    kv_dtype = torch.float8_e4m3fn if kv == "fp8" else dtype
+    assert pick_q_tile(max(drafts) * (hq // hkv)) == 16     # the fused-merge tile
+    gen = torch.Generator().manual_seed(splits)
+    ctx = [3000 + 517 * i for i in range(len(drafts))]
+    a = random_paged_inputs(ctx, drafts, num_heads=hq, num_kv_heads=hkv, head_dim=d, dtype=dtype,
+                            kv_dtype=kv_dtype, tree=False, page_size=32,
+                            kv_scale=0.7 if kv == "fp8" else None, generator=gen)
+    if "q_cu_seqlens" in a:
+        a["max_q_len"] = max(drafts)
+    out = torch.full_like(a["q"], float("nan"))
+    spec_dec_attention(**a, out=out, num_kv_splits=splits)
+    torch.cuda.synchronize()
+    assert _check(a, out, dtype) < BOUND[dtype]
+
+
+def test_kv_bound_from_max_seq_len():
+    """Split ranges come from the host's KV bound (max_seq_len when given): a tight bound and a
+    loose page table give the same result as the reference; sequences far shorter than the bound
+    leave their last splits empty."""
+    from jitkern.ops import spec_dec_attention
+
+    a = random_paged_inputs([9000, 40, 2100], [1, 1, 1], num_heads=32, num_kv_heads=8,
+                            head_dim=128, tree=False, extra_table_cols=20,
+                            generator=torch.Generator().manual_seed(9))
+    for bound in (9001, None):
+        out = torch.full_like(a["q"], float("nan"))
+        spec_dec_attention(**a, out=out, max_seq_len=bound, num_kv_splits=24)
+        torch.cuda.synchronize()
+        assert _check(a, out, torch.bfloat16) < 1e-2
+
+
+@pytest.mark.parametrize("stages", [2, 3, 4, 5, 6])
+@pytest.mark.parametrize("kind", ["decode", "chain_fp8", "tree"])
+def test_pipeline_depths(stages, kind):
+    """Every K/V pipeline depth the family offers (kv_stages, measured by the benchmark's
+    explore mode) matches the reference, split and unsplit, where its shared memory fits."""
+    from jitkern.families.spec_dec_attention import MAX_SHARED, shared_bytes
+    from jitkern.ops.spec_dec_attention import _spec_dec_attention_op, prepare
+
+    rng = random.Random(stages)
+    kv = torch.float8_e4m3fn if kind == "chain_fp8" else torch.bfloat16
+    drafts = {"decode": [1, 1], "chain_fp8": [4, 3],
+              "tree": [random_eagle_tree(16, rng) for _ in range(2)]}[kind]
+    a = random_paged_inputs([2500, 700], drafts, num_heads=32, num_kv_heads=8, head_dim=128,
+                            kv_dtype=kv, page_size=16, tree=kind == "tree",
+                            kv_scale=0.6 if kind == "chain_fp8" else None,
+                            generator=torch.Generator().manual_seed(stages))
+    if "q_cu_seqlens" in a:
+        a["max_q_len"] = max(len(d) if isinstance(d, list) else d for d in drafts)
+    for splits in (1, 5):
+        out = torch.full_like(a["q"], float("nan"))
+        args = list(prepare(**a, out=out, num_kv_splits=splits))
+        cfg = dict(head_dim=128, q_tile=args[15], kv_dtype="fp8_e4m3" if kind == "chain_fp8"
+                   else "bf16", kv_stages=stages)
+        if shared_bytes(cfg) > MAX_SHARED:
+            pytest.skip(f"kv_stages {stages} does not fit q_tile {args[15]}")
+        args[22] = stages
+        _spec_dec_attention_op(*args)
+        torch.cuda.synchronize()
+        assert _check(a, out, torch.bfloat16) < 1e-2
+
+
 def test_capture_refuses_to_grow_workspace():
     from jitkern.ops import spec_dec_attention
     from jitkern.ops.spec_dec_attention import _KEEP, _WORKSPACE

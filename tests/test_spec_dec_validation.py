@@ -152,7 +152,7 @@ def test_custom_op_fake_impl_on_meta_tensors():
             torch.empty(2, 3, dtype=torch.int32, **m), torch.empty(2, dtype=torch.int32, **m),
             None, torch.empty(8, 1, dtype=torch.int32, **m), None,
             torch.empty(8, 8, 128, dtype=torch.bfloat16, **m), torch.empty(1, **m),
-            torch.empty(1, dtype=torch.int32, **m), 0.088, 1.0, "NHD", "tree", 64, 16, 4, 1, 1, 0, 1)
+            torch.empty(1, dtype=torch.int32, **m), 0.088, 1.0, "NHD", "tree", 64, 16, 4, 1, 1, 0, 1, 0)
     assert op(*args) is None
     mutated = [a.name for a in op._schema.arguments if a.alias_info is not None and a.alias_info.is_write]
     assert mutated == ["out", "workspace", "counters"]
@@ -164,6 +164,17 @@ def test_family_rejects_mixed_16bit_types():
     cfg = dict(SPEC_DEC_ATTENTION.warmup_configs()[0], dtype="fp16", kv_dtype="bf16")
     with pytest.raises(ValueError, match="kv_dtype 'bf16' must equal dtype 'fp16' or be 'fp8_e4m3'"):
         SPEC_DEC_ATTENTION.specialize(cfg)
+
+
+def test_family_rejects_pipelines_past_shared_memory():
+    from jitkern.families.spec_dec_attention import SPEC_DEC_ATTENTION
+
+    cfg = dict(SPEC_DEC_ATTENTION.warmup_configs()[0], head_dim=256, kv_dtype="bf16", q_tile=16,
+               kv_stages=5)
+    with pytest.raises(ValueError, match="kv_stages 5 needs 346368 bytes of shared memory per CTA "
+                                         "with head_dim 256.*at most 232448"):
+        SPEC_DEC_ATTENTION.specialize(cfg)
+    SPEC_DEC_ATTENTION.specialize(dict(cfg, kv_stages=3))   # 211 KiB: fits
 
 
 def test_query_tile_and_split_choices():
@@ -200,4 +211,7 @@ def test_resident_ctas_follow_shared_memory_and_launch_bounds():
     assert resident_ctas(dict(decode, kv_dtype="fp8_e4m3"), sm90) == 2
     assert resident_ctas(dict(decode, head_dim=256), sm90) == 1      # 512-byte rows: 140 KiB
     assert resident_ctas(dict(decode, q_tile=64), sm90) == 2         # 8 warps, 2 CTAs bound
-    assert resident_ctas(decode, 100 * 1024) == 0 + 1                # never below one
+    assert resident_ctas(dict(decode, kv_stages=2), sm90) == 3      # 74 KiB, <= 170 registers
+    assert resident_ctas(dict(decode, kv_stages=4), sm90) == 1
+    assert resident_ctas(dict(decode, q_tile=32, kv_stages=2), sm90) == 2   # 4 warps, 255 regs
+    assert resident_ctas(decode, 100 * 1024) == 1                    # never below one

@@ -5,6 +5,9 @@ Compile-time parameters (see docs/spec_dec_attention.md): head_dim, input dtype,
 query tile (rows per CTA: 16 rows per warp slab; 16 and 32 split each KV tile across warps, 64 and
 128 give each warp all of it) and whether the split-KV path is compiled in.
 
+``kv_stages`` (default 0: the source's choice) fixes the K/V pipeline depth instead; shared
+memory must stay within 227 KiB.
+
 Launch contract (the op keeps it): mode "decode" needs one query token per sequence and no
 q_cu_seqlens; split_kv=False needs num_splits == 1; with num_splits > 1 and q_tile 16 the kernel
 merges the partials itself through ``counters`` (int32, zero between launches), otherwise the
@@ -34,16 +37,34 @@ MERGE_SIGNATURE = (("ws_o", "ptr"), ("ws_ml", "ptr"), ("out", "ptr"), ("rows", "
                    ("num_splits", "i32"))
 
 
+MAX_SHARED = 227 * 1024   # dynamic shared memory one CTA may use on sm_90
+
+
 def _validate(cfg: dict) -> None:
     if cfg["kv_dtype"] != "fp8_e4m3" and cfg["kv_dtype"] != cfg["dtype"]:
         raise ValueError(f"spec_dec_attention: kv_dtype {cfg['kv_dtype']!r} must equal dtype "
                          f"{cfg['dtype']!r} or be 'fp8_e4m3' (tensor-core operands share one type)")
+    if shared_bytes(cfg) > MAX_SHARED:
+        raise ValueError(f"spec_dec_attention: kv_stages {cfg['kv_stages']} needs "
+                         f"{shared_bytes(cfg)} bytes of shared memory per CTA with head_dim "
+                         f"{cfg['head_dim']}, kv_dtype {cfg['kv_dtype']!r}, q_tile "
+                         f"{cfg['q_tile']}; at most {MAX_SHARED}")
 
 
 def warps(q_tile: int) -> int:
     """Warps per CTA for a query tile (mirrors NWARPS in the source): 8 for tiles of 64 rows
     and more (16-row slabs, two warps per slab where there are only 4), else 4."""
     return max(8, q_tile // 16) if q_tile >= 64 else 4
+
+
+def stages(cfg: dict) -> int:
+    """K/V pipeline depth (mirrors STAGES in the source): ``kv_stages``, or when 0 about 128 KB
+    of K/V in flight per SM for memory-bound (small) query tiles, 2 for trees and 512-byte
+    rows."""
+    if cfg.get("kv_stages", 0):
+        return cfg["kv_stages"]
+    row = cfg["head_dim"] * (1 if cfg["kv_dtype"] == "fp8_e4m3" else 2)
+    return 2 if (row >= 512 or cfg["q_tile"] >= 64) else (5 if row <= 128 else 3)
 
 
 def shared_bytes(cfg: dict) -> int:
@@ -53,8 +74,8 @@ def shared_bytes(cfg: dict) -> int:
     wm = qt // 16
     wn = warps(qt) // wm
     kv_row = d * kvb + 16
-    stages = 2 if (d * kvb >= 512 or qt >= 64) else (5 if d * kvb <= 128 else 3)
-    pipe = stages * 2 * KV_TILE * kv_row
+    stages_ = stages(cfg)
+    pipe = stages_ * 2 * KV_TILE * kv_row
     epi = (wn * qt * (d + 4) + 2 * wn * qt) * 4
     return qt * (d + 8) * 2 + max(pipe, epi)
 
@@ -64,7 +85,9 @@ def resident_ctas(cfg: dict, smem_per_sm: int, regs_per_sm: int = 65536) -> int:
     without a two-CTA bound is assumed to use up to 255 registers a thread) and shared memory
     (1 KiB reserved per CTA)."""
     nt = 32 * warps(cfg["q_tile"])
-    min_blocks = 2 if nt >= 256 and cfg["head_dim"] <= 128 else 1   # MIN_BLOCKS in the source
+    small = cfg["head_dim"] <= 128
+    min_blocks = 2 if nt >= 256 and small else 3 if cfg["q_tile"] == 16 and small else 1
+    # (MIN_BLOCKS in the source)
     by_regs = max(min_blocks, regs_per_sm // (nt * 256))
     by_smem = smem_per_sm // (shared_bytes(cfg) + 1024)
     return max(1, min(by_regs, by_smem, 2048 // nt))
@@ -84,6 +107,8 @@ SPEC_DEC_ATTENTION = register_family(KernelFamily(
         Param("mode", MODES, render={"decode": "0", "chain": "1", "tree": "2"}),
         Param("q_tile", Q_TILES),
         Param("split_kv", (False, True), default=True),
+        # K/V pipeline depth, 0: the source's choice (see stages()); others for measurements
+        Param("kv_stages", (0, 2, 3, 4, 5, 6), default=0),
     ),
     entries={
         "attention": Entry("jk_sd::spec_dec_attention", signature=ATTN_SIGNATURE, packed=True),

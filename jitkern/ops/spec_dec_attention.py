@@ -37,11 +37,14 @@ FUSED_MERGE_Q_TILE = 16
 _LAUNCH: dict = {}   # (config items, device index) -> (kernel, smem bytes, threads)
 
 
-def kernel_config(dtype, kv_dtype, head_dim, kv_layout, mode, page_size, q_tile) -> tuple:
-    """The family configuration (canonical item tuple) a call runs."""
-    return (("dtype", _IN_DTYPES[dtype]), ("head_dim", head_dim), ("kv_dtype", _KV_DTYPES[kv_dtype]),
-            ("kv_layout", kv_layout), ("mode", mode), ("page_size", page_size), ("q_tile", q_tile),
-            ("split_kv", True))
+def kernel_config(dtype, kv_dtype, head_dim, kv_layout, mode, page_size, q_tile,
+                  kv_stages: int = 0) -> tuple:
+    """The family configuration (item tuple) a call runs; ``kv_stages`` only when it is not
+    the source's default choice (0)."""
+    cfg = (("dtype", _IN_DTYPES[dtype]), ("head_dim", head_dim), ("kv_dtype", _KV_DTYPES[kv_dtype]),
+           ("kv_layout", kv_layout), ("mode", mode), ("page_size", page_size), ("q_tile", q_tile),
+           ("split_kv", True))
+    return cfg + (("kv_stages", kv_stages),) if kv_stages else cfg
 
 
 def _launcher(cfg: tuple, index: int):
@@ -61,12 +64,14 @@ def _spec_dec_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            workspace: torch.Tensor, counters: torch.Tensor, scale: float,
                            kv_scale: float, kv_layout: str,
                            mode: str, q_tile: int, page_size: int, q_len: int, row_tiles: int,
-                           num_splits: int, window: int, kv_tiles: int) -> None:
-    """Launch only: arguments were validated and resolved by ``spec_dec_attention``."""
+                           num_splits: int, window: int, kv_tiles: int, kv_stages: int) -> None:
+    """Launch only: arguments were validated and resolved by ``spec_dec_attention``
+    (``kv_tiles``: KV tiles of the longest sequence, bounding the split ranges; ``kv_stages``:
+    pipeline depth, 0 = the source's choice, others for measurements)."""
     total_q, hq, d = q.shape
     hkv = k_cache.shape[2] if kv_layout == "NHD" else k_cache.shape[1]
     bt = seq_lens.shape[0]
-    cfg = kernel_config(q.dtype, k_cache.dtype, d, kv_layout, mode, page_size, q_tile)
+    cfg = kernel_config(q.dtype, k_cache.dtype, d, kv_layout, mode, page_size, q_tile, kv_stages)
     kern, smem, threads = _launcher(cfg, q.device.index)
     split = num_splits > 1
     fused = split and q_tile == FUSED_MERGE_Q_TILE
@@ -388,7 +393,7 @@ def prepare(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     ctr = reserve_counters(dev, bt * hkv * row_tiles) if fused else _empty_ws(dev, "counters")
     return (q, k_cache, v_cache, block_tables, seq_lens, q_cu_seqlens, tree_mask, kv_scale_t, out,
             ws, ctr, float(scale), kv_scale_f, kv_layout, mode, q_tile, page_size, q_len, row_tiles,
-            splits, sliding_window or 0, -(-max_kv // KV_TILE))
+            splits, sliding_window or 0, -(-max_kv // KV_TILE), 0)
 
 
 def spec_dec_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
