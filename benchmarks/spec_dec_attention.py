@@ -29,6 +29,7 @@ from jitkern.reference.spec_dec_attention import (chain_parents, pack_tree_masks
                                                   random_eagle_tree, tree_visibility)
 
 L2_DEFEAT_BYTES = 256 << 20
+DENSE_MAX_BYTES = 4 << 30   # SDPA / Flex peers need a gathered dense copy (and SDPA's scores)
 
 
 # ---- measurement -------------------------------------------------------------------------------
@@ -181,11 +182,11 @@ def flex_thunk(a, n, k, v, vis):
     return call
 
 
-SPLIT_SWEEP = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+SPLIT_SWEEP = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
 STAGE_SWEEP = (2, 3, 4, 5, 6)
 
 
-def explore(sets, outs, qname, batch):
+def explore(sets, outs, qname, batch, label=""):
     """Time the custom op with other query tiles (trees), split counts, or K/V pipeline depths
     (decode and chains; each with the split count the op would pick for its occupancy), by
     editing the resolved argument tuple of ``prepare`` (indices as in its return statement).
@@ -242,7 +243,7 @@ def explore(sets, outs, qname, batch):
         try:
             t = time_graph(calls)
             diff = float((first.float() - ref).norm() / ref.norm())
-            print(f"<!-- explore {qname} batch {batch}: base q_tile={qt0} splits={sp0}; "
+            print(f"<!-- explore {label}{qname} batch {batch}: base q_tile={qt0} splits={sp0}; "
                   f"{name}: {t * 1e6:.1f} us (diff {diff:.1e}) -->", flush=True)
         except Exception as e:   # noqa: BLE001
             print(f"<!-- explore {name} failed: {type(e).__name__}: {e} -->", flush=True)
@@ -304,8 +305,9 @@ def main():
     ap.add_argument("--page-size", type=int, default=64)
     ap.add_argument("--explore", action="store_true",
                     help="also time other query tiles / split counts (comment lines)")
-    ap.add_argument("--explore-upto", type=int, default=0,
-                    help="explore only in the first N rows (0: all)")
+    ap.add_argument("--explore-min-ctx", type=int, default=0,
+                    help="explore only rows with at least this context")
+    ap.add_argument("--explore-trees", action="store_true", help="explore tree rows too")
     ap.add_argument("--budget", type=float, default=0,
                     help="start no new row after this many seconds (0: no limit)")
     args = ap.parse_args()
@@ -347,8 +349,9 @@ def main():
         ours_calls = [(lambda s=s, o=o: spec_dec_attention(**s, out=o)) for s, o in zip(sets, outs)]
         t_ours = time_graph(ours_calls)
         cells = dict(ours=t_ours)
-        if args.explore and (not args.explore_upto or ri < args.explore_upto):
-            explore(sets, outs, qname, batch)
+        if (args.explore and ctx >= args.explore_min_ctx
+                and ("tree" not in qname or args.explore_trees)):
+            explore(sets, outs, qname, batch, f"{hq}/{hkv}/{d} {kvn} {ctx // 1024}k ")
         xerr = ""
         if have_xqa:
             try:
@@ -361,6 +364,8 @@ def main():
                 xerr = f"fail: {type(e).__name__}"
         vis = None
         try:
+            if kv_bytes > DENSE_MAX_BYTES:
+                raise MemoryError(f"dense copies of {kv_bytes / 1e9:.1f} GB not built")
             k, v = gathered(a0, d)
             ctxp = L - n
             tv = tree_visibility(draft).cuda()
