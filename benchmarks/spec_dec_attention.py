@@ -225,8 +225,9 @@ def explore(sets, outs, qname, batch, label=""):
             c = dict(cfg, kv_stages=st)
             if shared_bytes(c) > MAX_SHARED:
                 continue
-            sp = pick_num_splits(bt * hkv * rt0, base[0][TILES] * 64, sms * resident_ctas(c, smem),
-                                 total_q * hq, d, bt * base[0][TILES] * 64 * hkv * d * 2 * kvb)
+            sp = pick_num_splits(bt * hkv * rt0, base[0][TILES] * 64, sms, resident_ctas(c, smem),
+                                 total_q * hq, d, bt * base[0][TILES] * 64 * hkv * d * 2 * kvb,
+                                 qt0, kvb == 1)
             variants.append((f"kv_stages={st} splits={sp}", qt0, rt0, sp, st))
     ref = outs[0].float()
     for name, qt, row_tiles, sp, st in variants:

@@ -182,23 +182,32 @@ def test_query_tile_and_split_choices():
 
     assert [pick_q_tile(r) for r in (4, 16, 17, 32, 64, 65, 512)] == [16, 16, 32, 32, 64, 128, 128]
     kv = 8192 * 8 * 128 * 2 * 2                  # one 8k sequence, 8 KV heads, bf16
-    slots = 2 * 132                              # two CTAs on each of 132 SMs
-    # more than half a wave of CTAs already: no split
-    assert pick_num_splits(133, 8192, slots, 64 * 32, 128, 64 * kv) == 1
-    # exactly half a wave: two splits fill it
-    assert pick_num_splits(132, 8192, slots, 64 * 32, 128, 64 * kv) == 2
-    # decode, batch 1, 8 KV heads: 33 splits fit the wave, trimmed to 32 (4 tiles each)
-    assert pick_num_splits(8, 8192, slots, 32, 128, kv) == 32
-    # batch 8: 4 splits (256 CTAs), never a second partial wave
-    assert pick_num_splits(64, 8192, slots, 8 * 32, 128, 8 * kv) == 4
-    # 100 tiles: 33 splits would give 4 tiles per split, and 25 splits do the same
-    assert pick_num_splits(8, 6400, slots, 32, 128, kv) == 25
-    # short context: each split keeps at least two 64-position tiles
-    assert pick_num_splits(8, 512, slots, 32, 128, kv) == 4
+    sms, two = 132, 2                            # 132 SMs holding two CTAs each
+
+    def mem(ctas, length, d=128, fp8=False, n=1):   # decode: 16-row tiles, memory bound
+        return pick_num_splits(ctas, length, sms, two, ctas * n * 4, d, n * kv, 16, fp8)
+    # 16-bit cache: one CTA per SM (8 KV heads x 16 splits = 128 CTAs), never more than that
+    assert mem(8, 8192) == 16 and mem(8, 32768) == 16
+    assert mem(64, 8192, n=8) == 2 and mem(67, 8192, n=8) == 1
+    # one KV head: 132 splits would fill the SMs, but a split keeps ~512 positions: 16
+    assert mem(1, 8192) == 16
+    # ... the same bytes at other head dims (4 tiles at D = 256, 16 at D = 64)
+    assert mem(4, 8192, d=256) == 32 and mem(16, 8192, d=64) == 8
+    # short contexts still split 8 ways (at least two tiles a split)
+    assert mem(8, 1024) == 8
+    # fp8 cache: two CTAs per SM while each split reads >= 16 tiles, else one
+    assert mem(64, 8192, fp8=True, n=8) == 4 and mem(64, 32768, fp8=True, n=8) == 4
+    assert mem(8, 8192, fp8=True) == 16 and mem(8, 32768, fp8=True) == 16
+    # 100 tiles: 100 // 8 = 12 splits of 9 tiles (no fewer splits give 9 tiles each)
+    assert mem(8, 6400) == 12
+    # trees (compute bound): every resident CTA, trimmed (33 -> 32, 4 tiles each)
+    assert pick_num_splits(8, 8192, sms, two, 8 * 64, 128, kv, 64) == 32
     # many rows (64-node tree, G = 8, one KV head): partial traffic capped at the K/V bytes
     kv1 = 8192 * 1 * 128 * 2 * 2
-    assert pick_num_splits(4, 8192, slots, 64 * 8, 128, kv1) == kv1 // (2 * 64 * 8 * 130 * 4)
-    assert pick_num_splits(1, 1 << 20, slots, 1, 128, 1 << 40) == MAX_SPLITS
+    assert (pick_num_splits(4, 8192, sms, two, 64 * 8, 128, kv1, 128)
+            == kv1 // (2 * 64 * 8 * 130 * 4))
+    assert pick_num_splits(1, 1 << 20, sms, two, 1, 128, 1 << 40, 64) == MAX_SPLITS
+    assert pick_num_splits(133, 8192, sms, two, 64 * 32, 128, 64 * kv, 64) == 1
 
 
 def test_resident_ctas_follow_shared_memory_and_launch_bounds():

@@ -25,6 +25,8 @@ _KV_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float8_e4m3fn
 _LOG2E = 1.4426950408889634
 MAX_SPLITS = 64
 MIN_TILES_PER_SPLIT = 2          # a split reads at least 128 positions
+SPLIT_TILES_D128 = 8             # memory-bound tiles: a split reads ~512 positions at D = 128
+MEMORY_BOUND_Q_TILE = 32         # query tiles up to this are memory bound (decode, chains)
 WORKSPACE_CAP_BYTES = 256 << 20  # splits are reduced before the workspace would outgrow this
 # Split partials of 16-row tiles (decode, short chains) are merged inside the attention kernel by
 # the last CTA of each group; larger tiles leave it to a merge kernel, which spreads the rows over
@@ -166,14 +168,14 @@ def _empty_ws(device, kind: str) -> torch.Tensor:
 
 # ---- choices -----------------------------------------------------------------------------------
 
-_SLOTS: dict = {}   # (device, head_dim, q_tile, kv bytes) -> CTAs resident on the whole GPU
+_OCCUPANCY: dict = {}   # (device, head_dim, q_tile, kv bytes) -> (SMs, CTAs resident per SM)
 
 
-def _slots(device, head_dim: int, q_tile: int, kv_bytes: int) -> int:
-    """CTAs of the specialization that the device holds at once (SMs x CTAs per SM)."""
+def _occupancy(device, head_dim: int, q_tile: int, kv_bytes: int) -> tuple:
+    """(SMs of the device, CTAs of the specialization one SM holds at once)."""
     key = (device, head_dim, q_tile, kv_bytes)
-    n = _SLOTS.get(key)
-    if n is None:
+    hit = _OCCUPANCY.get(key)
+    if hit is None:
         import cupy
 
         index = device.index if device.index is not None else torch.cuda.current_device()
@@ -182,8 +184,8 @@ def _slots(device, head_dim: int, q_tile: int, kv_bytes: int) -> int:
         smem = cupy.cuda.runtime.deviceGetAttribute(81, index)
         cfg = dict(head_dim=head_dim, q_tile=q_tile,
                    kv_dtype="fp8_e4m3" if kv_bytes == 1 else "bf16")
-        n = _SLOTS[key] = sms * resident_ctas(cfg, smem)
-    return n
+        hit = _OCCUPANCY[key] = (sms, resident_ctas(cfg, smem))
+    return hit
 
 
 def pick_q_tile(rows: int) -> int:
@@ -194,22 +196,33 @@ def pick_q_tile(rows: int) -> int:
     return 128   # big trees: 8 warps share each K/V tile across 128 rows
 
 
-def pick_num_splits(ctas: int, max_kv_len: int, slots: int, rows_total: int, head_dim: int,
-                    kv_bytes: int) -> int:
-    """KV splits so that ``ctas`` (batch x KV heads x row tiles) fill the ``slots`` CTAs the GPU
-    holds at once in one wave, never past it (each partial costs a write, a read and a step of
-    the merge's chain, and a CTA of a second wave would double the time), each split reading at
-    least MIN_TILES_PER_SPLIT tiles, the partials' traffic (written and read back) at most the
-    K/V bytes ``kv_bytes`` (an upper estimate), the workspace capped. The count is then trimmed
-    to the fewest splits with the same tiles per split."""
-    if 2 * ctas > slots:
-        return 1
+def pick_num_splits(ctas: int, max_kv_len: int, sm_count: int, per_sm: int, rows_total: int,
+                    head_dim: int, kv_bytes: int, q_tile: int = 16, fp8: bool = False) -> int:
+    """KV splits for ``ctas`` (batch x KV heads x row tiles) CTAs on ``sm_count`` SMs holding
+    ``per_sm`` CTAs each, never past one wave (a CTA of a second wave doubles the time).
+
+    Memory-bound tiles (q_tile <= MEMORY_BOUND_Q_TILE: decode, chains), as measured on an H200
+    with the benchmark's explore mode: with a 16-bit cache one CTA per SM already draws the
+    SM's share of bandwidth, so more splits only add partials to merge; with an fp8 cache
+    (more work per byte) ``per_sm`` CTAs per SM pay off while each split still reads >= 16
+    tiles; and a split reads about 512 positions at D = 128 or more (the same bytes at other
+    head dims; 8 splits always allowed), short splits being mostly fixed cost. Compute-bound
+    tiles (trees) fill every resident CTA. Always: at least MIN_TILES_PER_SPLIT tiles a split,
+    the partials' traffic (written and read back) at most the K/V bytes ``kv_bytes`` (an upper
+    estimate), the workspace capped; then trimmed to the fewest splits with the same tiles each."""
     tiles = -(-max_kv_len // KV_TILE)
+    s = sm_count * per_sm // ctas
+    if q_tile <= MEMORY_BOUND_Q_TILE:
+        if not fp8 or tiles < 16 * max(s, 1):
+            s = sm_count // ctas
+        s = min(s, max(tiles // max(1, SPLIT_TILES_D128 * 128 // head_dim), 8))
+    if s <= 1:
+        return 1
     by_len = max(1, tiles // MIN_TILES_PER_SPLIT)
     per_split = max(1, rows_total * (head_dim + 2) * 4)
     by_traffic = max(1, kv_bytes // (2 * per_split))
     by_ws = max(1, WORKSPACE_CAP_BYTES // per_split)
-    s = max(1, min(slots // ctas, by_len, by_traffic, by_ws, MAX_SPLITS))
+    s = max(1, min(s, by_len, by_traffic, by_ws, MAX_SPLITS))
     return -(-tiles // -(-tiles // s))
 
 
@@ -374,9 +387,9 @@ def prepare(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     row_tiles = -(-rows // q_tile)
     if num_kv_splits is None:
         kv_bytes = bt * max_kv * hkv * d * 2 * k_cache.element_size()
-        splits = pick_num_splits(bt * hkv * row_tiles, max_kv,
-                                 _slots(dev, d, q_tile, k_cache.element_size()), total_q * hq, d,
-                                 kv_bytes)
+        sms, per_sm = _occupancy(dev, d, q_tile, k_cache.element_size())
+        splits = pick_num_splits(bt * hkv * row_tiles, max_kv, sms, per_sm, total_q * hq, d,
+                                 kv_bytes, q_tile, fp8)
     else:
         splits = num_kv_splits
     need = workspace_floats(total_q, hq, d, splits)
