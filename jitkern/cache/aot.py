@@ -17,6 +17,18 @@ log = logging.getLogger("jitkern")
 _MODE_RAW, _MODE_BINARY = 1, 2
 
 
+ROWS_SQL = ("SELECT key, size, store_time, access_time, access_count, filename "
+            "FROM Cache WHERE raw = 1")
+
+
+def index_rows(cursor) -> list[dict]:
+    """jitkern's entries from a ``ROWS_SQL`` cursor over diskcache's index: key, size (bytes),
+    stored, used (access time), hits, filename (relative, None for an inline value)."""
+    return [dict(key=k, size=size or 0, stored=st or 0.0, used=at or 0.0, hits=n or 0, filename=fn)
+            for k, size, st, at, n, fn in cursor.fetchall()
+            if isinstance(k, str) and not k.startswith("jitkern:")]
+
+
 class ReadOnlyCache:
     def __init__(self, directory: Path):
         self.directory = Path(directory)
@@ -76,12 +88,7 @@ class ReadOnlyCache:
         """Every entry's index row, as ``DiskTier.rows()`` gives them."""
         if self._db is None:
             return []
-        cur = self._db.execute("SELECT key, size, store_time, access_time, access_count, filename "
-                               "FROM Cache WHERE raw = 1")
-        return [dict(key=k, size=size or 0, stored=st or 0.0, used=at or 0.0, hits=n or 0,
-                     filename=fn)
-                for k, size, st, at, n, fn in cur.fetchall()
-                if isinstance(k, str) and not k.startswith("jitkern:")]
+        return index_rows(self._db.execute(ROWS_SQL))
 
     def peek(self, key: str) -> bytes | None:
         return self.get(key)

@@ -74,12 +74,9 @@ class DiskTier:
         hits, filename (relative to the directory, or None for an inline value)."""
         if self.cache is None:
             return []
-        cur = self.cache._sql("SELECT key, size, store_time, access_time, access_count, filename "
-                              "FROM Cache WHERE raw = 1")
-        return [dict(key=k, size=size or 0, stored=st or 0.0, used=at or 0.0, hits=n or 0,
-                     filename=fn)
-                for k, size, st, at, n, fn in cur.fetchall()
-                if isinstance(k, str) and not k.startswith("jitkern:")]
+        from .aot import ROWS_SQL, index_rows
+
+        return index_rows(self.cache._sql(ROWS_SQL))
 
     def peek(self, key: str) -> bytes | None:
         """The stored bytes of ``key`` without counting a use (no LRU or hit update)."""
