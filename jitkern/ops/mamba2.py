@@ -73,6 +73,20 @@ def _int32_vector(name: str, t, Bt: int) -> torch.Tensor:
     return t
 
 
+def _intermediate_rows(iidx, S2: int, Bt: int, S: int, sbi) -> None:
+    """intermediate_state_indices is an int32 [Bt] vector, or, without it, every sequence's row
+    (its state slot) exists in intermediate_states' S2 rows."""
+    if iidx is not None:
+        _int32_vector("intermediate_state_indices", iidx, Bt)
+        return
+    need = Bt if sbi is None else S
+    if S2 < need:
+        raise ValueError(
+            f"intermediate_states has {S2} rows but without intermediate_state_indices "
+            f"sequence b uses the row of its state slot, so S2 >= "
+            f"{'Bt' if sbi is None else 'S'} = {need} is needed")
+
+
 def _shape(name: str, t: torch.Tensor, expected: tuple, letters: str) -> None:
     if tuple(t.shape) != expected:
         raise ValueError(f"{name} must have shape [{letters}] = {list(expected)}, got {list(t.shape)}")
@@ -284,15 +298,7 @@ def _prepare_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, sbi, pad_
         if S2 > 1 and inter.stride(0) % vec:
             raise ValueError(f"intermediate_states' slot stride must be a multiple of {vec} "
                              f"elements (16 bytes), got {inter.stride(0)}")
-        if iidx is not None:
-            _int32_vector("intermediate_state_indices", iidx, Bt)
-        else:
-            need = Bt if sbi is None else S
-            if S2 < need:
-                raise ValueError(
-                    f"intermediate_states has {S2} rows but without intermediate_state_indices "
-                    f"sequence b uses the row of its state slot, so S2 >= "
-                    f"{'Bt' if sbi is None else 'S'} = {need} is needed")
+        _intermediate_rows(iidx, S2, Bt, S, sbi)
         if parent is not None:
             _tensor("retrieve_parent_token", parent)
             if parent.dtype != torch.int32:
@@ -512,15 +518,7 @@ def _prepare_commit(state, inter, accepted, sbi, iidx, pad_slot_id) -> _CommitPl
     elif S < Bt:
         raise ValueError(f"state has {S} slots but the batch has Bt = {Bt} sequences: without "
                          f"state_batch_indices sequence b uses slot b, so S >= Bt is needed")
-    if iidx is not None:
-        _int32_vector("intermediate_state_indices", iidx, Bt)
-    else:
-        need = Bt if sbi is None else S
-        if S2 < need:
-            raise ValueError(
-                f"intermediate_states has {S2} rows but without intermediate_state_indices "
-                f"sequence b uses the row of its state slot, so S2 >= "
-                f"{'Bt' if sbi is None else 'S'} = {need} is needed")
+    _intermediate_rows(iidx, S2, Bt, S, sbi)
     dev = state.device
     if dev.type != "cuda":
         raise ValueError(f"state must be a CUDA tensor, got device {dev}")
