@@ -73,6 +73,20 @@ def _int32_vector(name: str, t, Bt: int) -> torch.Tensor:
     return t
 
 
+def _state_slots(state: torch.Tensor, S: int, vec: int, sbi, Bt: int) -> None:
+    """The pool's [H, P, N] rows are contiguous with 16-byte aligned slots, and every sequence
+    has a slot: through state_batch_indices (int32 [Bt]) or, without it, slot b (S >= Bt)."""
+    _inner_contiguous("state", state, 1, "H, P, N")
+    if S > 1 and state.stride(0) % vec:
+        raise ValueError(f"state's slot stride must be a multiple of {vec} elements (16 bytes), "
+                         f"got {state.stride(0)}")
+    if sbi is not None:
+        _int32_vector("state_batch_indices", sbi, Bt)
+    elif S < Bt:
+        raise ValueError(f"state has {S} slots but the batch has Bt = {Bt} sequences: without "
+                         f"state_batch_indices sequence b uses slot b, so S >= Bt is needed")
+
+
 def _intermediate_rows(iidx, S2: int, Bt: int, S: int, sbi) -> None:
     """intermediate_state_indices is an int32 [Bt] vector, or, without it, every sequence's row
     (its state slot) exists in intermediate_states' S2 rows."""
@@ -267,16 +281,7 @@ def _prepare_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, sbi, pad_
     _pad_id(pad_slot_id)
 
     vec = 16 // ESIZE[state_dt]
-    _inner_contiguous("state", state, 1, "H, P, N")
-    if S > 1 and state.stride(0) % vec:
-        raise ValueError(f"state's slot stride must be a multiple of {vec} elements (16 bytes), "
-                         f"got {state.stride(0)}")
-
-    if sbi is not None:
-        _int32_vector("state_batch_indices", sbi, Bt)
-    elif S < Bt:
-        raise ValueError(f"state has {S} slots but the batch has Bt = {Bt} sequences: without "
-                         f"state_batch_indices sequence b uses slot b, so S >= Bt is needed")
+    _state_slots(state, S, vec, sbi, Bt)
 
     S2 = 0
     if inter is None:
@@ -507,17 +512,11 @@ def _prepare_commit(state, inter, accepted, sbi, iidx, pad_slot_id) -> _CommitPl
     if (H * P * N) % vec:
         raise ValueError(f"state's [H, P, N] must hold a whole number of 16-byte vectors, got "
                          f"{H}*{P}*{N} elements of {state.dtype}")
-    _inner_contiguous("state", state, 1, "H, P, N")
+    _state_slots(state, S, vec, sbi, Bt)
     _inner_contiguous("intermediate_states", inter, 1, "T, H, P, N")
-    for name, t, n in (("state", state, S), ("intermediate_states", inter, S2)):
-        if n > 1 and t.stride(0) % vec:
-            raise ValueError(f"{name}' slot stride must be a multiple of {vec} elements "
-                             f"(16 bytes), got {t.stride(0)}")
-    if sbi is not None:
-        _int32_vector("state_batch_indices", sbi, Bt)
-    elif S < Bt:
-        raise ValueError(f"state has {S} slots but the batch has Bt = {Bt} sequences: without "
-                         f"state_batch_indices sequence b uses slot b, so S >= Bt is needed")
+    if S2 > 1 and inter.stride(0) % vec:
+        raise ValueError(f"intermediate_states' slot stride must be a multiple of {vec} elements "
+                         f"(16 bytes), got {inter.stride(0)}")
     _intermediate_rows(iidx, S2, Bt, S, sbi)
     dev = state.device
     if dev.type != "cuda":
