@@ -267,3 +267,26 @@ def test_entry_metadata_that_is_not_an_object_is_corrupt():
     blob = MAGIC + struct.pack("<I", 6) + b"[1, 2]"
     with pytest.raises(CorruptEntry, match="metadata is not an object"):
         CacheEntry.from_bytes(blob)
+
+
+def test_an_entry_stored_under_another_key_is_refused_and_recompiled(cache_env):
+    code = """
+import json, jitkern
+from jitkern.families.selftest import SELFTEST
+from jitkern.service import SERVICE
+a = jitkern.compile(SELFTEST, {"dtype": "fp32", "unroll": 2}, arch="sm_90")
+key_b = jitkern.key_of(SELFTEST, {"dtype": "fp32", "unroll": 3}, "sm_90")
+SERVICE.disk.put(key_b, a.to_bytes())     # a valid entry, but of another configuration
+b = jitkern.compile(SELFTEST, {"dtype": "fp32", "unroll": 3}, arch="sm_90")
+s = jitkern.stats()
+print(json.dumps([b.key == key_b, b.config["unroll"], s["corrupt_entries"], s["compiles"]]))
+"""
+    out, proc = run_py(code, cache_env)
+    assert out == [True, 3, 1, 2]
+    assert "entry belongs to another key" in proc.stderr
+
+
+def test_a_bad_log_level_is_a_clear_error(cache_env):
+    _, proc = run_py("import jitkern", dict(cache_env, JITKERN_LOG="LOUD"), check=False)
+    assert proc.returncode != 0
+    assert "JITKERN_LOG='LOUD': expected DEBUG, INFO, WARNING or ERROR" in proc.stderr

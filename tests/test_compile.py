@@ -111,3 +111,10 @@ def test_arch_specific_families_get_the_a_suffix():
 def test_headers_come_from_the_wheel_first():
     inc = toolchain.cuda_include_dir()
     assert (inc / "cuda_bf16.h").is_file() and (inc / "cuda_fp8.h").is_file()
+
+
+def test_a_missing_kernel_source_names_the_file(tmp_path):
+    fam = KernelFamily(name="nosrc", source="absent.cu", source_dir=tmp_path, params=(),
+                       entries={"k": Entry("k")})
+    with pytest.raises(FileNotFoundError, match=r"kernel source 'absent.cu' not found under"):
+        jitkern.compile(fam, {}, arch="sm_90")
