@@ -1,13 +1,16 @@
 """Loading cubins on a device and launching their functions on torch's current stream.
 
-Arguments are packed once into a ctypes structure laid out like the C parameters, so every
-value reaches the kernel with its exact C type (a Python float is never passed as a double by
-accident), and the launch goes straight to ``cuLaunchKernel`` through CuPy's driver binding.
+Arguments are packed into a buffer laid out like the C parameters (the layout ctypes computes for
+the signature, written by one precompiled ``struct.pack_into`` per call), so every value reaches
+the kernel with its exact C type (a Python float is never passed as a double by accident, an
+out-of-range integer is an error rather than a wrapped value), and the launch goes straight to
+``cuLaunchKernel`` through CuPy's driver binding.
 """
 
 from __future__ import annotations
 
 import ctypes
+import struct
 import threading
 
 _CTYPES = {
@@ -29,19 +32,56 @@ def _driver():
     return driver
 
 
-def _make_packer(signature):
-    """Build ``fill(struct, args)`` once per entry: pointer fields accept a tensor, an int or None."""
-    lines = ["def fill(s, a):"]
-    for i, (name, kind) in enumerate(signature):
+_STRUCT_CODES = {"ptr": "Q", "i32": "i", "u32": "I", "i64": "q", "u64": "Q", "f32": "f",
+                 "f64": "d", "u8": "B"}
+
+
+def arg_layout(signature):
+    """(ctypes Structure type, struct.Struct) with the C layout of ``signature``'s fields: the
+    struct format reproduces ctypes' offsets and tail padding with explicit pad bytes."""
+    fields = [(f"f{i}", _CTYPES[k]) for i, (_, k) in enumerate(signature)]
+    st = type("Args", (ctypes.Structure,), {"_fields_": fields})
+    fmt, pos = "=", 0
+    for i, (_, kind) in enumerate(signature):
+        off = getattr(st, f"f{i}").offset
+        if off > pos:
+            fmt += f"{off - pos}x"
+        fmt += _STRUCT_CODES[kind]
+        pos = off + ctypes.sizeof(_CTYPES[kind])
+    if ctypes.sizeof(st) > pos:
+        fmt += f"{ctypes.sizeof(st) - pos}x"
+    return st, struct.Struct(fmt)
+
+
+def make_packer(signature, packer: struct.Struct):
+    """Build ``fill(buffer, args)`` once per entry: one ``pack_into`` of all fields; pointer
+    fields accept a tensor (its data_ptr()), an int or None."""
+    vals = []
+    lines = ["def fill(buf, a):"]
+    for i, (_, kind) in enumerate(signature):
         if kind == "ptr":
-            lines.append(f"    v = a[{i}]\n    s.f{i} = v if v is None or v.__class__ is int else v.data_ptr()")
+            lines.append(f"    v{i} = a[{i}]")
+            vals.append(f"0 if v{i} is None else v{i} if v{i}.__class__ is int else "
+                        f"v{i}.data_ptr()")
         else:
-            lines.append(f"    s.f{i} = a[{i}]")
-    if len(lines) == 1:
-        lines.append("    pass")
-    ns: dict = {}
+            vals.append(f"a[{i}]")
+    lines.append("    pack_into(buf, 0" + "".join(f", ({v})" for v in vals) + ")")
+    ns: dict = {"pack_into": packer.pack_into}
     exec("\n".join(lines), ns)  # noqa: S102 - generated from a fixed signature, once per entry
     return ns["fill"]
+
+
+def _pack_error(label: str, signature, args, err: Exception) -> Exception:
+    """The field that could not be packed, named (the slow path of a failed launch)."""
+    for (name, kind), v in zip(signature, args):
+        if kind == "ptr" and (v is None or v.__class__ is int or hasattr(v, "data_ptr")):
+            v = 0 if v is None else v if v.__class__ is int else v.data_ptr()
+        try:
+            struct.pack("=" + _STRUCT_CODES[kind], v)
+        except (struct.error, TypeError) as e:
+            return (TypeError if isinstance(e, TypeError) or "integer" in str(e) else ValueError)(
+                f"{label}: argument {name!r} ({kind}) cannot take {v!r}: {e}")
+    return ValueError(f"{label}: could not pack the arguments: {err}")
 
 
 class Function:
@@ -56,10 +96,9 @@ class Function:
         self.label = label
         self.signature = tuple(entry.signature)
         self.packed = entry.packed
-        fields = [(f"f{i}", _CTYPES[k]) for i, (_, k) in enumerate(self.signature)]
-        self._struct = type("Args", (ctypes.Structure,), {"_fields_": fields})
-        self._offsets = [getattr(self._struct, f"f{i}").offset for i in range(len(fields))]
-        self._fill = _make_packer(self.signature)
+        self._struct, self._packer = arg_layout(self.signature)
+        self._offsets = [getattr(self._struct, f"f{i}").offset for i in range(len(self.signature))]
+        self._fill = make_packer(self.signature, self._packer)
         self._nargs = len(self.signature)
         self._tls = threading.local()
         self._dyn_limit = _DEFAULT_DYNAMIC_SHARED
@@ -67,7 +106,7 @@ class Function:
 
     def _buffers(self):
         """Per-thread argument struct and the void* array that points into it."""
-        s = self._struct()
+        s = ctypes.create_string_buffer(max(1, self._packer.size))
         base = ctypes.addressof(s)
         if self.packed:
             params = (ctypes.c_void_p * 1)(base)
@@ -89,13 +128,16 @@ class Function:
             raise TypeError(f"{self.label}: expected {self._nargs} arguments "
                             f"({', '.join(n for n, _ in self.signature)}), got {len(args)}")
         buf = getattr(self._tls, "buf", None) or self._buffers()
-        self._fill(buf[0], args)
+        try:
+            self._fill(buf[0], args)
+        except (struct.error, TypeError, AttributeError) as err:
+            raise _pack_error(self.label, self.signature, args, err) from None
         if shared_mem > self._dyn_limit:
             self.set_max_dynamic_shared(shared_mem)
         if stream is None:
             stream = _current_stream(self.device_index)
-        g = tuple(grid) + (1, 1)
-        b = tuple(block) + (1, 1)
+        g = grid if len(grid) == 3 else tuple(grid) + (1,) * (3 - len(grid))
+        b = block if len(block) == 3 else tuple(block) + (1,) * (3 - len(block))
         if g[0] * g[1] * g[2] == 0:
             return  # nothing to do (empty batch); CUDA rejects a zero grid
         self._launch_kernel(self.ptr, g[0], g[1], g[2], b[0], b[1], b[2], shared_mem, stream, buf[2], 0)
@@ -156,3 +198,9 @@ def _current_device() -> int:
     import torch
 
     return torch.cuda.current_device()
+
+
+try:  # the C query behind torch.cuda.current_device(), without its lazy-init check per call
+    _current_device = _torch._C._cuda_getDevice  # type: ignore[attr-defined]  # noqa: F811
+except Exception:  # noqa: BLE001 - no CUDA build of torch: the public path above
+    pass

@@ -1,0 +1,92 @@
+"""Argument packing of kernel launches (CPU): the bytes a kernel receives."""
+
+import ctypes
+import random
+
+import pytest
+
+from jitkern.launch import _CTYPES, _pack_error, arg_layout, make_packer
+
+SIGNATURE = (("p", "ptr"), ("a", "u8"), ("b", "i64"), ("c", "i32"), ("q", "ptr"), ("d", "f32"),
+             ("e", "u8"), ("f", "f64"), ("g", "u32"), ("h", "u64"), ("i", "i32"))
+
+
+class _FakeTensor:
+    def __init__(self, ptr):
+        self.ptr = ptr
+
+    def data_ptr(self):
+        return self.ptr
+
+
+def _ctypes_bytes(signature, values):
+    st, _ = arg_layout(signature)
+    s = st()
+    for i, v in enumerate(values):
+        setattr(s, f"f{i}", v)
+    return ctypes.string_at(ctypes.addressof(s), ctypes.sizeof(s))
+
+
+def _random_values(rng):
+    return [rng.randrange(1, 2**64), rng.randrange(256), rng.randrange(-2**63, 2**63),
+            rng.randrange(-2**31, 2**31), rng.randrange(1, 2**64), rng.uniform(-1e6, 1e6),
+            rng.randrange(256), rng.uniform(-1e300, 1e300), rng.randrange(2**32),
+            rng.randrange(2**64), rng.randrange(-2**31, 2**31)]
+
+
+def test_layout_matches_ctypes_offsets_and_size():
+    st, packer = arg_layout(SIGNATURE)
+    assert packer.size == ctypes.sizeof(st)
+    # u8 then i64: 7 pad bytes; the tail is padded to the struct's 8-byte alignment
+    assert (st.f1.offset, st.f2.offset) == (8, 16) and packer.size % 8 == 0
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_packed_bytes_equal_the_ctypes_structure(seed):
+    rng = random.Random(seed)
+    values = _random_values(rng)
+    st, packer = arg_layout(SIGNATURE)
+    buf = ctypes.create_string_buffer(packer.size)
+    # pointers given three ways: a tensor-like object, a raw int, None (NULL)
+    args = list(values)
+    args[0] = _FakeTensor(values[0])
+    make_packer(SIGNATURE, packer)(buf, args)
+    assert buf.raw == _ctypes_bytes(SIGNATURE, values)
+    args[0], args[4] = None, values[4]
+    make_packer(SIGNATURE, packer)(buf, args)
+    assert buf.raw == _ctypes_bytes(SIGNATURE, [0] + values[1:])
+
+
+def test_f32_field_is_rounded_to_float32_not_passed_as_double():
+    sig = (("x", "f32"), ("y", "f64"))
+    st, packer = arg_layout(sig)
+    buf = ctypes.create_string_buffer(packer.size)
+    make_packer(sig, packer)(buf, (1.1, 1.1))
+    got = st.from_buffer_copy(buf.raw)
+    assert got.f0 == ctypes.c_float(1.1).value != 1.1
+    assert got.f1 == 1.1
+
+
+def test_out_of_range_integer_is_an_error_naming_the_field():
+    sig = (("n", "i32"), ("m", "u8"))
+    _, packer = arg_layout(sig)
+    buf = ctypes.create_string_buffer(packer.size)
+    fill = make_packer(sig, packer)
+    with pytest.raises(Exception) as info:
+        fill(buf, (2**31, 0))
+    err = _pack_error("fam:entry", sig, (2**31, 0), info.value)
+    assert isinstance(err, ValueError)
+    assert "fam:entry: argument 'n' (i32) cannot take 2147483648" in str(err)
+    err = _pack_error("fam:entry", sig, (0, 256), info.value)
+    assert "argument 'm' (u8) cannot take 256" in str(err)
+
+
+def test_a_float_for_an_integer_field_is_a_type_error():
+    sig = (("n", "i64"),)
+    err = _pack_error("fam:entry", sig, (1.5,), ValueError("x"))
+    assert isinstance(err, TypeError) and "argument 'n' (i64) cannot take 1.5" in str(err)
+
+
+def test_every_kind_has_a_struct_code():
+    for kind in _CTYPES:
+        arg_layout(((kind, kind),))
