@@ -375,10 +375,14 @@ def _update_impl(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torc
     if pad_slot_id.__class__ is not int:
         _pad_id(pad_slot_id)
     try:
-        key = (_meta(state), _meta(x), _meta(dt), _meta(A), _meta(B), _meta(C), _meta(D),
-               _meta(z), _meta(dt_bias), _meta(state_batch_indices), _meta(inter),
-               _meta(intermediate_state_indices), _meta(retrieve_parent_token), _meta(out),
-               dt_softplus)
+        # the required tensors inline (a flat tuple: fewer allocations than one tuple each)
+        key = (state.shape, state.stride(), state.dtype, state.device,
+               x.shape, x.stride(), x.dtype, x.device, dt.shape, dt.stride(), dt.dtype, dt.device,
+               A.shape, A.stride(), A.dtype, A.device, B.shape, B.stride(), B.dtype, B.device,
+               C.shape, C.stride(), C.dtype, C.device,
+               out.shape, out.stride(), out.dtype, out.device,
+               _meta(D), _meta(z), _meta(dt_bias), _meta(state_batch_indices), _meta(inter),
+               _meta(intermediate_state_indices), _meta(retrieve_parent_token), dt_softplus)
         plan = _plans.get(key)
     except (AttributeError, TypeError):   # not tensors: the full checks below say what is wrong
         key, plan = None, None
