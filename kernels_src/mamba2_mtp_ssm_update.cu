@@ -56,10 +56,25 @@ constexpr int RPT = JK_RPT;                       // rows per thread (they share
 constexpr int GROUPS = ROWS / RPT;                // row groups of TPR threads
 constexpr int THREADS = GROUPS * TPR;
 constexpr int VEC = 16 / (int)sizeof(state_t);    // state elements per 16-byte access
+constexpr int IVEC = 16 / (int)sizeof(input_t);   // B/C elements per 16-byte access
 constexpr int CHUNKS = N / VEC;                   // 16-byte chunks per row
 constexpr int K = CHUNKS / TPR;                   // chunks per thread
 constexpr int MAX_T = 16;
-constexpr int STAGE = 4;                          // B/C staging loads in flight per thread
+// Blocks per SM the register budget must allow: 256-thread blocks need 48 registers or fewer for
+// five per SM (measured: fp32 16 x 1 x 256 at 4 blocks per SM lost 7-9% to 5 at T = 4).
+#ifndef JK_MIN_BLOCKS
+#define JK_MIN_BLOCKS (THREADS >= 256 ? 5 : 0)
+#endif
+constexpr int MIN_BLOCKS = JK_MIN_BLOCKS;
+// B/C staged in 16-byte vectors: 2-byte states only. Measured (H200): 5-11% faster for bf16 state
+// at batch 32 and up to 13% at batch 1; fp32-state kernels, whose rows already take twice the
+// registers, ran 2-3% slower at batch 256 with it and keep the scalar staging.
+constexpr bool VEC_STAGING = sizeof(state_t) == 2;
+// Staging loads in flight per thread (each of B and C). 256-thread blocks with vector staging
+// take fewer, to stay within the 48 registers of five blocks per SM without spilling.
+constexpr bool TIGHT = THREADS >= 256 && VEC_STAGING;
+constexpr int STAGE = TIGHT ? 2 : 4;              // scalar loads
+constexpr int STAGE_V = TIGHT ? 1 : 2;            // 16-byte loads
 
 static_assert(N % 16 == 0 && N >= 16 && N <= 512, "N must be a multiple of 16 in [16, 512]");
 static_assert((TPR & (TPR - 1)) == 0 && TPR <= 32, "TPR must be a power of two <= 32");
@@ -91,6 +106,15 @@ __device__ __forceinline__ uint4 pack(const float (&f)[VEC]) {
 #pragma unroll
     for (int i = 0; i < VEC; ++i) e[i] = from_f<state_t>(f[i]);
     return u;
+}
+
+// 16 bytes of B/C (input dtype) -> IVEC floats in shared memory (16-byte aligned: N % 16 == 0)
+__device__ __forceinline__ void unpack_in(const uint4& u, float* dst) {
+    const input_t* e = reinterpret_cast<const input_t*>(&u);
+#pragma unroll
+    for (int i = 0; i < IVEC; i += 4)
+        *reinterpret_cast<float4*>(dst + i) =
+            make_float4(to_f(e[i]), to_f(e[i + 1]), to_f(e[i + 2]), to_f(e[i + 3]));
 }
 
 __device__ __forceinline__ float softplus(float v) {
@@ -126,7 +150,7 @@ struct UpdateParams {
 };
 
 // Grid: (ceil(P / ROWS), H, Bt). Block: THREADS. Dynamic shared memory: 2 * T * N floats.
-__global__ void __launch_bounds__(THREADS) mtp_ssm_update(const UpdateParams prm) {
+__global__ void __launch_bounds__(THREADS, MIN_BLOCKS) mtp_ssm_update(const UpdateParams prm) {
     extern __shared__ float smem[];   // sB[T][N], then sC[T][N]
     __shared__ float s_dt[MAX_T];     // processed dt (bias, softplus) of this head
     __shared__ float s_dA[MAX_T];     // exp(A * dt)
@@ -199,54 +223,118 @@ __global__ void __launch_bounds__(THREADS) mtp_ssm_update(const UpdateParams prm
             raw[j][k] = active[j] ? *reinterpret_cast<const uint4*>(st_row + j * ROW_J + k * TPR * VEC)
                                   : make_uint4(0, 0, 0, 0);
 
-    // 2. Stage B and C of this group, and the per-step scalars, in shared memory.
+    // The per-step scalars (thread t < T: step t), loaded now and used after the staging below,
+    // so their round trip overlaps it.
+    float dt_raw = 0.f, bias_raw = 0.f, a_raw = 0.f;
+    int par_raw = -1;
+    if (threadIdx.x < T) {
+        const int t = threadIdx.x;
+        dt_raw = to_f(prm.dt[b * prm.dt_sb + t * prm.dt_st + (long long)h * prm.dt_sh]);
+#if JK_HAS_DT_BIAS
+        bias_raw = to_f(prm.dt_bias[(long long)h * prm.bias_sh]);
+#endif
+        a_raw = to_f(prm.A[(long long)h * prm.A_sh]);
+#if JK_TREE
+        par_raw = prm.parent[b * T + t];
+#endif
+    }
+    (void)bias_raw;
+    (void)par_raw;
+
+    // 2. Stage B and C of this group, and the per-step scalars, in shared memory. Every load of
+    //    a thread is issued before its first shared store (STAGE in flight), and B/C move in
+    //    16-byte vectors when their rows allow it: the staging is a block's whole prologue, so at
+    //    small batches it is on the kernel's critical path (scalar loads took four L2 round trips
+    //    at T = 8, vectors one).
     float* sB = smem;
     float* sC = smem + T * N;
     {
         const input_t* Bb = prm.B + b * prm.B_sb + (long long)g * prm.B_sg;
         const input_t* Cb = prm.C + b * prm.C_sb + (long long)g * prm.C_sg;
-        // Loads first, stores after: STAGE loads per thread in flight instead of one.
-        for (int i0 = threadIdx.x; i0 < T * N; i0 += THREADS * STAGE) {
-            float vb[STAGE], vc[STAGE];
+        const bool vec_bc = VEC_STAGING &&
+            ((reinterpret_cast<unsigned long long>(Bb) | reinterpret_cast<unsigned long long>(Cb)) & 15) == 0 &&
+            prm.B_st % IVEC == 0 && prm.C_st % IVEC == 0;
+        if (vec_bc) {
+            constexpr int RV = N / IVEC;   // 16-byte vectors per B/C row
+            for (int i0 = threadIdx.x; i0 < T * RV; i0 += THREADS * STAGE_V) {
+                uint4 vb[STAGE_V], vc[STAGE_V];
 #pragma unroll
-            for (int u = 0; u < STAGE; ++u) {
-                const int i = i0 + u * THREADS, t = i / N, n = i % N;
-                if (i < T * N) {
-                    vb[u] = to_f(__ldg(Bb + t * prm.B_st + n));
-                    vc[u] = to_f(__ldg(Cb + t * prm.C_st + n));
+                for (int u = 0; u < STAGE_V; ++u) {
+                    const int i = i0 + u * THREADS, t = i / RV, c = i % RV;
+                    if (i < T * RV) {
+                        vb[u] = __ldg(reinterpret_cast<const uint4*>(Bb + t * prm.B_st + c * IVEC));
+                        vc[u] = __ldg(reinterpret_cast<const uint4*>(Cb + t * prm.C_st + c * IVEC));
+                    }
+                }
+#pragma unroll
+                for (int u = 0; u < STAGE_V; ++u) {
+                    const int i = i0 + u * THREADS;
+                    if (i < T * RV) {
+                        // i / RV * N + i % RV * IVEC == i * IVEC: the rows are dense in shared
+                        unpack_in(vb[u], sB + i * IVEC);
+                        unpack_in(vc[u], sC + i * IVEC);
+                    }
                 }
             }
+        } else {
+            for (int i0 = threadIdx.x; i0 < T * N; i0 += THREADS * STAGE) {
+                float vb[STAGE], vc[STAGE];
 #pragma unroll
-            for (int u = 0; u < STAGE; ++u) {
-                const int i = i0 + u * THREADS;
-                if (i < T * N) {
-                    sB[i] = vb[u];
-                    sC[i] = vc[u];
+                for (int u = 0; u < STAGE; ++u) {
+                    const int i = i0 + u * THREADS, t = i / N, n = i % N;
+                    if (i < T * N) {
+                        vb[u] = to_f(__ldg(Bb + t * prm.B_st + n));
+                        vc[u] = to_f(__ldg(Cb + t * prm.C_st + n));
+                    }
+                }
+#pragma unroll
+                for (int u = 0; u < STAGE; ++u) {
+                    const int i = i0 + u * THREADS;
+                    if (i < T * N) {
+                        sB[i] = vb[u];
+                        sC[i] = vc[u];
+                    }
                 }
             }
         }
-        for (int i = threadIdx.x; i < T * ROWS; i += THREADS) {
-            const int t = i / ROWS, r = i % ROWS;
-            if (p0 + r >= prm.P) continue;
-            const long long xo = b * prm.x_sb + t * prm.x_st + (long long)h * prm.x_sh + p0 + r;
-            s_x[t][r] = to_f(prm.x[xo]);
+        for (int i0 = threadIdx.x; i0 < T * ROWS; i0 += THREADS * STAGE) {
+            float vx[STAGE];
 #if JK_HAS_Z
-            s_z[t][r] = to_f(prm.z[b * prm.z_sb + t * prm.z_st + (long long)h * prm.z_sh + p0 + r]);
+            float vz[STAGE];
 #endif
+#pragma unroll
+            for (int u = 0; u < STAGE; ++u) {
+                const int i = i0 + u * THREADS, t = i / ROWS, r = i % ROWS;
+                if (i < T * ROWS && p0 + r < prm.P) {
+                    vx[u] = to_f(prm.x[b * prm.x_sb + t * prm.x_st + (long long)h * prm.x_sh + p0 + r]);
+#if JK_HAS_Z
+                    vz[u] = to_f(prm.z[b * prm.z_sb + t * prm.z_st + (long long)h * prm.z_sh + p0 + r]);
+#endif
+                }
+            }
+#pragma unroll
+            for (int u = 0; u < STAGE; ++u) {
+                const int i = i0 + u * THREADS, t = i / ROWS, r = i % ROWS;
+                if (i < T * ROWS && p0 + r < prm.P) {
+                    s_x[t][r] = vx[u];
+#if JK_HAS_Z
+                    s_z[t][r] = vz[u];
+#endif
+                }
+            }
         }
         if (threadIdx.x < T) {
-            const int t = threadIdx.x;
-            float d = to_f(prm.dt[b * prm.dt_sb + t * prm.dt_st + (long long)h * prm.dt_sh]);
+            float d = dt_raw;
 #if JK_HAS_DT_BIAS
-            d += to_f(prm.dt_bias[(long long)h * prm.bias_sh]);
+            d += bias_raw;
 #endif
 #if JK_DT_SOFTPLUS
             d = softplus(d);
 #endif
-            s_dt[t] = d;
-            s_dA[t] = expf(to_f(prm.A[(long long)h * prm.A_sh]) * d);
+            s_dt[threadIdx.x] = d;
+            s_dA[threadIdx.x] = expf(a_raw * d);
 #if JK_TREE
-            s_parent[t] = prm.parent[b * T + t];
+            s_parent[threadIdx.x] = par_raw;
 #endif
         }
     }

@@ -52,7 +52,8 @@ def _random_case(rng: random.Random) -> dict:
              softplus=rng.random() < 0.7, inter=rng.random() < 0.7,
              sbi=rng.random() < 0.7, iidx=rng.random() < 0.5, pads=rng.random() < 0.5,
              pad_id=rng.choice([-1, -1, 9999]), expanded=rng.random() < 0.4,
-             packed=rng.random() < 0.3, pool_stride=rng.random() < 0.3,
+             packed=rng.random() < 0.3, shift=rng.randint(0, 7) if rng.random() < 0.5 else 0,
+             pool_stride=rng.random() < 0.3,
              disable=rng.random() < 0.2, squeeze=rng.random() < 0.5, longer_inter=rng.random() < 0.3)
     c["tree"] = c["inter"] and rng.random() < 0.6
     c["tree_kind"] = rng.choice(["random", "chain", "binary", "garbage"])
@@ -93,8 +94,11 @@ def _build(c, rng: random.Random, dev="cuda"):
         state = torch.randn(S, H, P, N, device=dev).mul_(0.5).to(sd)
     lead = (Bt, T)
     if c["packed"]:   # x, B, C as views of one projection output (Mamba2's xBC)
+        # shifted by c["shift"] elements: B/C rows off 16-byte alignment take the kernel's
+        # scalar staging path instead of its vector one
         w = H * P + 2 * G * N
-        xbc = (torch.randn(Bt, T, w + 8, device=dev) * 0.5).to(idt)
+        xbc = (torch.randn(Bt, T, w + 8 + c["shift"], device=dev) * 0.5).to(idt)
+        xbc = xbc[..., c["shift"]:]
         x = xbc[..., :H * P].unflatten(-1, (H, P))
         B = xbc[..., H * P:H * P + G * N].unflatten(-1, (G, N))
         C = xbc[..., H * P + G * N:w].unflatten(-1, (G, N))
@@ -242,6 +246,8 @@ def test_sweep_covers_the_space():
                 "expanded", "packed", "pool_stride", "disable"):
         assert {c[key] for c in rng_cases} == {False, True}, key
     assert {c["state"] for c in rng_cases} == set(DT)
+    shifted = [c for c in rng_cases if c["packed"] and c["shift"] % 8]
+    assert {c["state"] for c in shifted} == set(DT) and {c["inp"] for c in shifted} == set(DT)
     assert {c["N"] for c in rng_cases} >= {16, 128, 512}
     assert 80 in {c["P"] for c in rng_cases}
 

@@ -49,18 +49,19 @@ def chunks_per_row(N: int, state_dtype: str) -> int:
 # The compile-time choices by state element size, tree mode and one token (T == 1) or more:
 # (threads per block, threads per row, rows per thread, tree_prefetch). Chosen by measurement on
 # an H200 (BENCHMARKS.md: variants, tiling sweep and table). fp32 chain: 16 threads x 1 row in
-# 256-thread blocks was 3-5% faster than 16 x 2 at T = 8, but at T = 1 the 16 x 2 x 128 tiling
+# 256-thread blocks was 1-3% faster than 16 x 2 at T = 4/8, but at T = 1 the 16 x 2 x 128 tiling
 # reached 89-93% of copy against 77-80%: per-block fixed costs dominate one step. fp32 tree:
-# 16 x 2 x 128. 2-byte state: 8 x 2 x 128 in both modes (32 elements per thread; 4 x 1, 4 x 2,
-# 8 x 1 and 64-thread blocks were 3-36% slower). Tree kernels read a parent node into the
-# registers of the state it replaces: prefetching it one step ahead costs 16 registers (bf16: 80
-# per thread, 6 blocks per SM instead of 8; 9-23% slower at batch >= 32) and gained fp32 at
-# most 0.8%.
+# 16 x 2 x 128. 2-byte state, T > 1: 8 x 2 in 64-thread blocks (16 rows); with B/C staged in
+# 16-byte vectors it was 1-3% faster than 128-thread blocks at batch 32 and 256 (before that
+# change, 3-8% slower); 4 x 1, 4 x 2, 8 x 1, 16 x 2 and 256-thread blocks were 3-36% slower.
+# T = 1 keeps 8 x 2 x 128. Tree kernels read a parent node into the registers of the state it
+# replaces: prefetching it one step ahead costs 16 registers (bf16: 80 per thread, 6 blocks per
+# SM instead of 8; 9-23% slower at batch >= 32) and gained fp32 at most 0.8%.
 DEFAULT_TILING = {
     (4, False, False): (256, 16, 1, False), (4, False, True): (128, 16, 2, False),
     (4, True, False): (128, 16, 2, False), (4, True, True): (128, 16, 2, False),
-    (2, False, False): (128, 8, 2, False), (2, False, True): (128, 8, 2, False),
-    (2, True, False): (128, 8, 2, False), (2, True, True): (128, 8, 2, False),
+    (2, False, False): (64, 8, 2, False), (2, False, True): (128, 8, 2, False),
+    (2, True, False): (64, 8, 2, False), (2, True, True): (128, 8, 2, False),
 }
 
 
@@ -140,7 +141,7 @@ def _warmup() -> tuple:
         out.append(nemotron_config(sd, tree=False))
         out.append(nemotron_config(sd, tree=False, T=1))                  # MTP with T = 1
         out.append(nemotron_config(sd, tree=False, intermediate=False, T=1))   # plain decode
-    unique = []   # 2-byte state picks one tiling for every T: drop the repeats
+    unique = []   # drop repeats (were a T = 1 tiling ever the same as the T > 1 one)
     for c in out:
         if c not in unique:
             unique.append(c)
