@@ -10,13 +10,22 @@ implementation of the same math (fp32 compute).
 
 Small batches would otherwise run from L2: every timed graph holds R calls that use disjoint
 state slots and intermediate rows (R chosen so one replay touches >= 512 MiB), and the time per
-call is the replay time over R. FlashInfer runs through the same graphs and the same indices.
+call is the replay time over R. Each timing sample is REPLAYS back-to-back replays enqueued
+behind an untimed one, so the GPU never waits for the host between the two events (a single
+replay per event pair would count the host's graph-launch latency: several us, 2-8% of a
+batch-32 call). FlashInfer runs through the same graphs and the same indices.
+
+``--host``: what an engine that calls the op eagerly (no CUDA graph) sees at small batch: the
+time per call of back-to-back eager calls (CUDA events around the loop, so the host's per-call
+cost is counted whenever it exceeds the kernel's), the host's submission cost per call, and the
+graph-replayed device time beside them.
 
     python benchmarks/mamba2_mtp.py                 # the full table
     python benchmarks/mamba2_mtp.py --quick         # a subset
     python benchmarks/mamba2_mtp.py --story         # H=128, T 1/4/8, batch 1/32/256
     python benchmarks/mamba2_mtp.py --tune          # tiling sweep (threads per row, block size)
     python benchmarks/mamba2_mtp.py --variants      # tree-read and tiling variants, T 4/8
+    python benchmarks/mamba2_mtp.py --host          # eager (host-inclusive) calls, batch 1 and 8
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ import datetime
 import math
 import statistics
 import sys
+import time
 
 import torch
 
@@ -37,6 +47,7 @@ from jitkern.ops import mamba2 as m2  # noqa: E402
 
 DT = {"fp32": torch.float32, "bf16": torch.bfloat16}
 MIN_TOUCH = 512 << 20
+REPLAYS = 4      # back-to-back replays per timing sample
 
 
 def median_ms(fn, warmup=3, reps=15):
@@ -59,8 +70,35 @@ def copy_bandwidth():
     n = 1 << 28
     src = torch.randn(n, device="cuda")
     dst = torch.empty_like(src)
-    ms = median_ms(lambda: dst.copy_(src), warmup=3, reps=20)
+    ms = busy_median_ms(lambda: dst.copy_(src), reps=20)
     return 2 * src.numel() * 4 / ms / 1e6
+
+
+def write_bandwidth():
+    """GB/s of filling 1 GiB (bytes written): the ceiling of a write-only stream. The update
+    writes T + 1 states per state read, so at large T its traffic is mostly writes."""
+    dst = torch.empty(1 << 28, device="cuda")
+    ms = busy_median_ms(lambda: dst.fill_(1.0), reps=20)
+    return dst.numel() * 4 / ms / 1e6
+
+
+def busy_median_ms(fn, k=REPLAYS, reps=15):
+    """Median time of one fn() over samples of k back-to-back calls, each sample enqueued behind
+    an untimed call so the device is busy when the first event is recorded."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        fn()
+        a.record()
+        for _ in range(k):
+            fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / k)
+    return statistics.median(times)
 
 
 class Problem:
@@ -162,7 +200,28 @@ def graph_of(calls):
 
 def time_calls(calls):
     g = graph_of(calls)
-    return median_ms(g.replay) / len(calls)
+    return busy_median_ms(g.replay) / len(calls)
+
+
+def eager_per_call(calls, n=400, reps=7):
+    """(ms per call of n back-to-back eager calls between two events, host us per call to
+    submit them). The calls cycle through disjoint state slots, like the graphs."""
+    for c in calls:
+        c()
+    torch.cuda.synchronize()
+    dev, host = [], []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        t0 = time.perf_counter()
+        for i in range(n):
+            calls[i % len(calls)]()
+        t1 = time.perf_counter()
+        b.record()
+        b.synchronize()
+        dev.append(a.elapsed_time(b) / n)
+        host.append((t1 - t0) / n * 1e6)
+    return statistics.median(dev), statistics.median(host)
 
 
 def prewarm_flashinfer(fi, states, Ts):
@@ -202,19 +261,27 @@ def main():
     ap.add_argument("--variants", action="store_true")
     ap.add_argument("--no-eager", action="store_true")
     ap.add_argument("--no-flashinfer", action="store_true")
+    ap.add_argument("--host", action="store_true")
+    ap.add_argument("--batches", type=lambda v: [int(b) for b in v.split(",")],
+                    help="comma-separated batch sizes (default: the mode's)")
     args = ap.parse_args()
 
     name = torch.cuda.get_device_name()
     bw = copy_bandwidth()
     print(f"# device: {name}; date: {datetime.date.today()}; torch {torch.__version__}")
     print(f"# copy bandwidth (1 GiB device-to-device, read + write): {bw:.0f} GB/s")
+    print(f"# write bandwidth (fill of 1 GiB): {write_bandwidth():.0f} GB/s")
     fi = None if args.no_flashinfer else load_flashinfer()
 
     if args.tune:
         tune(bw)
         return
     if args.variants:
-        variants(bw)
+        variants(bw, args.batches)
+        return
+    if args.host:
+        host_breakdown()
+        host(bw, fi, args.batches or [1, 8])
         return
 
     shapes = [(128, 8), (32, 2)]
@@ -225,6 +292,7 @@ def main():
         shapes, states, Ts, batches = [(128, 8)], ["fp32"], [8], [1, 32, 256]
     if args.story:
         shapes, batches = [(128, 8)], [1, 32, 256]
+    batches = args.batches or batches
 
     if fi is not None:
         prewarm_flashinfer(fi, states, Ts)
@@ -251,6 +319,13 @@ def row(bw, fi, H, G, sd, T, tree, Bt, eager):
              f"{100 * gbs / bw:.0f}%"]
     if fi is not None and not tree:
         try:
+            # does FlashInfer store the intermediate states it was given (the roofline counts them)?
+            pr.inter.fill_(float("nan"))
+            pr.flashinfer_call(fi, 0)()
+            torch.cuda.synchronize()
+            if torch.isnan(pr.inter[pr.idx[0].long(), :T].float()).all():
+                print(f"# note: FlashInfer stored no intermediate state (state {sd}, T = {T}, "
+                      f"batch {Bt}): it moves {T + 1} of the {T + 2} state units counted here")
             fms = time_calls([pr.flashinfer_call(fi, i) for i in range(pr.R)])
             cells += [f"{fms * 1e3:.1f}", f"{100 * pr.bytes / fms / 1e6 / bw:.0f}%",
                       f"{fms / ms:.2f}x"]
@@ -297,24 +372,28 @@ def tune(bw):
 
 
 VARIANTS = {   # state -> tree -> (threads per block, TPR, RPT, tree_prefetch) candidates
-    "fp32": {True: [(128, 16, 2, False), (128, 16, 2, True), (256, 16, 1, False),
-                    (256, 16, 1, True)]},
-    "bf16": {True: [(128, 8, 2, False), (128, 8, 2, True), (128, 8, 1, False),
-                    (256, 8, 1, False), (64, 8, 2, False)],
-             False: [(128, 8, 2, False), (128, 8, 1, False), (256, 8, 1, False),
+    "fp32": {True: [(128, 16, 2, False), (128, 16, 2, True), (256, 16, 1, False)],
+             False: [(256, 16, 1, False), (128, 16, 2, False)]},
+    "bf16": {True: [(128, 8, 2, False), (128, 16, 2, False), (256, 16, 2, False),
+                    (64, 8, 2, False)],
+             False: [(128, 8, 2, False), (128, 16, 2, False), (256, 16, 2, False),
                      (64, 8, 2, False)]},
 }
 
 
-def variants(bw):
+def variants(bw, batches=None):
     """Tree-read (prefetch one step ahead or read into the replaced registers) and tiling
     variants, H=128, G=8, P=64, N=128, T 4 and 8; the first candidate is the default."""
     print("\n## variants (H=128, G=8, P=64, N=128)")
     print("| state | tree | T | batch | threads | TPR | ROWS | RPT | prefetch | us | % copy |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
+    cases = ((8, 1), (4, 32), (4, 256), (8, 32), (8, 256))
+    if batches:
+        cases = tuple((T, Bt) for T in (4, 8) for Bt in batches)
+    print(f"# {len(cases)} cases; the first candidate of each group is the default")
     for sd, modes in VARIANTS.items():
         for tree, cands in modes.items():
-            for T, Bt in ((8, 1), (4, 32), (4, 256), (8, 32), (8, 256)):
+            for T, Bt in cases:
                 pr = Problem(128, 8, 64, 128, T, Bt, DT[sd], tree)
                 for threads, tpr, rpt, pf in cands:
                     tiling = pick_tiling(128, sd, 64, tree, T, threads=threads, tpr=tpr, rpt=rpt)
@@ -322,6 +401,85 @@ def variants(bw):
                     print(f"| {sd} | {'yes' if tree else 'no'} | {T} | {Bt} | {threads} | "
                           f"{tiling[0]} | {tiling[1]} | {tiling[2]} | {'yes' if pf else 'no'} | "
                           f"{ms * 1e3:.1f} | {100 * pr.bytes / ms / 1e6 / bw:.0f}% |", flush=True)
+                del pr
+                torch.cuda.empty_cache()
+
+
+def host_us(fn, n=300, reps=9):
+    """Host microseconds per call of fn (n calls per sample, synchronized between samples; n is
+    kept under the launch queue's depth so the host never waits for the device)."""
+    fn()
+    torch.cuda.synchronize()
+    out = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        out.append((time.perf_counter() - t0) / n * 1e6)
+        torch.cuda.synchronize()
+    return statistics.median(out)
+
+
+def host_breakdown():
+    """Where the host time of one eager call goes (bf16 state, T = 1, batch 1)."""
+    pr = Problem(128, 8, 64, 128, 1, 1, torch.bfloat16, False)
+    full = pr.jitkern_call(0)
+    full()
+    args = (pr.state, pr.x, pr.dt, pr.A, pr.B, pr.C, pr.D, None, pr.dt_bias, True, pr.idx[0], -1,
+            pr.inter, pr.idx[0], None, False, pr.out)
+    plan = m2._prepare_update(*args[:16], pr.out)
+    largs = (plan,) + args[:9] + args[10:]
+    fn = plan.kernel.function("update")
+    kargs = (pr.state, pr.x, pr.dt, pr.A, pr.B, pr.C, pr.D, None, pr.dt_bias, pr.out, pr.inter,
+             pr.idx[0], pr.idx[0], None) + plan.static + (-1, 0)
+    buf = fn._buffers()
+    fn._fill(buf[0], kargs)
+    stream = torch.cuda.current_stream().cuda_stream
+    g, b = plan.grid, plan.block
+    raw = lambda: fn._launch_kernel(fn.ptr, g[0], g[1], g[2], b[0], b[1], b[2], plan.smem,  # noqa
+                                    stream, buf[2], 0)
+    rows = [("public op (validated plan, launch)", full),
+            ("_update_impl (key, plan lookup, launch)", lambda: m2._update_impl(*args)),
+            ("_launch_update (prepared plan)", lambda: m2._launch_update(*largs)),
+            ("LoadedKernel.launch (packed args)", lambda: plan.kernel.launch(
+                "update", plan.grid, plan.block, kargs, plan.smem)),
+            ("fill only", lambda: fn._fill(buf[0], kargs)),
+            ("cuLaunchKernel via CuPy (pre-packed)", raw)]
+    print("\n## host cost per call (bf16 state, T=1, batch 1)")
+    print("| path | host us |")
+    print("|---|---|")
+    for name, f in rows:
+        print(f"| {name} | {host_us(f):.2f} |", flush=True)
+    del pr
+    torch.cuda.empty_cache()
+
+
+def host(bw, fi, batches):
+    """Eager calls (no graph) at small batches: per-call time between events (host-bound when the
+    host's per-call cost exceeds the kernel's), host submission cost, and graph device time."""
+    print("\n## eager calls, host included (H=128, G=8, P=64, N=128, chain, intermediate states)")
+    hdr = ("| state | T | batch | jk graph us | jk eager us | jk host us | FI graph us | "
+           "FI eager us | FI host us | eager: jk speedup | eager: jk % copy | eager: FI % copy |")
+    print(hdr)
+    print("|" + "---|" * (hdr.count("|") - 1))
+    for sd in ("fp32", "bf16"):
+        for T in (1, 4, 8):
+            for Bt in batches:
+                pr = Problem(128, 8, 64, 128, T, Bt, DT[sd], False)
+                calls = [pr.jitkern_call(i) for i in range(pr.R)]
+                g_ms = time_calls(calls)
+                e_ms, h_us = eager_per_call(calls)
+                cells = [sd, T, Bt, f"{g_ms * 1e3:.1f}", f"{e_ms * 1e3:.1f}", f"{h_us:.1f}"]
+                if fi is not None:
+                    fcalls = [pr.flashinfer_call(fi, i) for i in range(pr.R)]
+                    fg = time_calls(fcalls)
+                    fe, fh = eager_per_call(fcalls)
+                    cells += [f"{fg * 1e3:.1f}", f"{fe * 1e3:.1f}", f"{fh:.1f}", f"{fe / e_ms:.2f}x",
+                              f"{100 * pr.bytes / e_ms / 1e6 / bw:.0f}%",
+                              f"{100 * pr.bytes / fe / 1e6 / bw:.0f}%"]
+                else:
+                    cells += ["-", "-", "-", "-", f"{100 * pr.bytes / e_ms / 1e6 / bw:.0f}%", "-"]
+                print("| " + " | ".join(str(c) for c in cells) + " |", flush=True)
                 del pr
                 torch.cuda.empty_cache()
 
