@@ -77,6 +77,16 @@ constexpr int KV_BYTES = 2;
 // ldmatrix (16-bit KV) and the 32-bit fragment loads (fp8 KV) below conflict-free.
 constexpr int KV_ROW = D * KV_BYTES + 16;
 constexpr int KV_TILE_BYTES = TILE * KV_ROW;
+// fp8 cache with 128-row query tiles (64-node trees): once a K/V tile has landed, the CTA converts
+// it to fp16 in shared memory together (each element once), and the warps run the 16-bit ldmatrix
+// path on the copy. Converting in registers instead (FP8_DIRECT) repeats the conversion in every
+// warp that reads the tile: WM = 8 times here. Measured (H200, 8k, batch 64): 64-node trees 11%
+// faster; 64-row tiles (WM = 4) 3.5% slower, so they keep the direct path.
+constexpr bool FP8_SMEM = JK_KV_FP8 && QT >= 128;
+constexpr bool FP8_DIRECT = JK_KV_FP8 && !FP8_SMEM;
+constexpr int CV_ROW = D * 2 + 16;                     // fp16 row of the converted tile
+constexpr int CV_TILE_BYTES = FP8_SMEM ? TILE * CV_ROW : 0;
+constexpr int ROW16 = FP8_SMEM ? CV_ROW : KV_ROW;      // row stride the 16-bit path reads
 // Memory-bound (small query tiles) shapes need about 128 KB of K/V in flight per SM to cover
 // HBM latency: 5 stages of 128-byte rows (fp8 D=128, 16-bit D=64) or 3 of 256-byte rows, two CTAs
 // per SM. Compute-bound tiles (trees) and 512-byte rows take 2, keeping two CTAs per SM.
@@ -92,7 +102,7 @@ constexpr bool Q_IN_REGS = D <= 128 && QT < 64; // else Q fragments are reloaded
 // CTAs per SM the register budget must allow: 16-row tiles (~160 registers) fit three, which a
 // shallow pipeline (kv_stages 2) can use; 8-warp tiles two; the rest as registers fall.
 constexpr int MIN_BLOCKS = (NT >= 256 && D <= 128) ? 2 : (QT == 16 && D <= 128) ? 3 : 1;
-constexpr int SMEM_PIPE = STAGES * 2 * KV_TILE_BYTES;
+constexpr int SMEM_PIPE = STAGES * 2 * KV_TILE_BYTES + 2 * CV_TILE_BYTES;
 constexpr int SMEM_EPI = (WN * QT * O_ROW + 2 * WN * QT) * 4;
 constexpr int SMEM_BYTES = QT * Q_ROW + (SMEM_PIPE > SMEM_EPI ? SMEM_PIPE : SMEM_EPI);
 static_assert(NJ % 2 == 0 && ROWS_PER_PASS >= 1 && TILE % ROWS_PER_PASS == 0, "tile shape");
@@ -384,6 +394,10 @@ __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const Param
     auto q_frag = [&](int kc, u32 a[4]) {
         const u8* base = q_s + (wm * 16) * Q_ROW;
 #if JK_KV_FP8
+        if constexpr (FP8_SMEM) {
+            ldsm_x4(a, smem_u32(base + (lane & 15) * Q_ROW + (16 * kc + 8 * (lane >> 4)) * 2));
+            return;
+        }
         // k index permuted to match the fp8 K fragments: logical (2t, 2t+1 | 2t+8, 2t+9)
         // <-> head-dim (4t, 4t+1 | 4t+2, 4t+3) within the 16-wide chunk
         const uint2 lo = *reinterpret_cast<const uint2*>(base + g * Q_ROW + (16 * kc + 4 * t4) * 2);
@@ -422,6 +436,28 @@ __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const Param
         const u8* ksm = kv_s + (it % STAGES) * 2 * KV_TILE_BYTES;
         const u8* vsm = ksm + KV_TILE_BYTES;
         const int kv_row0 = wn * NW;            // this warp's slice of the tile
+        if constexpr (FP8_SMEM) {
+            // K and V of the tile -> fp16 rows after the pipeline (16 fp8 -> 32 bytes per step;
+            // exact: every e4m3 value is an fp16 value). The previous round's readers of the
+            // converted tile are past its closing barrier.
+            u8* cv = kv_s + STAGES * 2 * KV_TILE_BYTES;
+            constexpr int CH = D / 16;                       // 16-byte fp8 chunks per row
+            for (int i = tid; i < 2 * TILE * CH; i += NT) {
+                const int m = i / (TILE * CH), rc = i - m * TILE * CH, r = rc / CH, c = rc - r * CH;
+                const uint4 w = *reinterpret_cast<const uint4*>((m ? vsm : ksm) + r * KV_ROW + c * 16);
+                uint4 lo, hi;
+                lo.x = fp8x2_to_f16x2(w.x & 0xffffu); lo.y = fp8x2_to_f16x2(w.x >> 16);
+                lo.z = fp8x2_to_f16x2(w.y & 0xffffu); lo.w = fp8x2_to_f16x2(w.y >> 16);
+                hi.x = fp8x2_to_f16x2(w.z & 0xffffu); hi.y = fp8x2_to_f16x2(w.z >> 16);
+                hi.z = fp8x2_to_f16x2(w.w & 0xffffu); hi.w = fp8x2_to_f16x2(w.w >> 16);
+                u8* dst = cv + m * CV_TILE_BYTES + r * CV_ROW + c * 32;
+                *reinterpret_cast<uint4*>(dst) = lo;
+                *reinterpret_cast<uint4*>(dst + 16) = hi;
+            }
+            __syncthreads();
+            ksm = cv;
+            vsm = cv + CV_TILE_BYTES;
+        }
 
         // ---- S = Q K^T over the warp's NW positions ----
         float s[NJ][4];
@@ -433,22 +469,22 @@ __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const Param
             const u32* a;
             if (Q_IN_REGS) a = qf[Q_IN_REGS ? kc : 0];
             else { q_frag(kc, a_buf); a = a_buf; }
-#if JK_KV_FP8
+            if constexpr (FP8_DIRECT) {
 #pragma unroll
-            for (int j = 0; j < NJ; ++j) {
-                const u32 w = lds32(ksm + (kv_row0 + 8 * j + g) * KV_ROW + 16 * kc + 4 * t4);
-                mma16816(s[j], a, fp8x2_to_f16x2(w & 0xffffu), fp8x2_to_f16x2(w >> 16));
-            }
-#else
+                for (int j = 0; j < NJ; ++j) {
+                    const u32 w = lds32(ksm + (kv_row0 + 8 * j + g) * KV_ROW + 16 * kc + 4 * t4);
+                    mma16816(s[j], a, fp8x2_to_f16x2(w & 0xffffu), fp8x2_to_f16x2(w >> 16));
+                }
+            } else {
 #pragma unroll
-            for (int j = 0; j < NJ; j += 2) {
-                u32 bb[4];
-                ldsm_x4(bb, smem_u32(ksm + (kv_row0 + 8 * j + (lane & 7) + 8 * (lane >> 4)) * KV_ROW +
-                                     (16 * kc + 8 * ((lane >> 3) & 1)) * 2));
-                mma16816(s[j], a, bb[0], bb[1]);
-                mma16816(s[j + 1], a, bb[2], bb[3]);
+                for (int j = 0; j < NJ; j += 2) {
+                    u32 bb[4];
+                    ldsm_x4(bb, smem_u32(ksm + (kv_row0 + 8 * j + (lane & 7) + 8 * (lane >> 4)) * ROW16 +
+                                         (16 * kc + 8 * ((lane >> 3) & 1)) * 2));
+                    mma16816(s[j], a, bb[0], bb[1]);
+                    mma16816(s[j + 1], a, bb[2], bb[3]);
+                }
             }
-#endif
         }
 
         // ---- scale, mask (only where needed), online softmax ----
@@ -504,7 +540,7 @@ __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const Param
             a[1] = pack_mma2(s[2 * i][2], s[2 * i][3]);
             a[2] = pack_mma2(s[2 * i + 1][0], s[2 * i + 1][1]);
             a[3] = pack_mma2(s[2 * i + 1][2], s[2 * i + 1][3]);
-#if JK_KV_FP8
+            if constexpr (FP8_DIRECT) {
             // thread (g, t) gathers V[pos 2t, 2t+1, 2t+8, 2t+9][d = 32q + 4g + j], j = 0..3: the
             // four bytes of one 32-bit load per position feed four n8 chunks (output column g of
             // chunk 4q+j is head-dim 32q + 4g + j; the epilogue undoes this order).
@@ -520,16 +556,16 @@ __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const Param
                 mma16816(acc[4 * qd + 2], a, fp8x2_to_f16x2(y01 & 0xffffu), fp8x2_to_f16x2(y23 & 0xffffu));
                 mma16816(acc[4 * qd + 3], a, fp8x2_to_f16x2(y01 >> 16), fp8x2_to_f16x2(y23 >> 16));
             }
-#else
+            } else {
 #pragma unroll
             for (int dc = 0; dc < NDC; dc += 2) {
                 u32 bb[4];
-                ldsm_x4_t(bb, smem_u32(vsm + (kv_row0 + 16 * i + (lane & 7) + 8 * ((lane >> 3) & 1)) * KV_ROW +
+                ldsm_x4_t(bb, smem_u32(vsm + (kv_row0 + 16 * i + (lane & 7) + 8 * ((lane >> 3) & 1)) * ROW16 +
                                        (8 * dc + 8 * (lane >> 4)) * 2));
                 mma16816(acc[dc], a, bb[0], bb[1]);
                 mma16816(acc[dc + 1], a, bb[2], bb[3]);
             }
-#endif
+            }
         }
         __syncthreads();   // this stage's buffer is refilled by the next round's issue
     }
@@ -562,11 +598,7 @@ __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const Param
 #pragma unroll
             for (int e = 0; e < 2; ++e) {
                 const int col = 2 * t4 + e;
-#if JK_KV_FP8
-                const int d = 32 * (i >> 2) + 4 * col + (i & 3);
-#else
-                const int d = 8 * i + col;
-#endif
+                const int d = FP8_DIRECT ? 32 * (i >> 2) + 4 * col + (i & 3) : 8 * i + col;
                 orow[d] = acc[i][2 * h + e] * f;
             }
         }

@@ -76,6 +76,8 @@ def shared_bytes(cfg: dict) -> int:
     kv_row = d * kvb + 16
     stages_ = stages(cfg)
     pipe = stages_ * 2 * KV_TILE * kv_row
+    if kvb == 1 and qt >= 128:   # FP8_SMEM: the tile's K and V converted to fp16 rows
+        pipe += 2 * KV_TILE * (d * 2 + 16)
     epi = (wn * qt * (d + 4) + 2 * wn * qt) * 4
     return qt * (d + 8) * 2 + max(pipe, epi)
 
