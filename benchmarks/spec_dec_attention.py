@@ -256,6 +256,7 @@ def grid(kind: str):
     """Rows of the table. 'full': the issue's whole grid (5 shapes x q 1/4/16/64 x ctx 1k/8k/32k x
     batch 1/8/64 x bf16/fp8 KV on the main shape); 'story': the main shape's whole grid, memory-
     bound rows (decode, chains) first, then the other shapes at 8k, batch 1 and 64, bf16;
+    'padded': head dims 80/96/112/192 beside 128/256 (decode at batch 64, 16-node trees at 8);
     'sampled' (default): every q on the main shape at (1k, 8), (8k, 1), (8k, 8), (8k, 64),
     (32k, 1), (32k, 8), both KV types, and the other shapes at 8k, batch 1 and 64, bf16; 'quick':
     a few rows."""
@@ -273,6 +274,12 @@ def grid(kind: str):
             for q in (qspecs[0], qspecs[2], qspecs[3]):
                 for b in (1, 64):
                     rows.append((shape, q, 8192, b, "bf16"))
+        return rows
+    if kind == "padded":   # head dims the kernel pads, beside the native size they pad to
+        for shape in ((32, 8, 80), (32, 8, 96), (32, 8, 112), (32, 8, 128), (16, 4, 192),
+                      (16, 4, 256)):
+            rows.append((shape, qspecs[0], 8192, 64, "bf16"))
+            rows.append((shape, qspecs[2], 8192, 8, "bf16"))
         return rows
     if kind == "quick":
         for q in (qspecs[0], qspecs[2], qspecs[3]):
@@ -300,7 +307,8 @@ def grid(kind: str):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--grid", choices=("quick", "story", "sampled", "full"), default="sampled")
+    ap.add_argument("--grid", choices=("quick", "story", "sampled", "full", "padded"),
+                    default="sampled")
     ap.add_argument("--no-flex", action="store_true")
     ap.add_argument("--rows", type=int, default=0, help="run only the first N rows")
     ap.add_argument("--page-size", type=int, default=64)

@@ -53,7 +53,13 @@
 
 namespace jk_sd {
 
-constexpr int D = JK_HEAD_DIM;
+// DQ: the tensors' head_dim (any multiple of 16 up to 256). D: the kernel's, DQ padded to 64, 128
+// or 256. The padded columns are zeros in shared memory (Q and K/V chunks past DQ are zero-filled,
+// never read from memory), so they add nothing to Q K^T, and the output columns past DQ are not
+// written: only the tiles' arithmetic is padded, not the memory traffic.
+constexpr int DQ = JK_HEAD_DIM;
+constexpr int D = DQ <= 64 ? 64 : DQ <= 128 ? 128 : 256;
+static_assert(DQ % 16 == 0 && DQ >= 16 && DQ <= 256, "head_dim must be a multiple of 16 up to 256");
 constexpr int PS = JK_PAGE_SIZE;
 constexpr int MODE = JK_MODE;
 constexpr int TILE = 64;                       // KV positions per pipeline stage
@@ -93,7 +99,8 @@ constexpr int ROW16 = FP8_SMEM ? CV_ROW : KV_ROW;      // row stride the 16-bit 
 constexpr int STAGES = JK_KV_STAGES > 0 ? JK_KV_STAGES
                      : (D * KV_BYTES >= 512 || QT >= 64) ? 2 : (D * KV_BYTES <= 128 ? 5 : 3);
 constexpr int Q_ROW = (D + 8) * 2;
-constexpr int CPR = D * KV_BYTES / 16;         // 16-byte chunks per KV row
+constexpr int CPR = D * KV_BYTES / 16;         // 16-byte chunks per KV row (padded)
+constexpr int CPR_Q = DQ * KV_BYTES / 16;      // ... of them that exist in memory
 constexpr int ROWS_PER_PASS = NT / CPR;
 constexpr int RPT = TILE / ROWS_PER_PASS;      // KV rows each thread copies per tile (K and V)
 constexpr int NP = PS >= TILE ? 1 : TILE / PS; // pages per KV tile
@@ -109,15 +116,15 @@ static_assert(NJ % 2 == 0 && ROWS_PER_PASS >= 1 && TILE % ROWS_PER_PASS == 0, "t
 static_assert(D % 32 == 0, "head dim");
 
 struct Params {
-    const in_t* q;              // [total_q, hq, D]
-    const u8* k_cache;     // paged pools, NHD [pages, PS, hkv, D] or HND [pages, hkv, PS, D]
+    const in_t* q;              // [total_q, hq, DQ]
+    const u8* k_cache;     // paged pools, NHD [pages, PS, hkv, DQ] or HND [pages, hkv, PS, DQ]
     const u8* v_cache;
     const int* block_tables;    // [Bt, bt_stride]
     const int* seq_lens;        // [Bt]
     const int* q_cu;            // [Bt + 1] or null (uniform q_len)
     const u32* mask;       // [total_q, mask_words] (tree mode)
-    in_t* out;                  // [total_q, hq, D]
-    float* ws_o;                // [num_splits, total_q, hq, D] partial outputs (split path)
+    in_t* out;                  // [total_q, hq, DQ]
+    float* ws_o;                // [num_splits, total_q, hq, DQ] partial outputs (split path)
     float2* ws_ml;              // [num_splits, total_q, hq] (m in log2 units, l)
     int* counters;              // [Bt, hkv, row_tiles] finished splits, zero between launches;
                                 // null: the separate merge kernel combines the partials
@@ -149,7 +156,7 @@ __device__ __forceinline__ void merge_quad(const float* ws_o, const float2* ws_m
             const size_t w = (size_t)(s0 + u) * stride + idx;
             if (s0 + u < num_splits) {
                 ml[u] = __ldcg(&ws_ml[w]);
-                v[u] = __ldcg(reinterpret_cast<const float4*>(ws_o + w * D + d));
+                v[u] = __ldcg(reinterpret_cast<const float4*>(ws_o + w * DQ + d));
             } else {
                 ml[u] = make_float2(neg_inf(), 0.f);
                 v[u] = make_float4(0.f, 0.f, 0.f, 0.f);
@@ -170,7 +177,7 @@ __device__ __forceinline__ void merge_quad(const float* ws_o, const float2* ws_m
     uint2 packed;
     packed.x = pack_in2(o.x * inv, o.y * inv);
     packed.y = pack_in2(o.z * inv, o.w * inv);
-    *reinterpret_cast<uint2*>(out + idx * D + d) = packed;
+    *reinterpret_cast<uint2*>(out + idx * DQ + d) = packed;
 }
 
 // The fused merge of a 16-row tile, run by the CTA that finished last: the partials of all
@@ -209,7 +216,8 @@ __device__ __forceinline__ void merge_staged(const Params& p, u8* area, size_t s
         for (int i = tid; i < sc * nr * (D / 4); i += NT) {               // [sc][nr][D] floats
             const int c = i % (D / 4), sr = i / (D / 4);
             const int s = sr / nr, r = sr - s * nr;
-            const float* src = p.ws_o + ((size_t)(s0 + s) * stride + row_idx(r)) * D + 4 * c;
+            if (4 * c >= DQ) continue;                                      // padding
+            const float* src = p.ws_o + ((size_t)(s0 + s) * stride + row_idx(r)) * DQ + 4 * c;
             cp_async16(smem_u32(o_s + (size_t)i * 4), src, 16);
         }
         cp_async_commit();
@@ -242,7 +250,7 @@ __device__ __forceinline__ void merge_staged(const Params& p, u8* area, size_t s
 #pragma unroll
         for (int k = 0; k < MERGE_ITEMS; ++k) {
             const int i = tid + k * NT, r = i / (D / 4), c = i % (D / 4);
-            if (r >= nr) continue;
+            if (r >= nr || 4 * c >= DQ) continue;
             const float a = row_a[r];
             float4 o = make_float4(acc[k].x * a, acc[k].y * a, acc[k].z * a, acc[k].w * a);
             for (int s = 0; s < sc; ++s) {
@@ -257,13 +265,13 @@ __device__ __forceinline__ void merge_staged(const Params& p, u8* area, size_t s
 #pragma unroll
     for (int k = 0; k < MERGE_ITEMS; ++k) {
         const int i = tid + k * NT, r = i / (D / 4), c = i % (D / 4);
-        if (r >= nr) continue;
+        if (r >= nr || 4 * c >= DQ) continue;
         const float l = row_l[r];
         const float inv = l > 0.f ? 1.f / l : 0.f;
         uint2 packed;
         packed.x = pack_in2(acc[k].x * inv, acc[k].y * inv);
         packed.y = pack_in2(acc[k].z * inv, acc[k].w * inv);
-        *reinterpret_cast<uint2*>(p.out + row_idx(r) * D + 4 * c) = packed;
+        *reinterpret_cast<uint2*>(p.out + row_idx(r) * DQ + 4 * c) = packed;
     }
 }
 
@@ -330,9 +338,9 @@ __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const Param
         const int gr = row0 + r;
         const in_t* src = p.q;
         int bytes = 0;
-        if (gr < R) {
+        if (gr < R && c < DQ / 8) {
             const int t = gr / G, gq = gr - t * G;
-            src = p.q + ((size_t)(q_start + t) * p.hq + hk * G + gq) * D + c * 8;
+            src = p.q + ((size_t)(q_start + t) * p.hq + hk * G + gq) * DQ + c * 8;
             bytes = 16;
         }
         cp_async16(smem_u32(q_s + r * Q_ROW + c * 16), src, bytes);
@@ -353,11 +361,11 @@ __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const Param
             for (int s = 1; s < NP; ++s)
                 if (r / PS == s) page = pg[s];
             const int off = pos % PS;
-            const bool ok = pos < L && page >= 0;
+            const bool ok = pos < L && page >= 0 && (CPR_Q == CPR || c < CPR_Q);
 #if JK_KV_HND
-            const size_t elem = (((size_t)page * p.hkv + hk) * PS + off) * D;
+            const size_t elem = (((size_t)page * p.hkv + hk) * PS + off) * DQ;
 #else
-            const size_t elem = (((size_t)page * PS + off) * p.hkv + hk) * D;
+            const size_t elem = (((size_t)page * PS + off) * p.hkv + hk) * DQ;
 #endif
             const size_t byte = ok ? elem * KV_BYTES + c * 16 : 0;
             cp_async16(smem_u32(ksm + r * KV_ROW + c * 16), p.k_cache + byte, ok ? 16 : 0);
@@ -609,7 +617,7 @@ __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const Param
     for (int i = tid; i < QT * (D / 4); i += NT) {
         const int r = i / (D / 4), d = (i % (D / 4)) * 4;
         const int gr = row0 + r;
-        if (gr >= R) continue;
+        if (gr >= R || d >= DQ) continue;
         float M = neg_inf();
 #pragma unroll
         for (int w = 0; w < WN; ++w) M = fmaxf(M, m_s[w * QT + r]);
@@ -628,10 +636,10 @@ __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const Param
             uint2 packed;
             packed.x = pack_in2(o.x * inv, o.y * inv);
             packed.y = pack_in2(o.z * inv, o.w * inv);
-            *reinterpret_cast<uint2*>(p.out + idx * D + d) = packed;
+            *reinterpret_cast<uint2*>(p.out + idx * DQ + d) = packed;
         } else {
             const size_t widx = (size_t)split * p.total_q * p.hq + idx;
-            *reinterpret_cast<float4*>(p.ws_o + widx * D + d) =
+            *reinterpret_cast<float4*>(p.ws_o + widx * DQ + d) =
                 make_float4(o.x * vscale, o.y * vscale, o.z * vscale, o.w * vscale);
             if (d == 0) p.ws_ml[widx] = make_float2(M, Ls);
         }
@@ -664,7 +672,7 @@ __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const Param
     for (int i = tid; i < QT * (D / 4); i += NT) {
         const int r = i / (D / 4), d = (i % (D / 4)) * 4;
         const int gr = row0 + r;
-        if (gr >= R) continue;
+        if (gr >= R || d >= DQ) continue;
         const int t = gr / G, gq = gr - t * G;
         const size_t idx = (size_t)(q_start + t) * p.hq + hk * G + gq;
         merge_quad(p.ws_o, p.ws_ml, p.out, stride, p.num_splits, idx, d);
@@ -674,9 +682,9 @@ __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const Param
 
 // ---- split-KV merge as its own kernel (large row groups): one warp per (query row, head) ------
 struct MergeParams {
-    const float* ws_o;     // [num_splits, rows, D]
+    const float* ws_o;     // [num_splits, rows, DQ]
     const float2* ws_ml;   // [num_splits, rows]
-    in_t* out;             // [rows, D]
+    in_t* out;             // [rows, DQ]
     int rows;              // total_q * hq
     int num_splits;
 };
@@ -684,7 +692,7 @@ struct MergeParams {
 __global__ void __launch_bounds__(128) spec_dec_merge(const MergeParams p) {
     const int idx = blockIdx.x * 4 + (threadIdx.x >> 5);
     if (idx >= p.rows) return;
-    for (int d = (threadIdx.x & 31) * 4; d < D; d += 128)
+    for (int d = (threadIdx.x & 31) * 4; d < DQ; d += 128)
         merge_quad(p.ws_o, p.ws_ml, p.out, (size_t)p.rows, p.num_splits, idx, d);
 }
 

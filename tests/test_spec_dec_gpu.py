@@ -15,7 +15,9 @@ from jitkern.reference.spec_dec_attention import (random_eagle_tree, random_page
 
 pytestmark = pytest.mark.gpu
 
-SHAPES = ((32, 8, 128), (8, 1, 128), (64, 8, 128), (8, 4, 256), (16, 16, 64))
+SHAPES = ((32, 8, 128), (8, 1, 128), (64, 8, 128), (8, 4, 256), (16, 16, 64),
+          # head dims the kernel pads (to 64, 128 or 256)
+          (8, 2, 80), (16, 4, 96), (8, 8, 192), (4, 1, 48), (8, 2, 112))
 BOUND = {torch.bfloat16: 1e-2, torch.float16: 5e-3}
 N_CASES = 220
 

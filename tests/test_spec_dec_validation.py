@@ -38,7 +38,8 @@ def test_valid_cpu_arguments_reach_the_device_check():
     (dict(q=torch.randn(8, 8, 128)), TypeError, "q must have dtype float16 or bfloat16, got torch.float32"),
     (dict(q=torch.randn(8, 1024, dtype=torch.bfloat16)), ValueError, "q must be 3-D, got shape \\(8, 1024\\)"),
     (dict(q=torch.randn(8, 128, 8, dtype=torch.bfloat16).transpose(1, 2)), ValueError, "q must be contiguous"),
-    (dict(q=torch.randn(8, 8, 96, dtype=torch.bfloat16)), ValueError, "q: head_dim 96 is not supported; supported: \\(64, 128, 256\\)"),
+    (dict(q=torch.randn(8, 8, 72, dtype=torch.bfloat16)), ValueError, "q: head_dim 72 is not supported; supported: multiples of 16 from 16 to 256 \\(64, 128 and 256 natively"),
+    (dict(q=torch.randn(8, 8, 272, dtype=torch.bfloat16)), ValueError, "q: head_dim 272 is not supported; supported: multiples of 16 from 16 to 256"),
     (dict(q=torch.randn(8, 0, 128, dtype=torch.bfloat16)), ValueError, "q: number of heads must be positive"),
     (dict(kv_layout="NCHW"), ValueError, "kv_layout must be 'NHD' or 'HND', got 'NCHW'"),
     (dict(k_cache=torch.zeros(6, 16, 2, 128, dtype=torch.int8)), TypeError, "k_cache must have dtype float16, bfloat16 or float8_e4m3fn"),
@@ -224,3 +225,33 @@ def test_resident_ctas_follow_shared_memory_and_launch_bounds():
     assert resident_ctas(dict(decode, kv_stages=4), sm90) == 1
     assert resident_ctas(dict(decode, q_tile=32, kv_stages=2), sm90) == 2   # 4 warps, 255 regs
     assert resident_ctas(decode, 100 * 1024) == 1                    # never below one
+
+
+@pytest.mark.parametrize("head_dim,padded", [(16, 64), (48, 64), (80, 128), (96, 128),
+                                             (112, 128), (144, 256), (192, 256), (240, 256)])
+def test_padded_head_dims_compile_and_size_like_their_padded_kernel(head_dim, padded):
+    """Head dims other than 64/128/256 run the kernel of the next of those sizes (spec: 'any
+    multiple of 16 up to 256 is padded'): same shared memory and occupancy, their own binary."""
+    import jitkern
+    from jitkern.families.spec_dec_attention import (SPEC_DEC_ATTENTION, padded_head_dim,
+                                                     resident_ctas, shared_bytes)
+
+    assert padded_head_dim(head_dim) == padded
+    for kv, mode, qt in (("bf16", "tree", 64), ("fp8_e4m3", "decode", 16),
+                         ("fp8_e4m3", "tree", 128)):
+        cfg = dict(SPEC_DEC_ATTENTION.warmup_configs()[0], head_dim=head_dim, kv_dtype=kv,
+                   mode=mode, q_tile=qt)
+        native = dict(cfg, head_dim=padded)
+        assert shared_bytes(cfg) == shared_bytes(native)
+        assert resident_ctas(cfg, 228 * 1024) == resident_ctas(native, 228 * 1024)
+        e = jitkern.compile(SPEC_DEC_ATTENTION, cfg, arch="sm_90a")
+        assert len(e.cubin) > 1000 and e.key != jitkern.compile(SPEC_DEC_ATTENTION, native,
+                                                                  arch="sm_90a").key
+
+
+def test_family_rejects_head_dims_off_the_grid():
+    from jitkern.families.spec_dec_attention import SPEC_DEC_ATTENTION
+
+    for d in (8, 72, 272):
+        with pytest.raises(ValueError, match=f"head_dim.*{d}.*multiples of 16 from 16 to 256"):
+            SPEC_DEC_ATTENTION.specialize(dict(SPEC_DEC_ATTENTION.warmup_configs()[0], head_dim=d))

@@ -1,6 +1,7 @@
 """Speculative-decoding attention over a paged KV cache: the kernel family (declaration only).
 
-Compile-time parameters (see docs/spec_dec_attention.md): head_dim, input dtype, KV dtype
+Compile-time parameters (see docs/spec_dec_attention.md): head_dim (a multiple of 16 up to 256;
+the source pads it to 64, 128 or 256), input dtype, KV dtype
 (the input's 16-bit type or fp8 e4m3), KV layout, page size, mode (decode / chain / tree), the
 query tile (rows per CTA: 16 rows per warp slab; 16 and 32 split each KV tile across warps, 64 and
 128 give each warp all of it) and whether the split-KV path is compiled in.
@@ -16,9 +17,10 @@ merges the partials itself through ``counters`` (int32, zero between launches), 
 
 from __future__ import annotations
 
-from ..family import Entry, KernelFamily, Param, register_family
+from ..family import Entry, IntRange, KernelFamily, Param, register_family
 
-HEAD_DIMS = (64, 128, 256)
+HEAD_DIMS = IntRange(16, 256, multiple_of=16)   # 64/128/256 natively, the rest padded up
+NATIVE_HEAD_DIMS = (64, 128, 256)
 PAGE_SIZES = (16, 32, 64, 128)
 MODES = ("decode", "chain", "tree")
 Q_TILES = (16, 32, 64, 128)
@@ -51,6 +53,12 @@ def _validate(cfg: dict) -> None:
                          f"{cfg['q_tile']}; at most {MAX_SHARED}")
 
 
+def padded_head_dim(head_dim: int) -> int:
+    """The kernel's head dim for a tensor head_dim (mirrors D in the source): 64, 128 or 256.
+    The padded columns are zeros in shared memory; memory traffic stays that of head_dim."""
+    return 64 if head_dim <= 64 else 128 if head_dim <= 128 else 256
+
+
 def warps(q_tile: int) -> int:
     """Warps per CTA for a query tile (mirrors NWARPS in the source): 8 for tiles of 64 rows
     and more (16-row slabs, two warps per slab where there are only 4), else 4."""
@@ -63,13 +71,13 @@ def stages(cfg: dict) -> int:
     rows."""
     if cfg.get("kv_stages", 0):
         return cfg["kv_stages"]
-    row = cfg["head_dim"] * (1 if cfg["kv_dtype"] == "fp8_e4m3" else 2)
+    row = padded_head_dim(cfg["head_dim"]) * (1 if cfg["kv_dtype"] == "fp8_e4m3" else 2)
     return 2 if (row >= 512 or cfg["q_tile"] >= 64) else (5 if row <= 128 else 3)
 
 
 def shared_bytes(cfg: dict) -> int:
     """Dynamic shared memory of one CTA; mirrors SMEM_BYTES in the source."""
-    d, qt = cfg["head_dim"], cfg["q_tile"]
+    d, qt = padded_head_dim(cfg["head_dim"]), cfg["q_tile"]
     kvb = 1 if cfg["kv_dtype"] == "fp8_e4m3" else 2
     wm = qt // 16
     wn = warps(qt) // wm
@@ -87,7 +95,7 @@ def resident_ctas(cfg: dict, smem_per_sm: int, regs_per_sm: int = 65536) -> int:
     without a two-CTA bound is assumed to use up to 255 registers a thread) and shared memory
     (1 KiB reserved per CTA)."""
     nt = 32 * warps(cfg["q_tile"])
-    small = cfg["head_dim"] <= 128
+    small = padded_head_dim(cfg["head_dim"]) <= 128
     min_blocks = 2 if nt >= 256 and small else 3 if cfg["q_tile"] == 16 and small else 1
     # (MIN_BLOCKS in the source)
     by_regs = max(min_blocks, regs_per_sm // (nt * 256))

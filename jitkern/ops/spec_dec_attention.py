@@ -256,7 +256,8 @@ def prepare(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     _tensor("q", q, _IN_DTYPES, 3, "float16 or bfloat16")
     total_q, hq, d = q.shape
     if d not in HEAD_DIMS:
-        raise ValueError(f"q: head_dim {d} is not supported; supported: {HEAD_DIMS}")
+        raise ValueError(f"q: head_dim {d} is not supported; supported: {HEAD_DIMS} (64, 128 "
+                         f"and 256 natively, the others padded up to the next of them)")
     if hq == 0:
         raise ValueError("q: number of heads must be positive")
     if kv_layout not in ("NHD", "HND"):
@@ -421,7 +422,8 @@ def spec_dec_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
     """Attention of the draft tokens of speculative decoding over a paged KV cache.
 
     Args:
-        q: ``[total_q, Hq, D]`` fp16/bf16, sequences back to back (D in 64, 128, 256).
+        q: ``[total_q, Hq, D]`` fp16/bf16, sequences back to back (D a multiple of 16 up to
+            256: 64, 128 and 256 natively, the others computed in the next of those sizes).
         k_cache, v_cache: ``[num_pages, page_size, Hkv, D]`` ("NHD") or
             ``[num_pages, Hkv, page_size, D]`` ("HND"); q's dtype or float8_e4m3fn.
         block_tables: int32 ``[Bt, max_pages_per_seq]``: logical page i of sequence b is
