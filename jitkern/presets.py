@@ -20,21 +20,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .families.mamba2 import nemotron_config, pick_layout
+from .families.spec_dec_attention import pick_q_tile
 
 ATTENTION_FAMILY = "spec_dec_attention"
 MAMBA2_FAMILY = "mamba2_mtp_ssm_update"
-
-
-def q_tile_for_rows(rows: int) -> int:
-    """Query rows per CTA the attention op picks for ``rows = max query tokens * G``: the
-    smallest tile that holds them, else the largest (mirrors
-    jitkern.ops.spec_dec_attention.pick_q_tile, which imports torch; a test keeps them equal)."""
-    from .families.spec_dec_attention import Q_TILES
-
-    for qt in sorted(Q_TILES):
-        if rows <= qt:
-            return qt
-    return max(Q_TILES)
 
 
 @dataclass(frozen=True)
@@ -144,11 +133,11 @@ class Preset:
     def _attention_configs(self, tp: int) -> list[dict]:
         a = self.attention
         g = a.group(tp)
-        tiles = [("decode", q_tile_for_rows(g))]
-        tiles += sorted({("chain", q_tile_for_rows(n * g)) for n in range(1, self.spec.chain + 1)})
+        tiles = [("decode", pick_q_tile(g))]
+        tiles += sorted({("chain", pick_q_tile(n * g)) for n in range(1, self.spec.chain + 1)})
         if self.spec.tree is not None:
             lo, hi = self.spec.tree
-            tiles += sorted({("tree", q_tile_for_rows(n * g)) for n in range(lo, hi + 1)})
+            tiles += sorted({("tree", pick_q_tile(n * g)) for n in range(lo, hi + 1)})
         return [dict(head_dim=a.head_dim, dtype=a.dtype, kv_dtype=kv, kv_layout=a.kv_layout,
                      page_size=ps, mode=mode, q_tile=qt, split_kv=True)
                 for kv in a.kv_dtypes for ps in a.page_sizes for mode, qt in tiles]

@@ -9,7 +9,8 @@ import pytest
 
 from conftest import ROOT
 from jitkern.family import get_family, registered
-from jitkern.presets import PRESETS, get_preset, q_tile_for_rows
+from jitkern.families.spec_dec_attention import pick_q_tile
+from jitkern.presets import PRESETS, get_preset
 
 TPS = (1, 2, 4, 8, 16)
 
@@ -78,13 +79,12 @@ def test_mamba2_configs_are_the_ones_the_op_builds():
     assert set(map(key, MAMBA2.warmup_configs())) <= set(map(key, cfgs))
 
 
-def test_q_tile_mirror_matches_the_op():
-    try:
-        from jitkern.ops.spec_dec_attention import pick_q_tile
-    except ImportError as e:
-        pytest.skip(f"the attention op does not import here: {e}")
-    for rows in range(1, 2049):
-        assert q_tile_for_rows(rows) == pick_q_tile(rows), rows
+def test_presets_and_the_op_share_one_q_tile_chooser():
+    from jitkern.ops import spec_dec_attention as op_module
+
+    assert op_module.pick_q_tile is pick_q_tile
+    assert [pick_q_tile(r) for r in (1, 16, 17, 64, 65, 128, 129, 2048)] == \
+        [16, 16, 32, 64, 128, 128, 128, 128]
 
 
 def test_tp_changes_the_group_and_the_query_tiles():

@@ -53,6 +53,16 @@ def _validate(cfg: dict) -> None:
                          f"{cfg['q_tile']}; at most {MAX_SHARED}")
 
 
+def pick_q_tile(rows: int) -> int:
+    """Query rows per CTA for ``rows = max_q_len * G`` rows per KV head: the smallest tile
+    that holds them, else 128 (big trees: 8 warps share each K/V tile across 128 rows). The op
+    and the warm-up presets both use this."""
+    for qt in Q_TILES:
+        if rows <= qt:
+            return qt
+    return Q_TILES[-1]
+
+
 def padded_head_dim(head_dim: int) -> int:
     """The kernel's head dim for a tensor head_dim (mirrors D in the source): 64, 128 or 256.
     The padded columns are zeros in shared memory; memory traffic stays that of head_dim."""

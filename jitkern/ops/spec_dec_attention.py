@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 
 from ..families.spec_dec_attention import (HEAD_DIMS, KV_TILE, PAGE_SIZES, SPEC_DEC_ATTENTION,
-                                           resident_ctas, shared_bytes, warps)
+                                           pick_q_tile, resident_ctas, shared_bytes, warps)
 from ..service import get_kernel
 from ..torch_ops import custom_op
 
@@ -186,14 +186,6 @@ def _occupancy(device, head_dim: int, q_tile: int, kv_bytes: int) -> tuple:
                    kv_dtype="fp8_e4m3" if kv_bytes == 1 else "bf16")
         hit = _OCCUPANCY[key] = (sms, resident_ctas(cfg, smem))
     return hit
-
-
-def pick_q_tile(rows: int) -> int:
-    """Query rows per CTA for ``rows = max_q_len * G`` rows per KV head."""
-    for qt in (16, 32, 64):
-        if rows <= qt:
-            return qt
-    return 128   # big trees: 8 warps share each K/V tile across 128 rows
 
 
 def pick_num_splits(ctas: int, max_kv_len: int, sm_count: int, per_sm: int, rows_total: int,
