@@ -80,7 +80,9 @@ def test_mamba2_configs_are_the_ones_the_op_builds():
 
 
 def test_presets_and_the_op_share_one_q_tile_chooser():
-    from jitkern.ops import spec_dec_attention as op_module
+    import importlib
+
+    op_module = importlib.import_module("jitkern.ops.spec_dec_attention")
 
     assert op_module.pick_q_tile is pick_q_tile
     assert [pick_q_tile(r) for r in (1, 16, 17, 64, 65, 128, 129, 2048)] == \
