@@ -264,6 +264,8 @@ def main():
     ap.add_argument("--host", action="store_true")
     ap.add_argument("--batches", type=lambda v: [int(b) for b in v.split(",")],
                     help="comma-separated batch sizes (default: the mode's)")
+    ap.add_argument("--ts", type=lambda v: [int(t) for t in v.split(",")],
+                    help="comma-separated token counts T for --variants (default 4,8)")
     args = ap.parse_args()
 
     name = torch.cuda.get_device_name()
@@ -277,7 +279,7 @@ def main():
         tune(bw)
         return
     if args.variants:
-        variants(bw, args.batches)
+        variants(bw, args.batches, args.ts)
         return
     if args.host:
         host_breakdown()
@@ -381,15 +383,15 @@ VARIANTS = {   # state -> tree -> (threads per block, TPR, RPT, tree_prefetch) c
 }
 
 
-def variants(bw, batches=None):
+def variants(bw, batches=None, ts=None):
     """Tree-read (prefetch one step ahead or read into the replaced registers) and tiling
     variants, H=128, G=8, P=64, N=128, T 4 and 8; the first candidate is the default."""
     print("\n## variants (H=128, G=8, P=64, N=128)")
     print("| state | tree | T | batch | threads | TPR | ROWS | RPT | prefetch | us | % copy |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     cases = ((8, 1), (4, 32), (4, 256), (8, 32), (8, 256))
-    if batches:
-        cases = tuple((T, Bt) for T in (4, 8) for Bt in batches)
+    if batches or ts:
+        cases = tuple((T, Bt) for T in (ts or (4, 8)) for Bt in (batches or (1, 32, 256)))
     print(f"# {len(cases)} cases; the first candidate of each group is the default")
     for sd, modes in VARIANTS.items():
         for tree, cands in modes.items():
