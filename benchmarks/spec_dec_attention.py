@@ -305,6 +305,68 @@ def grid(kind: str):
     return rows
 
 
+def eager_per_call(calls, n=200, reps=7):
+    """(seconds per call of n back-to-back eager calls between two events, host seconds per
+    call to submit them); the calls cycle through the input copies."""
+    for c in calls:
+        c()
+    torch.cuda.synchronize()
+    dev, host = [], []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        t0 = time.perf_counter()
+        for i in range(n):
+            calls[i % len(calls)]()
+        t1 = time.perf_counter()
+        b.record()
+        b.synchronize()
+        dev.append(a.elapsed_time(b) / 1e3 / n)
+        host.append((t1 - t0) / n)
+    return statistics.median(dev), statistics.median(host)
+
+
+def host_table(bw, have_xqa, page_size):
+    """Eager calls (no graph), Llama-3-8B shape at 8k, batch 1 and 8: what an engine that calls
+    the op from Python sees when the host's per-call cost exceeds the kernel's; graph-replayed
+    device time beside it, and this op's first (validating, planning) call."""
+    print("\n## eager calls, host included (32/8/128, 8k, bf16, page %d)" % page_size)
+    print("| q | batch | ours graph us | ours eager us | ours host us | first call us | "
+          "XQA graph us | XQA eager us | XQA host us | eager: vs XQA | eager: ours %BW | "
+          "eager: XQA %BW |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    rng = random.Random(0)
+    for qname, n in (("1", 1), ("4 chain", 4), ("16 tree", 16)):
+        for batch in (1, 8):
+            draft = chain_parents(n) if "tree" not in qname else random_eagle_tree(n, rng)
+            sets = [build(batch, 32, 8, 128, 8192 - n, draft, torch.bfloat16, page_size, seed=s)
+                    for s in range(4)]
+            kv_bytes = batch * 8192 * 8 * 128 * 2 * 2
+            outs = [torch.empty_like(x["q"]) for x in sets]
+            calls = [(lambda x=x, o=o: spec_dec_attention(**x, out=o)) for x, o in zip(sets, outs)]
+            import importlib
+
+            importlib.import_module("jitkern.ops.spec_dec_attention")._PLANS.clear()
+            t0 = time.perf_counter()
+            calls[0]()
+            first = time.perf_counter() - t0
+            g = time_graph(calls)
+            e, h = eager_per_call(calls)
+            cells = [qname, batch, f"{g * 1e6:.1f}", f"{e * 1e6:.1f}", f"{h * 1e6:.1f}",
+                     f"{first * 1e6:.0f}"]
+            if have_xqa:
+                xs = [xqa_thunk(x, n, 8, page_size)[0] for x in sets]
+                xg = time_graph(xs)
+                xe, xh = eager_per_call(xs)
+                cells += [f"{xg * 1e6:.1f}", f"{xe * 1e6:.1f}", f"{xh * 1e6:.1f}", f"{xe / e:.2f}x",
+                          f"{100 * kv_bytes / e / bw:.0f}%", f"{100 * kv_bytes / xe / bw:.0f}%"]
+            else:
+                cells += ["-"] * 4 + [f"{100 * kv_bytes / e / bw:.0f}%", "-"]
+            print("| " + " | ".join(str(c) for c in cells) + " |", flush=True)
+            del sets, outs, calls
+            torch.cuda.empty_cache()
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--grid", choices=("quick", "story", "sampled", "full", "padded"),
@@ -317,6 +379,8 @@ def main():
     ap.add_argument("--explore-min-ctx", type=int, default=0,
                     help="explore only rows with at least this context")
     ap.add_argument("--explore-trees", action="store_true", help="explore tree rows too")
+    ap.add_argument("--host", action="store_true",
+                    help="eager (host-inclusive) calls against XQA at batch 1 and 8, then stop")
     ap.add_argument("--budget", type=float, default=0,
                     help="start no new row after this many seconds (0: no limit)")
     args = ap.parse_args()
@@ -334,6 +398,9 @@ def main():
         xqa_note = f"flashinfer unavailable ({type(e).__name__}: {e})"
     print(f"# spec_dec_attention on {dev}, {datetime.date.today()}; read bandwidth (sum of 2 GiB) "
           f"{bw / 1e12:.2f} TB/s; bf16 matmul {mm / 1e12:.0f} TFLOP/s; {xqa_note}; page {args.page_size}")
+    if args.host:
+        host_table(bw, have_xqa, args.page_size)
+        return
     print("| Hq/Hkv/D | q | ctx | batch | KV | KV MB | ours us | ours %BW | XQA us | XQA %BW | "
           "vs XQA | XQA err | Flex us | SDPA us | ours %MMA |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")

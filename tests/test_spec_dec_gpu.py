@@ -158,6 +158,39 @@ def test_empty_prefix_row_without_bits_is_zero():
     assert err < 1e-2
 
 
+@pytest.mark.parametrize("kind", ["decode", "tree"])
+def test_repeated_signature_reuses_its_plan_and_stays_exact(kind):
+    """A second call with the same signature skips validation and planning (one plan), still
+    matches the reference on new values, and any change of signature is checked again."""
+    import importlib
+
+    from jitkern.ops import spec_dec_attention
+
+    mod = importlib.import_module("jitkern.ops.spec_dec_attention")
+    a = _replay_inputs(kind, 11)
+    out = torch.full_like(a["q"], float("nan"))
+    spec_dec_attention(**a, out=out)
+    n = len(mod._PLANS)
+    for seed in (12, 13):   # same shapes, new values: the cached plan, exact results
+        b = _replay_inputs(kind, seed)
+        out = torch.full_like(b["q"], float("nan"))
+        spec_dec_attention(**b, out=out)
+        assert len(mod._PLANS) == n
+        assert _check(b, out, torch.bfloat16) < 1e-2
+    # a new scale is a new signature, not a stale plan
+    spec_dec_attention(**dict(b, scale=0.05), out=out)
+    assert len(mod._PLANS) == n + 1
+    assert _check(dict(b, scale=0.05), out, torch.bfloat16) < 1e-2
+    # signatures that must fail still fail after the valid one was cached
+    with pytest.raises(TypeError, match="q must have dtype float16 or bfloat16"):
+        spec_dec_attention(**dict(b, q=b["q"].float()))
+    bad_q = b["q"].transpose(0, 1).contiguous().transpose(0, 1)
+    with pytest.raises(ValueError, match="q must be contiguous"):
+        spec_dec_attention(**dict(b, q=bad_q))
+    with pytest.raises(ValueError, match="is on cpu"):
+        spec_dec_attention(**dict(b, seq_lens=b["seq_lens"].cpu()))
+
+
 def _replay_inputs(kind, seed):
     """Split-path inputs: 16-node trees (64-row tiles: separate merge kernel) or decode (16-row
     tiles: merge fused through the counters)."""

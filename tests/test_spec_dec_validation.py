@@ -255,3 +255,29 @@ def test_family_rejects_head_dims_off_the_grid():
     for d in (8, 72, 272):
         with pytest.raises(ValueError, match=f"head_dim.*{d}.*multiples of 16 from 16 to 256"):
             SPEC_DEC_ATTENTION.specialize(dict(SPEC_DEC_ATTENTION.warmup_configs()[0], head_dim=d))
+
+
+def test_plan_key_covers_what_validation_checks():
+    """The per-signature plan key changes with everything ``prepare`` decides from, and is None
+    for arguments without metadata (those take the full checks)."""
+    import importlib
+
+    mod = importlib.import_module("jitkern.ops.spec_dec_attention")
+    q = torch.randn(8, 8, 128, dtype=torch.bfloat16)
+    k = torch.zeros(6, 16, 2, 128, dtype=torch.bfloat16)
+    bt = torch.zeros(2, 3, dtype=torch.int32)
+    sl = torch.zeros(2, dtype=torch.int32)
+    base = dict(q=q, k_cache=k, v_cache=k, block_tables=bt, seq_lens=sl, q_cu_seqlens=None,
+                tree_mask=None, scale=None, kv_scale=None, kv_layout="NHD", sliding_window=None,
+                out=None, max_q_len=None, max_seq_len=None, num_kv_splits=None, workspace=None)
+    key = mod._call_key(**base)
+    assert key == mod._call_key(**dict(base, q=torch.randn(8, 8, 128, dtype=torch.bfloat16)))
+    variants = [dict(q=q.half()), dict(q=q.transpose(0, 1).contiguous().transpose(0, 1)),
+                dict(scale=0.1), dict(scale=1), dict(scale=1.0), dict(kv_layout="HND"),
+                dict(sliding_window=4), dict(max_seq_len=48), dict(num_kv_splits=2),
+                dict(kv_scale=0.5), dict(kv_scale=torch.ones(1)), dict(out=torch.empty_like(q)),
+                dict(block_tables=torch.zeros(2, 4, dtype=torch.int32)),
+                dict(seq_lens=torch.zeros(2, dtype=torch.int64))]
+    keys = [mod._call_key(**dict(base, **v)) for v in variants]
+    assert key not in keys and len(set(keys)) == len(keys)
+    assert mod._call_key(**dict(base, q=[1.0])) is None

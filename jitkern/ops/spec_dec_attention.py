@@ -3,7 +3,9 @@ KV cache (chain or tree drafts in XQA's packed mask format). See docs/spec_dec_a
 
 The public wrapper validates (shapes, dtypes, layouts, devices; values too with
 ``check_values=True``), picks the specialization (mode, query tile) and the number of KV splits,
-and calls the custom op ``jitkern::spec_dec_attention``, which only launches. Nothing on the launch
+and launches; the custom op ``jitkern::spec_dec_attention`` (only the launch) is what
+torch.compile traces. Validation and planning run once per call signature: a repeated call binds
+its tensors to the cached plan. Nothing on the launch
 path allocates while a CUDA graph is being captured: the split-KV workspace is a per-device cached
 buffer grown by an uncaptured call (or passed in by the caller).
 """
@@ -58,15 +60,9 @@ def _launcher(cfg: tuple, index: int):
     return hit
 
 
-@custom_op("jitkern::spec_dec_attention", mutates_args=("out", "workspace", "counters"))
-def _spec_dec_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                           block_tables: torch.Tensor, seq_lens: torch.Tensor,
-                           q_cu_seqlens: Optional[torch.Tensor], tree_mask: Optional[torch.Tensor],
-                           kv_scale_t: Optional[torch.Tensor], out: torch.Tensor,
-                           workspace: torch.Tensor, counters: torch.Tensor, scale: float,
-                           kv_scale: float, kv_layout: str,
-                           mode: str, q_tile: int, page_size: int, q_len: int, row_tiles: int,
-                           num_splits: int, window: int, kv_tiles: int, kv_stages: int) -> None:
+def _launch(q, k_cache, v_cache, block_tables, seq_lens, q_cu_seqlens, tree_mask, kv_scale_t,
+            out, workspace, counters, scale, kv_scale, kv_layout, mode, q_tile, page_size, q_len,
+            row_tiles, num_splits, window, kv_tiles, kv_stages) -> None:
     """Launch only: arguments were validated and resolved by ``spec_dec_attention``
     (``kv_tiles``: KV tiles of the longest sequence, bounding the split ranges; ``kv_stages``:
     pipeline depth, 0 = the source's choice, others for measurements)."""
@@ -89,6 +85,22 @@ def _spec_dec_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if split and not fused:
         kern.launch("merge", grid=((rows + 3) // 4, 1, 1), block=(128, 1, 1),
                     args=(workspace, ws_ml, out, rows, num_splits))
+
+
+@custom_op("jitkern::spec_dec_attention", mutates_args=("out", "workspace", "counters"))
+def _spec_dec_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           block_tables: torch.Tensor, seq_lens: torch.Tensor,
+                           q_cu_seqlens: Optional[torch.Tensor], tree_mask: Optional[torch.Tensor],
+                           kv_scale_t: Optional[torch.Tensor], out: torch.Tensor,
+                           workspace: torch.Tensor, counters: torch.Tensor, scale: float,
+                           kv_scale: float, kv_layout: str,
+                           mode: str, q_tile: int, page_size: int, q_len: int, row_tiles: int,
+                           num_splits: int, window: int, kv_tiles: int, kv_stages: int) -> None:
+    """The launch as a torch custom op (what torch.compile traces; eager calls skip the
+    dispatcher and call ``_launch`` directly)."""
+    _launch(q, k_cache, v_cache, block_tables, seq_lens, q_cu_seqlens, tree_mask, kv_scale_t, out,
+            workspace, counters, scale, kv_scale, kv_layout, mode, q_tile, page_size, q_len,
+            row_tiles, num_splits, window, kv_tiles, kv_stages)
 
 
 # ---- workspace ---------------------------------------------------------------------------------
@@ -442,13 +454,94 @@ def spec_dec_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
     Returns:
         ``out``: ``[total_q, Hq, D]``, q's dtype.
     """
-    args = prepare(q, k_cache, v_cache, block_tables, seq_lens, q_cu_seqlens, tree_mask, scale,
-                   kv_scale, kv_layout, sliding_window, out, max_q_len=max_q_len,
-                   max_seq_len=max_seq_len, num_kv_splits=num_kv_splits, workspace=workspace,
-                   check_values=check_values)
+    key = None if check_values else _call_key(
+        q, k_cache, v_cache, block_tables, seq_lens, q_cu_seqlens, tree_mask, scale, kv_scale,
+        kv_layout, sliding_window, out, max_q_len, max_seq_len, num_kv_splits, workspace)
+    plan = _PLANS.get(key) if key is not None else None
+    if plan is None:
+        args = prepare(q, k_cache, v_cache, block_tables, seq_lens, q_cu_seqlens, tree_mask,
+                       scale, kv_scale, kv_layout, sliding_window, out, max_q_len=max_q_len,
+                       max_seq_len=max_seq_len, num_kv_splits=num_kv_splits,
+                       workspace=workspace, check_values=check_values)
+        if key is not None:
+            if len(_PLANS) >= _PLAN_LIMIT:
+                _PLANS.clear()
+            _PLANS[key] = _Plan(args, workspace is not None)
+    else:
+        args = plan.bind(q, k_cache, v_cache, block_tables, seq_lens, q_cu_seqlens, tree_mask,
+                         kv_scale, out, workspace)
     if q.shape[0]:
-        _spec_dec_attention_op(*args)
+        if torch.compiler.is_compiling():
+            _spec_dec_attention_op(*args)
+        else:   # eager: the same launch without the dispatcher's per-call cost
+            _launch(*args)
     return args[8]
+
+
+# ---- per-signature plans: a repeated call skips validation and planning ------------------------
+
+_PLANS: dict = {}   # call signature -> _Plan
+_PLAN_LIMIT = 4096
+
+
+def _meta(t):
+    return None if t is None else (t.shape, t.stride(), t.dtype, t.device)
+
+
+def _call_key(q, k_cache, v_cache, block_tables, seq_lens, q_cu_seqlens, tree_mask, scale,
+              kv_scale, kv_layout, sliding_window, out, max_q_len, max_seq_len, num_kv_splits,
+              workspace):
+    """Everything ``prepare`` checks or decides from (shapes, strides, dtypes, devices, the
+    scalar arguments with their types); None when an argument has no metadata to key on (the
+    full checks then say what is wrong)."""
+    try:
+        ks = (_meta(kv_scale) if isinstance(kv_scale, torch.Tensor)
+              else (kv_scale.__class__, kv_scale))
+        return (q.shape, q.stride(), q.dtype, q.device,
+                k_cache.shape, k_cache.stride(), k_cache.dtype, k_cache.device,
+                v_cache.shape, v_cache.stride(), v_cache.dtype, v_cache.device,
+                block_tables.shape, block_tables.stride(), block_tables.dtype, block_tables.device,
+                seq_lens.shape, seq_lens.stride(), seq_lens.dtype, seq_lens.device,
+                _meta(q_cu_seqlens), _meta(tree_mask), _meta(out), _meta(workspace), ks,
+                scale.__class__, scale, kv_layout, sliding_window.__class__, sliding_window,
+                max_q_len.__class__, max_q_len, max_seq_len.__class__, max_seq_len,
+                num_kv_splits.__class__, num_kv_splits)
+    except (AttributeError, TypeError):
+        return None
+
+
+class _Plan:
+    """The resolved scalars of a validated call signature; ``bind`` puts a new call's tensors
+    (and the per-device buffers, which may have been grown since) around them."""
+
+    __slots__ = ("static", "splits", "need", "fused", "ctr_n", "ws_given")
+
+    def __init__(self, args: tuple, ws_given: bool):
+        q, k_cache, seq_lens = args[0], args[1], args[4]
+        self.static = args[11:]
+        self.splits, self.fused = args[19], args[19] > 1 and args[15] == FUSED_MERGE_Q_TILE
+        self.need = workspace_floats(q.shape[0], q.shape[1], q.shape[2], self.splits)
+        hkv = k_cache.shape[2] if args[13] == "NHD" else k_cache.shape[1]
+        self.ctr_n = seq_lens.shape[0] * hkv * args[18] if self.fused else 0   # (b, hk, tile)
+        self.ws_given = ws_given
+
+    def bind(self, q, k_cache, v_cache, block_tables, seq_lens, q_cu_seqlens, tree_mask, kv_scale,
+             out, workspace) -> tuple:
+        dev = q.device
+        if tree_mask is not None and tree_mask.dtype != torch.int32:
+            tree_mask = tree_mask.view(torch.int32)
+        if out is None:
+            out = torch.empty_like(q)
+        if self.ws_given:
+            ws = workspace
+        elif self.splits > 1:
+            ws = reserve_workspace(dev, self.need)
+        else:
+            ws = _empty_ws(dev, "workspace")
+        ctr = reserve_counters(dev, self.ctr_n) if self.fused else _empty_ws(dev, "counters")
+        kv_scale_t = kv_scale if isinstance(kv_scale, torch.Tensor) else None
+        return (q, k_cache, v_cache, block_tables, seq_lens, q_cu_seqlens, tree_mask, kv_scale_t,
+                out, ws, ctr) + self.static
 
 
 def planned_config(*args, **kwargs) -> dict:
