@@ -61,7 +61,8 @@ constexpr int CHUNKS = N / VEC;                   // 16-byte chunks per row
 constexpr int K = CHUNKS / TPR;                   // chunks per thread
 constexpr int MAX_T = 16;
 // Blocks per SM the register budget must allow: 256-thread blocks need 48 registers or fewer for
-// five per SM (measured: fp32 16 x 1 x 256 at 4 blocks per SM lost 7-9% to 5 at T = 4).
+// five per SM (measured: fp32 16 x 1 x 256 at 60 registers, four blocks per SM, was 6% slower at
+// T = 4, batch 256, than the same code held to 48).
 #ifndef JK_MIN_BLOCKS
 #define JK_MIN_BLOCKS (THREADS >= 256 ? 5 : 0)
 #endif
