@@ -19,6 +19,7 @@ sys.path.insert(0, str(ROOT / "examples"))
 tsd = importlib.import_module("tree_spec_decode")
 support = importlib.import_module("example_support")
 
+from jitkern.ops.signature import PlanCache  # noqa: E402
 from jitkern.reference.spec_dec_attention import tree_visibility, unpack_bits  # noqa: E402
 
 SMALL = tsd.ModelConfig(vocab=256, d_model=128, layers="MAMA", ssm_heads=4, d_state=32,
@@ -412,8 +413,8 @@ class ConfigRecordingOps(tsd.ReferenceOps):
 
         monkeypatch.setattr(self.m2, "get_kernel", planned)
         # no prepared launch from an earlier real call in this process may short-cut the planning
-        monkeypatch.setattr(self.m2, "_plans", {})
-        monkeypatch.setattr(self.m2, "_commit_plans", {})
+        monkeypatch.setattr(self.m2, "_plans", PlanCache())
+        monkeypatch.setattr(self.m2, "_commit_plans", PlanCache())
         # scratch buffers come from per-device caches that query the device: fake ones here
         monkeypatch.setattr(self.sda, "_empty_ws",
                             lambda device, *a: torch.empty(1, device=device))

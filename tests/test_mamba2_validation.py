@@ -17,6 +17,7 @@ from jitkern.families.mamba2 import (MAMBA2, chunks_per_row, nemotron_config, pi
                                      pick_tiling)
 from jitkern.ops import mamba2_commit_accepted_state as commit
 from jitkern.ops import mamba2_mtp_ssm_update as update
+from jitkern.ops.signature import PlanCache
 
 Bt, T, H, P, N, G, S = 3, 4, 4, 8, 32, 2, 5
 
@@ -428,7 +429,7 @@ def test_a_cached_plan_still_checks_the_run_time_scalars(monkeypatch):
     launched = []
     monkeypatch.setattr(m2, "_prepare_update", lambda *a, **k: "plan")
     monkeypatch.setattr(m2, "_launch_update", lambda plan, *a: launched.append(plan))
-    monkeypatch.setattr(m2, "_plans", {})
+    monkeypatch.setattr(m2, "_plans", PlanCache())
     kw = base(out=torch.empty(Bt, T, H, P, dtype=torch.bfloat16))
     update(**kw)
     update(**kw)

@@ -32,14 +32,14 @@ from ..families.mamba2 import (COMMIT_THREADS, COMMIT_UNROLL, ESIZE, MAMBA2, MAX
                                nemotron_config, pick_layout)
 from ..service import get_kernel
 from ..torch_ops import custom_op
+from .signature import PlanCache, tensor_meta as _meta
 
 _DTYPE_NAME = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 _FLOAT_TYPES = "float32, bfloat16 or float16"
 _MAX_GRID_YZ = 65535
-_PLAN_CACHE_LIMIT = 4096
 
-_plans: dict = {}          # call signature -> _Plan (validated, kernel loaded)
-_commit_plans: dict = {}
+_plans = PlanCache()          # call signature -> _Plan (validated, kernel loaded)
+_commit_plans = PlanCache()
 
 
 # ----------------------------------------------------------------------------- checks
@@ -188,12 +188,6 @@ class _Plan:
         self.smem = smem
         self.static = static        # the i64/i32 fields that depend only on the signature
         self.align = align          # tensors whose data pointer must be 16-byte aligned
-
-
-def _meta(t):
-    if t is None:
-        return None
-    return (t.shape, t.stride(), t.dtype, t.device)
 
 
 def _prepare_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, sbi, pad_slot_id, inter,
@@ -390,10 +384,7 @@ def _update_impl(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torc
         plan = _prepare_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus,
                                state_batch_indices, pad_slot_id, inter, intermediate_state_indices,
                                retrieve_parent_token, disable_state_update, out)
-        if key is not None:
-            if len(_plans) >= _PLAN_CACHE_LIMIT:
-                _plans.clear()
-            _plans[key] = plan
+        _plans.put(key, plan)
     elif not -2**31 <= pad_slot_id < 2**31:
         _pad_id(pad_slot_id)
     _launch_update(plan, state, x, dt, A, B, C, D, z, dt_bias, state_batch_indices, pad_slot_id,
@@ -548,10 +539,7 @@ def _commit_impl(state: torch.Tensor, intermediate_states: torch.Tensor,
     if plan is None:
         plan = _prepare_commit(state, inter, accepted_step, state_batch_indices,
                                intermediate_state_indices, pad_slot_id)
-        if key is not None:
-            if len(_commit_plans) >= _PLAN_CACHE_LIMIT:
-                _commit_plans.clear()
-            _commit_plans[key] = plan
+        _commit_plans.put(key, plan)
     elif pad_slot_id.__class__ is not int or not -2**31 <= pad_slot_id < 2**31:
         _pad_id(pad_slot_id)
     for name, t in (("state", state), ("intermediate_states", inter)):

@@ -1,0 +1,41 @@
+"""Per-call-signature plan caches of the ops.
+
+An op validates a call and resolves its launch (specialization, grid, static arguments) once per
+*signature*: every tensor's shape, strides, dtype and device plus the scalar arguments that the
+checks look at. A repeated call with the same signature reuses that plan and only binds its new
+tensors. Values inside tensors are never part of a signature (reading them would synchronize).
+"""
+
+from __future__ import annotations
+
+
+def tensor_meta(t):
+    """The signature part of one optional tensor: (shape, strides, dtype, device) or None.
+    Raises AttributeError/TypeError for a non-tensor (the caller then runs the full checks)."""
+    return None if t is None else (t.shape, t.stride(), t.dtype, t.device)
+
+
+class PlanCache:
+    """Signature -> plan, bounded: when full it is emptied (signatures are few per model, so a
+    full cache means churn, where an LRU would not help either)."""
+
+    def __init__(self, limit: int = 4096):
+        self.limit = limit
+        self._plans: dict = {}
+
+    def get(self, key):
+        """The plan of ``key``, or None (also for ``key`` None: a call without a signature)."""
+        return None if key is None else self._plans.get(key)
+
+    def put(self, key, plan) -> None:
+        if key is None:
+            return
+        if len(self._plans) >= self.limit:
+            self._plans.clear()
+        self._plans[key] = plan
+
+    def __len__(self) -> int:
+        return len(self._plans)
+
+    def clear(self) -> None:
+        self._plans.clear()
