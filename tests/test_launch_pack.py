@@ -81,6 +81,12 @@ def test_out_of_range_integer_is_an_error_naming_the_field():
     assert "argument 'm' (u8) cannot take 256" in str(err)
 
 
+def test_a_pointer_field_given_something_else_is_a_type_error():
+    sig = (("x", "ptr"), ("n", "i32"))
+    err = _pack_error("fam:entry", sig, ([1, 2], 3), AttributeError("x"))
+    assert isinstance(err, TypeError) and "argument 'x' (ptr) cannot take [1, 2]" in str(err)
+
+
 def test_a_float_for_an_integer_field_is_a_type_error():
     sig = (("n", "i64"),)
     err = _pack_error("fam:entry", sig, (1.5,), ValueError("x"))

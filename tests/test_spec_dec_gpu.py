@@ -350,6 +350,19 @@ def test_capture_refuses_to_grow_workspace():
             spec_dec_attention(**a, num_kv_splits=splits)
 
 
+def test_too_small_workspace_is_refused_before_launch():
+    from jitkern.ops import spec_dec_attention
+    from jitkern.ops.spec_dec_attention import workspace_floats
+
+    a = random_paged_inputs([4000], [4], num_heads=64, num_kv_heads=8, head_dim=128, tree=False,
+                            generator=torch.Generator().manual_seed(2))
+    need = workspace_floats(4, 64, 128, 4)
+    small = torch.empty(need - 1, dtype=torch.float32, device="cuda")
+    with pytest.raises(ValueError, match=f"workspace has {need - 1} float32 elements, {need} "
+                                         f"needed \\(workspace_floats\\)"):
+        spec_dec_attention(**a, num_kv_splits=4, workspace=small)
+
+
 SANITIZER_CASES = (0, 2, 7, 13, 24, 31, 48, 61)
 
 

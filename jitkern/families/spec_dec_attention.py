@@ -20,7 +20,6 @@ from __future__ import annotations
 from ..family import Entry, IntRange, KernelFamily, Param, register_family
 
 HEAD_DIMS = IntRange(16, 256, multiple_of=16)   # 64/128/256 natively, the rest padded up
-NATIVE_HEAD_DIMS = (64, 128, 256)
 PAGE_SIZES = (16, 32, 64, 128)
 MODES = ("decode", "chain", "tree")
 Q_TILES = (16, 32, 64, 128)

@@ -21,6 +21,7 @@ from ..families.spec_dec_attention import (HEAD_DIMS, KV_TILE, PAGE_SIZES, SPEC_
                                            pick_q_tile, resident_ctas, shared_bytes, warps)
 from ..service import get_kernel
 from ..torch_ops import custom_op
+from .signature import PlanCache, tensor_meta as _meta
 
 _IN_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16"}
 _KV_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float8_e4m3fn: "fp8_e4m3"}
@@ -38,7 +39,9 @@ FUSED_MERGE_Q_TILE = 16
 
 # ---- launch (the custom op) --------------------------------------------------------------------
 
-_LAUNCH: dict = {}   # (config items, device index) -> (kernel, smem bytes, threads)
+# (dtype, kv dtype, head_dim, layout, mode, page, q_tile, stages, device index) -> (kernel, smem
+# bytes, threads): keyed on the raw values, so a launch builds no configuration
+_LAUNCH: dict = {}
 
 
 def kernel_config(dtype, kv_dtype, head_dim, kv_layout, mode, page_size, q_tile,
@@ -51,12 +54,12 @@ def kernel_config(dtype, kv_dtype, head_dim, kv_layout, mode, page_size, q_tile,
     return cfg + (("kv_stages", kv_stages),) if kv_stages else cfg
 
 
-def _launcher(cfg: tuple, index: int):
-    hit = _LAUNCH.get((cfg, index))
+def _launcher(key: tuple):
+    hit = _LAUNCH.get(key)
     if hit is None:
-        conf = dict(cfg)
-        kern = get_kernel(SPEC_DEC_ATTENTION, conf, index)
-        hit = _LAUNCH[(cfg, index)] = (kern, shared_bytes(conf), 32 * warps(conf["q_tile"]))
+        conf = dict(kernel_config(*key[:-1]))
+        kern = get_kernel(SPEC_DEC_ATTENTION, conf, key[-1])
+        hit = _LAUNCH[key] = (kern, shared_bytes(conf), 32 * warps(conf["q_tile"]))
     return hit
 
 
@@ -69,8 +72,8 @@ def _launch(q, k_cache, v_cache, block_tables, seq_lens, q_cu_seqlens, tree_mask
     total_q, hq, d = q.shape
     hkv = k_cache.shape[2] if kv_layout == "NHD" else k_cache.shape[1]
     bt = seq_lens.shape[0]
-    cfg = kernel_config(q.dtype, k_cache.dtype, d, kv_layout, mode, page_size, q_tile, kv_stages)
-    kern, smem, threads = _launcher(cfg, q.device.index)
+    kern, smem, threads = _launcher((q.dtype, k_cache.dtype, d, kv_layout, mode, page_size,
+                                     q_tile, kv_stages, q.device.index))
     split = num_splits > 1
     fused = split and q_tile == FUSED_MERGE_Q_TILE
     rows = total_q * hq
@@ -257,6 +260,16 @@ def prepare(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
             check_values: bool = False) -> tuple:
     """Validate and resolve the arguments of ``spec_dec_attention`` (which see) into the
     custom op's argument tuple. Raises TypeError/ValueError naming the argument."""
+    return _plan(q, k_cache, v_cache, block_tables, seq_lens, q_cu_seqlens, tree_mask, scale,
+                 kv_scale, kv_layout, sliding_window, out, max_q_len, max_seq_len, num_kv_splits,
+                 workspace, check_values).bind(q, k_cache, v_cache, block_tables, seq_lens,
+                                               q_cu_seqlens, tree_mask, kv_scale, out, workspace)
+
+
+def _plan(q, k_cache, v_cache, block_tables, seq_lens, q_cu_seqlens, tree_mask, scale, kv_scale,
+          kv_layout, sliding_window, out, max_q_len, max_seq_len, num_kv_splits, workspace,
+          check_values) -> "_Plan":
+    """The checks and decisions of a call: everything that depends on its signature alone."""
     _tensor("q", q, _IN_DTYPES, 3, "float16 or bfloat16")
     total_q, hq, d = q.shape
     if d not in HEAD_DIMS:
@@ -330,7 +343,6 @@ def prepare(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                              f"{max(1, math.ceil(longest / 32))} (max_q_len {longest})")
         if sliding_window is not None:
             raise ValueError("sliding_window is supported in chain mode only (tree_mask is set)")
-        tree_mask = tree_mask.view(torch.int32) if tree_mask.dtype != torch.int32 else tree_mask
     else:
         longest = q_len if uniform else (max_q_len or total_q)
     if sliding_window is not None and (not isinstance(sliding_window, int) or sliding_window < 1):
@@ -354,9 +366,7 @@ def prepare(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
             kv_scale_f = float(kv_scale)
         else:
             raise ValueError(f"kv_scale must be a finite float or a float32 tensor, got {kv_scale!r}")
-    if out is None:
-        out = torch.empty_like(q)
-    else:
+    if out is not None:
         _tensor("out", out, (q.dtype,), 3, str(q.dtype))
         if out.shape != q.shape:
             raise ValueError(f"out shape {tuple(out.shape)} must equal q shape {tuple(q.shape)}")
@@ -398,20 +408,14 @@ def prepare(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     else:
         splits = num_kv_splits
     need = workspace_floats(total_q, hq, d, splits)
-    if workspace is not None:
-        if workspace.numel() < need:
-            raise ValueError(f"workspace has {workspace.numel()} float32 elements, {need} needed "
-                             f"(workspace_floats)")
-        ws = workspace
-    elif splits > 1:
-        ws = reserve_workspace(dev, need)
-    else:
-        ws = _empty_ws(dev, "workspace")
+    if workspace is not None and workspace.numel() < need:
+        raise ValueError(f"workspace has {workspace.numel()} float32 elements, {need} needed "
+                         f"(workspace_floats)")
     fused = splits > 1 and q_tile == FUSED_MERGE_Q_TILE
-    ctr = reserve_counters(dev, bt * hkv * row_tiles) if fused else _empty_ws(dev, "counters")
-    return (q, k_cache, v_cache, block_tables, seq_lens, q_cu_seqlens, tree_mask, kv_scale_t, out,
-            ws, ctr, float(scale), kv_scale_f, kv_layout, mode, q_tile, page_size, q_len, row_tiles,
-            splits, sliding_window or 0, -(-max_kv // KV_TILE), 0)
+    static = (float(scale), kv_scale_f, kv_layout, mode, q_tile, page_size, q_len, row_tiles,
+              splits, sliding_window or 0, -(-max_kv // KV_TILE), 0)
+    return _Plan(static, need if splits > 1 else 0, bt * hkv * row_tiles if fused else 0,
+                 workspace is not None)
 
 
 def spec_dec_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -457,19 +461,14 @@ def spec_dec_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
     key = None if check_values else _call_key(
         q, k_cache, v_cache, block_tables, seq_lens, q_cu_seqlens, tree_mask, scale, kv_scale,
         kv_layout, sliding_window, out, max_q_len, max_seq_len, num_kv_splits, workspace)
-    plan = _PLANS.get(key) if key is not None else None
+    plan = _PLANS.get(key)
     if plan is None:
-        args = prepare(q, k_cache, v_cache, block_tables, seq_lens, q_cu_seqlens, tree_mask,
-                       scale, kv_scale, kv_layout, sliding_window, out, max_q_len=max_q_len,
-                       max_seq_len=max_seq_len, num_kv_splits=num_kv_splits,
-                       workspace=workspace, check_values=check_values)
-        if key is not None:
-            if len(_PLANS) >= _PLAN_LIMIT:
-                _PLANS.clear()
-            _PLANS[key] = _Plan(args, workspace is not None)
-    else:
-        args = plan.bind(q, k_cache, v_cache, block_tables, seq_lens, q_cu_seqlens, tree_mask,
-                         kv_scale, out, workspace)
+        plan = _plan(q, k_cache, v_cache, block_tables, seq_lens, q_cu_seqlens, tree_mask, scale,
+                     kv_scale, kv_layout, sliding_window, out, max_q_len, max_seq_len,
+                     num_kv_splits, workspace, check_values)
+        _PLANS.put(key, plan)
+    args = plan.bind(q, k_cache, v_cache, block_tables, seq_lens, q_cu_seqlens, tree_mask,
+                     kv_scale, out, workspace)
     if q.shape[0]:
         if torch.compiler.is_compiling():
             _spec_dec_attention_op(*args)
@@ -480,12 +479,7 @@ def spec_dec_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
 
 # ---- per-signature plans: a repeated call skips validation and planning ------------------------
 
-_PLANS: dict = {}   # call signature -> _Plan
-_PLAN_LIMIT = 4096
-
-
-def _meta(t):
-    return None if t is None else (t.shape, t.stride(), t.dtype, t.device)
+_PLANS = PlanCache()   # call signature -> _Plan
 
 
 def _call_key(q, k_cache, v_cache, block_tables, seq_lens, q_cu_seqlens, tree_mask, scale,
@@ -511,22 +505,21 @@ def _call_key(q, k_cache, v_cache, block_tables, seq_lens, q_cu_seqlens, tree_ma
 
 
 class _Plan:
-    """The resolved scalars of a validated call signature; ``bind`` puts a new call's tensors
-    (and the per-device buffers, which may have been grown since) around them."""
+    """The resolved scalars of a validated call signature (the op's arguments after the
+    tensors); ``bind`` puts a call's tensors and the per-device buffers around them."""
 
-    __slots__ = ("static", "splits", "need", "fused", "ctr_n", "ws_given")
+    __slots__ = ("static", "ws_floats", "counters", "ws_given")
 
-    def __init__(self, args: tuple, ws_given: bool):
-        q, k_cache, seq_lens = args[0], args[1], args[4]
-        self.static = args[11:]
-        self.splits, self.fused = args[19], args[19] > 1 and args[15] == FUSED_MERGE_Q_TILE
-        self.need = workspace_floats(q.shape[0], q.shape[1], q.shape[2], self.splits)
-        hkv = k_cache.shape[2] if args[13] == "NHD" else k_cache.shape[1]
-        self.ctr_n = seq_lens.shape[0] * hkv * args[18] if self.fused else 0   # (b, hk, tile)
-        self.ws_given = ws_given
+    def __init__(self, static: tuple, ws_floats: int, counters: int, ws_given: bool):
+        self.static = static
+        self.ws_floats = ws_floats   # split-KV workspace needed (0: one split)
+        self.counters = counters     # fused-merge counters needed (0: no fused merge)
+        self.ws_given = ws_given     # the caller passes its own workspace
 
     def bind(self, q, k_cache, v_cache, block_tables, seq_lens, q_cu_seqlens, tree_mask, kv_scale,
              out, workspace) -> tuple:
+        """The op's argument tuple for this call. The per-device buffers are fetched per call:
+        a call with a larger need may have replaced them since this plan was made."""
         dev = q.device
         if tree_mask is not None and tree_mask.dtype != torch.int32:
             tree_mask = tree_mask.view(torch.int32)
@@ -534,11 +527,11 @@ class _Plan:
             out = torch.empty_like(q)
         if self.ws_given:
             ws = workspace
-        elif self.splits > 1:
-            ws = reserve_workspace(dev, self.need)
+        elif self.ws_floats:
+            ws = reserve_workspace(dev, self.ws_floats)
         else:
             ws = _empty_ws(dev, "workspace")
-        ctr = reserve_counters(dev, self.ctr_n) if self.fused else _empty_ws(dev, "counters")
+        ctr = reserve_counters(dev, self.counters) if self.counters else _empty_ws(dev, "counters")
         kv_scale_t = kv_scale if isinstance(kv_scale, torch.Tensor) else None
         return (q, k_cache, v_cache, block_tables, seq_lens, q_cu_seqlens, tree_mask, kv_scale_t,
                 out, ws, ctr) + self.static
