@@ -55,7 +55,7 @@ def main() -> int:
     ap.add_argument("--cached-runs", type=int, default=5)
     args = ap.parse_args()
 
-    rows = {f"cold -j 1": [], f"cold -j {args.jobs}": [], "all cached (rerun)": []}
+    rows = {"cold -j 1": [], f"cold -j {args.jobs}": [], "all cached (rerun)": []}
     inside = {k: [] for k in rows}
     nvrtc = {k: [] for k in rows}  # summed NVRTC seconds: grows when processes share a core
     load_before = f"{os.getloadavg()[0]:.2f}"

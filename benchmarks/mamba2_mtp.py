@@ -44,6 +44,7 @@ sys.path.insert(0, __import__("os").path.dirname(__import__("os").path.dirname(
 
 from jitkern.families.mamba2 import pick_tiling  # noqa: E402
 from jitkern.ops import mamba2 as m2  # noqa: E402
+from bench_timing import eager_per_call  # noqa: E402  (this directory)
 
 DT = {"fp32": torch.float32, "bf16": torch.bfloat16}
 MIN_TOUCH = 512 << 20
@@ -201,27 +202,6 @@ def graph_of(calls):
 def time_calls(calls):
     g = graph_of(calls)
     return busy_median_ms(g.replay) / len(calls)
-
-
-def eager_per_call(calls, n=400, reps=7):
-    """(ms per call of n back-to-back eager calls between two events, host us per call to
-    submit them). The calls cycle through disjoint state slots, like the graphs."""
-    for c in calls:
-        c()
-    torch.cuda.synchronize()
-    dev, host = [], []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        t0 = time.perf_counter()
-        for i in range(n):
-            calls[i % len(calls)]()
-        t1 = time.perf_counter()
-        b.record()
-        b.synchronize()
-        dev.append(a.elapsed_time(b) / n)
-        host.append((t1 - t0) / n * 1e6)
-    return statistics.median(dev), statistics.median(host)
 
 
 def prewarm_flashinfer(fi, states, Ts):
@@ -470,12 +450,14 @@ def host(bw, fi, batches):
                 pr = Problem(128, 8, 64, 128, T, Bt, DT[sd], False)
                 calls = [pr.jitkern_call(i) for i in range(pr.R)]
                 g_ms = time_calls(calls)
-                e_ms, h_us = eager_per_call(calls)
+                e_s, h_s = eager_per_call(calls, n=400)
+                e_ms, h_us = e_s * 1e3, h_s * 1e6
                 cells = [sd, T, Bt, f"{g_ms * 1e3:.1f}", f"{e_ms * 1e3:.1f}", f"{h_us:.1f}"]
                 if fi is not None:
                     fcalls = [pr.flashinfer_call(fi, i) for i in range(pr.R)]
                     fg = time_calls(fcalls)
-                    fe, fh = eager_per_call(fcalls)
+                    fe, fh = eager_per_call(fcalls, n=400)
+                    fe, fh = fe * 1e3, fh * 1e6
                     cells += [f"{fg * 1e3:.1f}", f"{fe * 1e3:.1f}", f"{fh:.1f}", f"{fe / e_ms:.2f}x",
                               f"{100 * pr.bytes / e_ms / 1e6 / bw:.0f}%",
                               f"{100 * pr.bytes / fe / 1e6 / bw:.0f}%"]

@@ -25,6 +25,7 @@ import torch
 sys.path.insert(0, __import__("os").path.dirname(__import__("os").path.dirname(__file__)))
 
 from jitkern.ops import spec_dec_attention  # noqa: E402
+from bench_timing import eager_per_call  # noqa: E402  (this directory)
 from jitkern.reference.spec_dec_attention import (chain_parents, pack_tree_masks,  # noqa: E402
                                                   random_eagle_tree, tree_visibility)
 
@@ -303,27 +304,6 @@ def grid(kind: str):
                 for b in other_b:
                     rows.append((shape, q, c, b, "bf16"))
     return rows
-
-
-def eager_per_call(calls, n=200, reps=7):
-    """(seconds per call of n back-to-back eager calls between two events, host seconds per
-    call to submit them); the calls cycle through the input copies."""
-    for c in calls:
-        c()
-    torch.cuda.synchronize()
-    dev, host = [], []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        t0 = time.perf_counter()
-        for i in range(n):
-            calls[i % len(calls)]()
-        t1 = time.perf_counter()
-        b.record()
-        b.synchronize()
-        dev.append(a.elapsed_time(b) / 1e3 / n)
-        host.append((t1 - t0) / n)
-    return statistics.median(dev), statistics.median(host)
 
 
 def host_table(bw, have_xqa, page_size):

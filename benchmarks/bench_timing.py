@@ -1,0 +1,31 @@
+"""Timing helpers shared by the kernel benchmarks (run as scripts: this directory is on sys.path)."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+
+def eager_per_call(calls, n: int = 200, reps: int = 7) -> tuple:
+    """(seconds per call of ``n`` back-to-back eager calls between two CUDA events, host seconds
+    per call to submit them), medians over ``reps`` samples. The calls cycle through ``calls``
+    (one per input copy, so nothing runs from L2); when the host's per-call cost exceeds the
+    kernel's, the first number is host-bound: what an engine calling the op from Python sees."""
+    for c in calls:
+        c()
+    torch.cuda.synchronize()
+    dev, host = [], []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        t0 = time.perf_counter()
+        for i in range(n):
+            calls[i % len(calls)]()
+        t1 = time.perf_counter()
+        b.record()
+        b.synchronize()
+        dev.append(a.elapsed_time(b) / 1e3 / n)
+        host.append((t1 - t0) / n)
+    return statistics.median(dev), statistics.median(host)
