@@ -267,6 +267,18 @@ def _check(model, ops, caches, before, trees, vb, logits, paths, bonus):
                                           vb, ops)
 
 
+def _verify_commit_check(model, ops, verify_ops):
+    """One verify pass with ``verify_ops``, accept, commit with ``ops``, check against
+    step-by-step decoding; some accepted node must be out of place (so the commit moves K/V)."""
+    with torch.inference_mode():
+        caches, before, trees, vb = _pipeline(model, ops)
+        logits = tsd.verify_forward(model, caches, vb, verify_ops)
+        paths, bonus = tsd.accept_paths(trees, logits, vb.cu)
+        assert any(p != list(range(len(p))) for p in paths)
+        tsd.commit(model, caches, vb, paths, ops)
+        return _check(model, ops, caches, before, trees, vb, logits, paths, bonus)
+
+
 def test_check_catches_wrong_committed_state():
     model, ops = small_model(), tsd.ReferenceOps()
     with torch.inference_mode():
@@ -286,13 +298,7 @@ def test_check_catches_wrong_committed_state():
 def test_check_catches_missing_kv_compaction(monkeypatch):
     model, ops = small_model(), tsd.ReferenceOps()
     monkeypatch.setattr(tsd, "kv_moves", lambda ctx, paths: [])
-    with torch.inference_mode():
-        caches, before, trees, vb = _pipeline(model, ops)
-        logits = tsd.verify_forward(model, caches, vb, ops)
-        paths, bonus = tsd.accept_paths(trees, logits, vb.cu)
-        assert any(p != list(range(len(p))) for p in paths)      # some node was out of place
-        tsd.commit(model, caches, vb, paths, ops)
-        c = _check(model, ops, caches, before, trees, vb, logits, paths, bonus)
+    c = _verify_commit_check(model, ops, ops)
     assert not c["passed"] and c["errors"]["kv"] > tsd.TOLERANCE["kv"]
 
 
@@ -303,13 +309,7 @@ def test_check_catches_attention_ignoring_the_tree_mask():
         def attention(self, *a, tree_mask=None, **kw):
             return super().attention(*a, **kw)
 
-    with torch.inference_mode():
-        caches, before, trees, vb = _pipeline(model, ops)
-        logits = tsd.verify_forward(model, caches, vb, ChainOps())
-        paths, bonus = tsd.accept_paths(trees, logits, vb.cu)
-        assert any(p != list(range(len(p))) for p in paths)
-        tsd.commit(model, caches, vb, paths, ops)
-        c = _check(model, ops, caches, before, trees, vb, logits, paths, bonus)
+    c = _verify_commit_check(model, ops, ChainOps())
     assert not c["passed"] and c["errors"]["logits"] > tsd.TOLERANCE["logits"]
 
 
@@ -320,13 +320,7 @@ def test_check_catches_ssm_ignoring_the_tree():
         def ssm_update(self, *a, retrieve_parent_token=None, **kw):
             return super().ssm_update(*a, **kw)
 
-    with torch.inference_mode():
-        caches, before, trees, vb = _pipeline(model, ops)
-        logits = tsd.verify_forward(model, caches, vb, NoTreeOps())
-        paths, bonus = tsd.accept_paths(trees, logits, vb.cu)
-        assert any(p != list(range(len(p))) for p in paths)
-        tsd.commit(model, caches, vb, paths, ops)
-        c = _check(model, ops, caches, before, trees, vb, logits, paths, bonus)
+    c = _verify_commit_check(model, ops, NoTreeOps())
     assert not c["passed"]
 
 
