@@ -199,7 +199,7 @@ def explore(sets, outs, qname, batch, label=""):
                                                 workspace_floats)
 
     Q, K, SL, OUT, WS, CTR, QTILE, ROW_TILES, SPLITS, TILES, STAGES = (0, 1, 4, 8, 9, 10, 15, 18,
-                                                                       19, 21, 22)
+                                                                       19, 21, 22)   # 23: kv_tile
     base = [list(prepare(**s, out=o)) for s, o in zip(sets, outs)]
     qt0, sp0, rt0 = base[0][QTILE], base[0][SPLITS], base[0][ROW_TILES]
     q0, k0 = base[0][Q], base[0][K]

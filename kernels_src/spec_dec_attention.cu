@@ -50,6 +50,9 @@
 #ifndef JK_KV_STAGES
 #define JK_KV_STAGES 0  // K/V pipeline depth; 0: the choice below
 #endif
+#ifndef JK_KV_TILE
+#define JK_KV_TILE 0    // KV positions per pipeline stage (64 or 128); 0: 64
+#endif
 
 namespace jk_sd {
 
@@ -62,8 +65,19 @@ constexpr int D = DQ <= 64 ? 64 : DQ <= 128 ? 128 : 256;
 static_assert(DQ % 16 == 0 && DQ >= 16 && DQ <= 256, "head_dim must be a multiple of 16 up to 256");
 constexpr int PS = JK_PAGE_SIZE;
 constexpr int MODE = JK_MODE;
-constexpr int TILE = 64;                       // KV positions per pipeline stage
 constexpr int QT = JK_Q_TILE;                  // query rows per CTA
+#if JK_KV_FP8
+constexpr int KV_BYTES = 1;
+#else
+constexpr int KV_BYTES = 2;
+#endif
+// KV positions per pipeline stage: 64, or 128 where kv_tile asks (for measurements). A 64-position
+// fp8 tile is half the bytes of a 16-bit one for the same per-tile work (barriers, softmax row
+// reductions, rescaling the accumulators), so 128 was measured for fp8 decode and chains (H200,
+// benchmarks/probe_cache_hints.py): -3% to +1% at batch 8-64, 8% slower at batch 1; not adopted.
+// The host counts KV in 64-position units (kv_tiles); the kernel converts.
+constexpr int TILE = JK_KV_TILE > 0 ? JK_KV_TILE : 64;
+static_assert(TILE == 64 || TILE == 128, "KV tile of 64 or 128 positions");
 constexpr int WM = QT / 16;                    // warps along rows (16 rows each: the MMA M)
 // Large tiles (trees) run 8 warps, two per row slab, so that with <= 128 registers two CTAs
 // (16 warps) share an SM; small tiles 4 warps, one slab split across them.
@@ -74,11 +88,6 @@ constexpr int NW = TILE / WN;                  // KV positions per warp per tile
 constexpr int NJ = NW / 8;                     // S column chunks (n8) per warp
 constexpr int NKC = D / 16;                    // k16 chunks over the head dim
 constexpr int NDC = D / 8;                     // n8 chunks of the output
-#if JK_KV_FP8
-constexpr int KV_BYTES = 1;
-#else
-constexpr int KV_BYTES = 2;
-#endif
 // Shared rows are padded by 16 bytes: consecutive rows then start 4 banks apart, which makes the
 // ldmatrix (16-bit KV) and the 32-bit fragment loads (fp8 KV) below conflict-free.
 constexpr int KV_ROW = D * KV_BYTES + 16;
@@ -94,10 +103,12 @@ constexpr int CV_ROW = D * 2 + 16;                     // fp16 row of the conver
 constexpr int CV_TILE_BYTES = FP8_SMEM ? TILE * CV_ROW : 0;
 constexpr int ROW16 = FP8_SMEM ? CV_ROW : KV_ROW;      // row stride the 16-bit path reads
 // Memory-bound (small query tiles) shapes need about 128 KB of K/V in flight per SM to cover
-// HBM latency: 5 stages of 128-byte rows (fp8 D=128, 16-bit D=64) or 3 of 256-byte rows, two CTAs
-// per SM. Compute-bound tiles (trees) and 512-byte rows take 2, keeping two CTAs per SM.
+// HBM latency: 5 stages of 8 KB (K) tiles (64 positions of 128-byte rows: fp8 D=128, 16-bit D=64)
+// or 3 of 16 KB, two CTAs per SM. Compute-bound tiles (trees) and 32 KB tiles take 2, keeping
+// two CTAs per SM.
+constexpr int STAGE_KB = D * KV_BYTES * TILE / 1024;   // K bytes of one stage, in KB
 constexpr int STAGES = JK_KV_STAGES > 0 ? JK_KV_STAGES
-                     : (D * KV_BYTES >= 512 || QT >= 64) ? 2 : (D * KV_BYTES <= 128 ? 5 : 3);
+                     : (STAGE_KB >= 32 || QT >= 64) ? 2 : (STAGE_KB <= 8 ? 5 : 3);
 constexpr int Q_ROW = (D + 8) * 2;
 constexpr int CPR = D * KV_BYTES / 16;         // 16-byte chunks per KV row (padded)
 constexpr int CPR_Q = DQ * KV_BYTES / 16;      // ... of them that exist in memory
@@ -130,7 +141,8 @@ struct Params {
                                 // null: the separate merge kernel combines the partials
     const float* kv_scale_ptr;  // null: use kv_scale
     int total_q, hq, hkv, group, q_len, bt_stride, mask_words, num_splits, row_tiles, window;
-    int kv_tiles;               // KV tiles of the longest sequence (host bound): sizes the splits
+    int kv_tiles;               // 64-position KV tiles of the longest sequence (host bound):
+                                // sizes the splits
     float scale_log2;           // softmax scale * log2(e)
     float kv_scale;
 };
@@ -290,7 +302,8 @@ __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const Param
     // contract: no sequence exceeds it) is cut into num_splits equal ranges. The range needs no
     // device data, so the first page-table reads below go out together with the seq_lens / q_cu
     // reads instead of one round trip after them.
-    const int per0 = (p.kv_tiles + p.num_splits - 1) / p.num_splits;
+    const int kv_tiles = (p.kv_tiles * 64 + TILE - 1) / TILE;   // host units: 64 positions
+    const int per0 = (kv_tiles + p.num_splits - 1) / p.num_splits;
     const int* bt = p.block_tables + (size_t)b * p.bt_stride;
     int pg[NP];
     auto load_pages = [&](int tile) {   // page ids of `tile` (-1 past the table), one tile ahead
@@ -467,6 +480,9 @@ __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const Param
             vsm = cv + CV_TILE_BYTES;
         }
 
+#ifdef JK_SD_PROBE_LOAD_ONLY
+        if (JK_SD_PROBE_LOAD_ONLY) { __syncthreads(); continue; }   // measurement: loads only
+#endif
         // ---- S = Q K^T over the warp's NW positions ----
         float s[NJ][4];
 #pragma unroll

@@ -301,11 +301,13 @@ def test_kv_bound_from_max_seq_len():
         assert _check(a, out, torch.bfloat16) < 1e-2
 
 
+@pytest.mark.parametrize("tile", [0, 64, 128])
 @pytest.mark.parametrize("stages", [2, 3, 4, 5, 6])
 @pytest.mark.parametrize("kind", ["decode", "chain_fp8", "tree"])
-def test_pipeline_depths(stages, kind):
-    """Every K/V pipeline depth the family offers (kv_stages, measured by the benchmark's
-    explore mode) matches the reference, split and unsplit, where its shared memory fits."""
+def test_pipeline_depths(stages, kind, tile):
+    """Every K/V pipeline depth and KV tile the family offers (kv_stages, kv_tile; measured by
+    the benchmark's explore mode and the cache-hint probe) matches the reference, split and
+    unsplit, where its shared memory fits."""
     from jitkern.families.spec_dec_attention import MAX_SHARED, shared_bytes
     from jitkern.ops.spec_dec_attention import _spec_dec_attention_op, prepare
 
@@ -323,10 +325,10 @@ def test_pipeline_depths(stages, kind):
         out = torch.full_like(a["q"], float("nan"))
         args = list(prepare(**a, out=out, num_kv_splits=splits))
         cfg = dict(head_dim=128, q_tile=args[15], kv_dtype="fp8_e4m3" if kind == "chain_fp8"
-                   else "bf16", kv_stages=stages)
+                   else "bf16", kv_stages=stages, kv_tile=tile)
         if shared_bytes(cfg) > MAX_SHARED:
-            pytest.skip(f"kv_stages {stages} does not fit q_tile {args[15]}")
-        args[22] = stages
+            pytest.skip(f"kv_stages {stages} with kv_tile {tile} does not fit q_tile {args[15]}")
+        args[22], args[23] = stages, tile
         _spec_dec_attention_op(*args)
         torch.cuda.synchronize()
         assert _check(a, out, torch.bfloat16) < 1e-2

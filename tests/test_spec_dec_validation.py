@@ -153,7 +153,7 @@ def test_custom_op_fake_impl_on_meta_tensors():
             torch.empty(2, 3, dtype=torch.int32, **m), torch.empty(2, dtype=torch.int32, **m),
             None, torch.empty(8, 1, dtype=torch.int32, **m), None,
             torch.empty(8, 8, 128, dtype=torch.bfloat16, **m), torch.empty(1, **m),
-            torch.empty(1, dtype=torch.int32, **m), 0.088, 1.0, "NHD", "tree", 64, 16, 4, 1, 1, 0, 1, 0)
+            torch.empty(1, dtype=torch.int32, **m), 0.088, 1.0, "NHD", "tree", 64, 16, 4, 1, 1, 0, 1, 0, 0)
     assert op(*args) is None
     mutated = [a.name for a in op._schema.arguments if a.alias_info is not None and a.alias_info.is_write]
     assert mutated == ["out", "workspace", "counters"]
@@ -225,6 +225,20 @@ def test_resident_ctas_follow_shared_memory_and_launch_bounds():
     assert resident_ctas(dict(decode, kv_stages=4), sm90) == 1
     assert resident_ctas(dict(decode, q_tile=32, kv_stages=2), sm90) == 2   # 4 warps, 255 regs
     assert resident_ctas(decode, 100 * 1024) == 1                    # never below one
+
+
+def test_kv_tile_sizes_the_pipeline():
+    from jitkern.families.spec_dec_attention import kv_tile, resident_ctas, shared_bytes, stages
+
+    fp8 = dict(head_dim=128, q_tile=16, kv_dtype="fp8_e4m3")
+    assert kv_tile(fp8) == 64 and stages(fp8) == 5                 # the source's choice
+    # 128 positions of fp8 hold the bytes of 64 16-bit ones: 3 stages, 2 CTAs per SM
+    big = dict(fp8, kv_tile=128)
+    assert kv_tile(big) == 128 and stages(big) == 3
+    assert shared_bytes(big) == 16 * 272 + 3 * 2 * 128 * 144
+    assert resident_ctas(big, 228 * 1024) == 2
+    assert stages(dict(big, head_dim=64)) == 5 and stages(dict(big, head_dim=256)) == 2
+    assert stages(dict(big, kv_dtype="bf16")) == 2                  # 32 KB stages
 
 
 @pytest.mark.parametrize("head_dim,padded", [(16, 64), (48, 64), (80, 128), (96, 128),

@@ -6,7 +6,8 @@ the source pads it to 64, 128 or 256), input dtype, KV dtype
 query tile (rows per CTA: 16 rows per warp slab; 16 and 32 split each KV tile across warps, 64 and
 128 give each warp all of it) and whether the split-KV path is compiled in.
 
-``kv_stages`` (default 0: the source's choice) fixes the K/V pipeline depth instead; shared
+``kv_stages`` (default 0: the source's choice) fixes the K/V pipeline depth instead, and
+``kv_tile`` (default 0: the source's choice) the KV positions per stage (64 or 128); shared
 memory must stay within 227 KiB.
 
 Launch contract (the op keeps it): mode "decode" needs one query token per sequence and no
@@ -23,7 +24,7 @@ HEAD_DIMS = IntRange(16, 256, multiple_of=16)   # 64/128/256 natively, the rest 
 PAGE_SIZES = (16, 32, 64, 128)
 MODES = ("decode", "chain", "tree")
 Q_TILES = (16, 32, 64, 128)
-KV_TILE = 64  # KV positions per pipeline stage (fixed in the source)
+KV_TILE = 64  # the host's unit of KV positions (kv_tiles, split sizing); see kv_tile()
 
 ATTN_SIGNATURE = (
     ("q", "ptr"), ("k_cache", "ptr"), ("v_cache", "ptr"), ("block_tables", "ptr"),
@@ -49,7 +50,7 @@ def _validate(cfg: dict) -> None:
         raise ValueError(f"spec_dec_attention: kv_stages {cfg['kv_stages']} needs "
                          f"{shared_bytes(cfg)} bytes of shared memory per CTA with head_dim "
                          f"{cfg['head_dim']}, kv_dtype {cfg['kv_dtype']!r}, q_tile "
-                         f"{cfg['q_tile']}; at most {MAX_SHARED}")
+                         f"{cfg['q_tile']}, kv_tile {kv_tile(cfg)}; at most {MAX_SHARED}")
 
 
 def pick_q_tile(rows: int) -> int:
@@ -74,14 +75,21 @@ def warps(q_tile: int) -> int:
     return max(8, q_tile // 16) if q_tile >= 64 else 4
 
 
+def kv_tile(cfg: dict) -> int:
+    """KV positions per pipeline stage (mirrors TILE in the source): ``kv_tile``, or 64 when 0
+    (128 measured no faster for fp8 decode and chains; BENCHMARKS.md)."""
+    return cfg.get("kv_tile", 0) or 64
+
+
 def stages(cfg: dict) -> int:
     """K/V pipeline depth (mirrors STAGES in the source): ``kv_stages``, or when 0 about 128 KB
-    of K/V in flight per SM for memory-bound (small) query tiles, 2 for trees and 512-byte
-    rows."""
+    of K/V in flight per SM for memory-bound (small) query tiles, 2 for trees and 32 KB (K)
+    stages."""
     if cfg.get("kv_stages", 0):
         return cfg["kv_stages"]
     row = padded_head_dim(cfg["head_dim"]) * (1 if cfg["kv_dtype"] == "fp8_e4m3" else 2)
-    return 2 if (row >= 512 or cfg["q_tile"] >= 64) else (5 if row <= 128 else 3)
+    kb = row * kv_tile(cfg) // 1024
+    return 2 if (kb >= 32 or cfg["q_tile"] >= 64) else (5 if kb <= 8 else 3)
 
 
 def shared_bytes(cfg: dict) -> int:
@@ -92,9 +100,10 @@ def shared_bytes(cfg: dict) -> int:
     wn = warps(qt) // wm
     kv_row = d * kvb + 16
     stages_ = stages(cfg)
-    pipe = stages_ * 2 * KV_TILE * kv_row
+    tile = kv_tile(cfg)
+    pipe = stages_ * 2 * tile * kv_row
     if kvb == 1 and qt >= 128:   # FP8_SMEM: the tile's K and V converted to fp16 rows
-        pipe += 2 * KV_TILE * (d * 2 + 16)
+        pipe += 2 * tile * (d * 2 + 16)
     epi = (wn * qt * (d + 4) + 2 * wn * qt) * 4
     return qt * (d + 8) * 2 + max(pipe, epi)
 
@@ -128,6 +137,8 @@ SPEC_DEC_ATTENTION = register_family(KernelFamily(
         Param("split_kv", (False, True), default=True),
         # K/V pipeline depth, 0: the source's choice (see stages()); others for measurements
         Param("kv_stages", (0, 2, 3, 4, 5, 6), default=0),
+        # KV positions per stage, 0: the source's choice (64, see kv_tile()); 128 for measurements
+        Param("kv_tile", (0, 64, 128), default=0),
     ),
     entries={
         "attention": Entry("jk_sd::spec_dec_attention", signature=ATTN_SIGNATURE, packed=True),

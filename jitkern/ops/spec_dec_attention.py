@@ -39,19 +39,21 @@ FUSED_MERGE_Q_TILE = 16
 
 # ---- launch (the custom op) --------------------------------------------------------------------
 
-# (dtype, kv dtype, head_dim, layout, mode, page, q_tile, stages, device index) -> (kernel, smem
-# bytes, threads): keyed on the raw values, so a launch builds no configuration
+# (dtype, kv dtype, head_dim, layout, mode, page, q_tile, stages, tile, device index) -> (kernel,
+# smem bytes, threads): keyed on the raw values, so a launch builds no configuration
 _LAUNCH: dict = {}
 
 
 def kernel_config(dtype, kv_dtype, head_dim, kv_layout, mode, page_size, q_tile,
-                  kv_stages: int = 0) -> tuple:
-    """The family configuration (item tuple) a call runs; ``kv_stages`` only when it is not
-    the source's default choice (0)."""
+                  kv_stages: int = 0, kv_tile: int = 0) -> tuple:
+    """The family configuration (item tuple) a call runs; ``kv_stages`` and ``kv_tile`` only
+    when they are not the source's default choice (0)."""
     cfg = (("dtype", _IN_DTYPES[dtype]), ("head_dim", head_dim), ("kv_dtype", _KV_DTYPES[kv_dtype]),
            ("kv_layout", kv_layout), ("mode", mode), ("page_size", page_size), ("q_tile", q_tile),
            ("split_kv", True))
-    return cfg + (("kv_stages", kv_stages),) if kv_stages else cfg
+    if kv_stages:
+        cfg += (("kv_stages", kv_stages),)
+    return cfg + (("kv_tile", kv_tile),) if kv_tile else cfg
 
 
 def _launcher(key: tuple):
@@ -65,15 +67,16 @@ def _launcher(key: tuple):
 
 def _launch(q, k_cache, v_cache, block_tables, seq_lens, q_cu_seqlens, tree_mask, kv_scale_t,
             out, workspace, counters, scale, kv_scale, kv_layout, mode, q_tile, page_size, q_len,
-            row_tiles, num_splits, window, kv_tiles, kv_stages) -> None:
+            row_tiles, num_splits, window, kv_tiles, kv_stages, kv_tile) -> None:
     """Launch only: arguments were validated and resolved by ``spec_dec_attention``
-    (``kv_tiles``: KV tiles of the longest sequence, bounding the split ranges; ``kv_stages``:
-    pipeline depth, 0 = the source's choice, others for measurements)."""
+    (``kv_tiles``: 64-position KV tiles of the longest sequence, bounding the split ranges;
+    ``kv_stages`` / ``kv_tile``: pipeline depth / positions per stage, 0 = the source's choice,
+    others for measurements)."""
     total_q, hq, d = q.shape
     hkv = k_cache.shape[2] if kv_layout == "NHD" else k_cache.shape[1]
     bt = seq_lens.shape[0]
     kern, smem, threads = _launcher((q.dtype, k_cache.dtype, d, kv_layout, mode, page_size,
-                                     q_tile, kv_stages, q.device.index))
+                                     q_tile, kv_stages, kv_tile, q.device.index))
     split = num_splits > 1
     fused = split and q_tile == FUSED_MERGE_Q_TILE
     rows = total_q * hq
@@ -98,12 +101,13 @@ def _spec_dec_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            workspace: torch.Tensor, counters: torch.Tensor, scale: float,
                            kv_scale: float, kv_layout: str,
                            mode: str, q_tile: int, page_size: int, q_len: int, row_tiles: int,
-                           num_splits: int, window: int, kv_tiles: int, kv_stages: int) -> None:
+                           num_splits: int, window: int, kv_tiles: int, kv_stages: int,
+                           kv_tile: int) -> None:
     """The launch as a torch custom op (what torch.compile traces; eager calls skip the
     dispatcher and call ``_launch`` directly)."""
     _launch(q, k_cache, v_cache, block_tables, seq_lens, q_cu_seqlens, tree_mask, kv_scale_t, out,
             workspace, counters, scale, kv_scale, kv_layout, mode, q_tile, page_size, q_len,
-            row_tiles, num_splits, window, kv_tiles, kv_stages)
+            row_tiles, num_splits, window, kv_tiles, kv_stages, kv_tile)
 
 
 # ---- workspace ---------------------------------------------------------------------------------
@@ -413,7 +417,7 @@ def _plan(q, k_cache, v_cache, block_tables, seq_lens, q_cu_seqlens, tree_mask, 
                          f"(workspace_floats)")
     fused = splits > 1 and q_tile == FUSED_MERGE_Q_TILE
     static = (float(scale), kv_scale_f, kv_layout, mode, q_tile, page_size, q_len, row_tiles,
-              splits, sliding_window or 0, -(-max_kv // KV_TILE), 0)
+              splits, sliding_window or 0, -(-max_kv // KV_TILE), 0, 0)
     return _Plan(static, need if splits > 1 else 0, bt * hkv * row_tiles if fused else 0,
                  workspace is not None)
 

@@ -74,8 +74,22 @@ __device__ __forceinline__ void ldsm_x4_t(u32 r[4], u32 addr) {
 
 // 16-byte async copy; src_bytes = 0 writes zeros (rows past the sequence end never hold garbage:
 // a NaN there times a zero probability would still poison the output).
+// The copies ask L2 to fetch 128-byte lines (.L2::128B): measured (H200, 8k, batch 64, bf16
+// cache; benchmarks/probe_cache_hints.py) 2.5-3% faster on the memory-bound paths (decode,
+// chains, 16/16/64), 256 bytes gained less at D = 128; fp8 caches are unchanged (their decode is
+// bound by the arithmetic). JK_SD_L2_PREFETCH (0, 128, 256) selects the variant for the probe.
+#ifndef JK_SD_L2_PREFETCH
+#define JK_SD_L2_PREFETCH 128
+#endif
+#if JK_SD_L2_PREFETCH == 256
+#define JK_SD_CP_ASYNC "cp.async.cg.shared.global.L2::256B"
+#elif JK_SD_L2_PREFETCH == 128
+#define JK_SD_CP_ASYNC "cp.async.cg.shared.global.L2::128B"
+#else
+#define JK_SD_CP_ASYNC "cp.async.cg.shared.global"
+#endif
 __device__ __forceinline__ void cp_async16(u32 dst, const void* src, int src_bytes) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes));
+    asm volatile(JK_SD_CP_ASYNC " [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes));
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>
