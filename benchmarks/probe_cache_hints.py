@@ -1,0 +1,158 @@
+"""Probe: cache hints on the memory-bound paths of both kernel families, A/B in one run.
+
+Each variant is the family with extra compile-time macros (a derived family with one-value
+parameters, so the ops pick it up unchanged). Variants of a row are timed in turn, the cycle
+repeated, and each variant's best cycle median reported beside the default's.
+
+Mamba2 (JK_LD_HINT: 1 = ld .L2::256B, 2 = + .L1::no_allocate; JK_ST_HINT: 0 = plain st,
+1 = st.cs (the default), 2 = L2 evict_first policy) on the state loads and the intermediate /
+final state stores. Spec-dec, 16-bit caches: JK_SD_L2_PREFETCH (cp.async with an L2 prefetch
+size of 0, 128 (the default) or 256 bytes); fp8 caches: the KV positions per stage and the
+pipeline depth (kv_tile, kv_stages); both: JK_SD_PROBE_LOAD_ONLY, the tile loop without its
+arithmetic (the loads' own ceiling).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+
+from jitkern.family import KernelFamily, Param  # noqa: E402
+from jitkern.ops import mamba2 as m2  # noqa: E402
+import importlib  # noqa: E402
+
+sda = importlib.import_module("jitkern.ops.spec_dec_attention")   # the package exports the op
+import mamba2_mtp as mb  # noqa: E402
+import spec_dec_attention as sb  # noqa: E402
+
+CYCLES = 3
+
+
+def derived(base: KernelFamily, tag: str, macros: dict) -> KernelFamily:
+    extra = tuple(Param(m.lower(), (v,), macro=m, default=v) for m, v in macros.items())
+    return KernelFamily(name=f"{base.name}+{tag}", source=base.source,
+                        params=base.params + extra, entries=base.entries, options=base.options,
+                        validate=base.validate)
+
+
+def ab(name, variants, make_calls, timer, unit_bytes, ceiling):
+    """Time each variant's calls in turn, CYCLES times; print one line per variant."""
+    best = {tag: math.inf for tag, _ in variants}
+    for _ in range(CYCLES):
+        for tag, use in variants:
+            use()
+            t = timer(make_calls())
+            best[tag] = min(best[tag], t)
+    base = best[variants[0][0]]
+    for tag, _ in variants:
+        t = best[tag]
+        print(f"| {name} | {tag} | {t * 1e6:.1f} | {100 * unit_bytes / t / ceiling:.1f}% | "
+              f"{base / t:.3f}x |", flush=True)   # > 1: the variant is faster
+
+
+def mamba(bw):
+    base = m2.MAMBA2
+    hints = [("default (st.cs)", {}), ("plain st", {"JK_ST_HINT": 0}),
+             ("st-evict-first", {"JK_ST_HINT": 2}), ("ld256+st.cs", {"JK_LD_HINT": 1}),
+             ("ld256-noL1+st.cs", {"JK_LD_HINT": 2})]
+    fams = {tag: (derived(base, tag.split()[0], mac) if mac else base) for tag, mac in hints}
+
+    def user(tag):
+        def use():
+            m2.MAMBA2 = fams[tag]
+            m2._plans.clear()
+        return use
+
+    variants = [(tag, user(tag)) for tag, _ in hints]
+    print("\n## Mamba2 (H=128, G=8, P=64, N=128, chain); % of copy")
+    print("| row | variant | us | % copy | vs default |\n|---|---|---|---|---|")
+    for sd, T, Bt in (("bf16", 1, 32), ("bf16", 8, 32), ("bf16", 4, 32), ("bf16", 8, 256),
+                      ("fp32", 4, 32), ("fp32", 4, 256), ("fp32", 1, 32)):
+        pr = mb.Problem(128, 8, 64, 128, T, Bt, mb.DT[sd], False)
+        ab(f"{sd} T={T} b={Bt}", variants,
+           lambda: [pr.jitkern_call(i) for i in range(pr.R)],
+           lambda calls: mb.time_calls(calls) / 1e3, pr.bytes, bw)
+        pr = None
+        torch.cuda.empty_cache()
+    m2.MAMBA2 = base
+    m2._plans.clear()
+
+
+def attention(rbw):
+    base = sda.SPEC_DEC_ATTENTION
+    base_config = sda.kernel_config
+    # (tag, extra macros, configuration overrides); the first of each list is the default
+    hints16 = [("default (L2::128B)", {}, {}), ("no prefetch", {"JK_SD_L2_PREFETCH": 0}, {}),
+               ("L2::256B", {"JK_SD_L2_PREFETCH": 256}, {}),
+               ("load-only", {"JK_SD_PROBE_LOAD_ONLY": 1}, {})]
+    hints8 = [("default (64-position tiles)", {}, {}),
+              ("128-position tiles", {}, {"kv_tile": 128}),
+              ("128, 2 stages", {}, {"kv_tile": 128, "kv_stages": 2}),
+              ("load-only", {"JK_SD_PROBE_LOAD_ONLY": 1}, {})]
+    fams = {}
+
+    def user(tag, mac, over):
+        fam = base if not mac else fams.setdefault(tag, derived(base, tag.replace(" ", "_"), mac))
+
+        def config(*a, **k):
+            return tuple(dict(base_config(*a, **k), **over).items())
+
+        def use():
+            sda.SPEC_DEC_ATTENTION = fam
+            sda.kernel_config = config
+            sda._LAUNCH.clear()
+        return use
+
+    print("\n## spec-dec attention (page 64, NHD); % of read bandwidth")
+    print("| row | variant | us | % read | vs default |\n|---|---|---|---|---|")
+    rows = (((32, 8, 128), 1, 8192, 64, "bf16"), ((32, 8, 128), 4, 8192, 64, "bf16"),
+            ((32, 8, 128), 1, 32768, 8, "bf16"), ((16, 16, 64), 1, 8192, 64, "bf16"),
+            ((32, 8, 128), 1, 8192, 64, "fp8"), ((32, 8, 128), 4, 8192, 64, "fp8"),
+            ((32, 8, 128), 1, 8192, 8, "fp8"), ((32, 8, 128), 4, 8192, 8, "fp8"),
+            ((32, 8, 128), 1, 32768, 8, "fp8"), ((32, 8, 128), 1, 8192, 1, "fp8"),
+            ((32, 8, 128), 4, 32768, 64, "fp8"))
+    for (hq, hkv, d), n, ctx, batch, kvn in rows:
+        kv_dtype = torch.float8_e4m3fn if kvn == "fp8" else torch.bfloat16
+        variants = [(tag, user(tag, mac, over))
+                    for tag, mac, over in (hints8 if kvn == "fp8" else hints16)]
+        draft = sb.chain_parents(n)
+        kv_bytes = batch * ctx * hkv * d * 2 * (1 if kvn == "fp8" else 2)
+        copies = max(1, min(16, math.ceil(sb.L2_DEFEAT_BYTES / kv_bytes)))
+        sets = [sb.build(batch, hq, hkv, d, ctx - n, draft, kv_dtype, seed=s)
+                for s in range(copies)]
+        outs = [torch.empty_like(s["q"]) for s in sets]
+        ab(f"{hq}/{hkv}/{d} q={n} {ctx // 1024}k b={batch} {kvn}", variants,
+           lambda: [(lambda s=s, o=o: sda.spec_dec_attention(**s, out=o))
+                    for s, o in zip(sets, outs)],
+           sb.time_graph, kv_bytes, rbw)
+        sets = outs = None
+        torch.cuda.empty_cache()
+    sda.SPEC_DEC_ATTENTION, sda.kernel_config = base, base_config
+    sda._LAUNCH.clear()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--only", choices=("mamba", "attention"))
+    args = ap.parse_args()
+    print(f"# probe on {torch.cuda.get_device_name()}")
+    if args.only != "attention":
+        bw = mb.copy_bandwidth() * 1e9
+        print(f"# copy {bw / 1e9:.0f} GB/s, write {mb.write_bandwidth():.0f} GB/s")
+        mamba(bw)
+    if args.only != "mamba":
+        rbw = sb.read_bandwidth()
+        print(f"# read {rbw / 1e12:.2f} TB/s")
+        attention(rbw)
+
+
+if __name__ == "__main__":
+    main()
