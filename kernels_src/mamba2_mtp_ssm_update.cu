@@ -110,17 +110,20 @@ __device__ __forceinline__ uint4 pack(const float (&f)[VEC]) {
 }
 
 // ---- state traffic: 16-byte loads and stores ----
-// Stores are streaming (st.global.cs, evict-first in L2): the intermediate and final states are
-// not read again by this kernel, and without the hint they crowd the lines still to be read out
-// of L2. Measured (H200, benchmarks/probe_cache_hints.py): bf16 batch 32 T = 1 58.4 -> 54.7 us
-// (81% -> 87% of copy), T = 8 +2%, fp32 T = 4 +5-7%. An explicit L2 evict_first policy measured
-// the same; load hints (an L2 prefetch size of 256 bytes, no L1 allocation) gained <= 2% alone
-// and lost with streaming stores. JK_LD_HINT / JK_ST_HINT select those variants for the probe.
+// Chain kernels store streaming (st.global.cs, evict-first in L2): they never read the
+// intermediate and final states back, and without the hint those crowd the lines still to be
+// read out of L2. Measured (H200, benchmarks/probe_cache_hints.py): bf16 batch 32 T = 1
+// 58.4 -> 54.7 us (81% -> 87% of copy), T = 8 +2%, fp32 T = 4 +5-7%. An explicit L2 evict_first
+// policy measured the same; load hints (an L2 prefetch size of 256 bytes, no L1 allocation)
+// gained <= 2% alone and lost with streaming stores. Tree kernels read parent nodes back: with
+// every store streaming they were 8-10% slower (the nodes came back from DRAM), with only the
+// nodes never read back streaming still 2-4% slower than plain stores, which they keep.
+// JK_LD_HINT / JK_ST_HINT select the variants for the probe.
 #ifndef JK_LD_HINT
 #define JK_LD_HINT 0   // 1: ld .L2::256B, 2: ld .L1::no_allocate.L2::256B
 #endif
 #ifndef JK_ST_HINT
-#define JK_ST_HINT 1   // 0: plain st, 1: st.cs, 2: st with an L2 evict_first cache policy
+#define JK_ST_HINT (JK_TREE ? 0 : 1)   // 0: plain st, 1: st.cs, 2: st, L2 evict_first policy
 #endif
 __device__ __forceinline__ uint4 ld_state(const void* p) {
     uint4 v;
@@ -137,8 +140,7 @@ __device__ __forceinline__ uint4 ld_state(const void* p) {
 }
 __device__ __forceinline__ void st_state(void* p, const uint4& v) {
 #if JK_ST_HINT == 1
-    asm volatile("st.global.cs.v4.u32 [%0], {%1,%2,%3,%4};\n"
-                 :: "l"(p), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w) : "memory");
+    __stcs(reinterpret_cast<uint4*>(p), v);   // st.global.cs
 #elif JK_ST_HINT == 2
     asm volatile("{ .reg .b64 pol;\n createpolicy.fractional.L2::evict_first.b64 pol, 1.0;\n"
                  " st.global.L2::cache_hint.v4.u32 [%0], {%1,%2,%3,%4}, pol; }\n"
