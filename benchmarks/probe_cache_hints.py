@@ -4,9 +4,9 @@ Each variant is the family with extra compile-time macros (a derived family with
 parameters, so the ops pick it up unchanged). Variants of a row are timed in turn, the cycle
 repeated, and each variant's best cycle median reported beside the default's.
 
-Mamba2 (JK_LD_HINT: 1 = ld .L2::256B, 2 = + .L1::no_allocate; JK_ST_HINT: 0 = plain st,
-1 = st.cs (the default), 2 = L2 evict_first policy) on the state loads and the intermediate /
-final state stores. Spec-dec, 16-bit caches: JK_SD_L2_PREFETCH (cp.async with an L2 prefetch
+Mamba2 (JK_LD_HINT: 1 = ld .L2::256B, 2 = + .L1::no_allocate; JK_ST_HINT: 0 = plain st (the
+tree kernels' default), 1 = st.cs (the chain kernels'), 2 = L2 evict_first policy) on the state
+loads and the intermediate / final state stores. Spec-dec, 16-bit caches: JK_SD_L2_PREFETCH (cp.async with an L2 prefetch
 size of 0, 128 (the default) or 256 bytes); fp8 caches: the KV positions per stage and the
 pipeline depth (kv_tile, kv_stages); both: JK_SD_PROBE_LOAD_ONLY, the tile loop without its
 arithmetic (the loads' own ceiling).
@@ -58,26 +58,38 @@ def ab(name, variants, make_calls, timer, unit_bytes, ceiling):
               f"{base / t:.3f}x |", flush=True)   # > 1: the variant is faster
 
 
-def mamba(bw):
+def mamba(bw, tree_only=False):
     base = m2.MAMBA2
-    hints = [("default (st.cs)", {}), ("plain st", {"JK_ST_HINT": 0}),
-             ("st-evict-first", {"JK_ST_HINT": 2}), ("ld256+st.cs", {"JK_LD_HINT": 1}),
-             ("ld256-noL1+st.cs", {"JK_LD_HINT": 2})]
-    fams = {tag: (derived(base, tag.split()[0], mac) if mac else base) for tag, mac in hints}
+    chain_hints = [("default (st.cs)", {}), ("plain st", {"JK_ST_HINT": 0}),
+                   ("st-evict-first", {"JK_ST_HINT": 2}), ("ld256+st.cs", {"JK_LD_HINT": 1}),
+                   ("ld256-noL1+st.cs", {"JK_LD_HINT": 2})]
+    tree_hints = [("default (plain st)", {}), ("st.cs", {"JK_ST_HINT": 1}),
+                  ("64-register cap", {"JK_MIN_BLOCKS": 16})]
+    fams = {}
 
-    def user(tag):
+    def user(tag, mac):
+        fam = base if not mac else fams.setdefault(tag, derived(base, tag.split()[0], mac))
+
         def use():
-            m2.MAMBA2 = fams[tag]
+            m2.MAMBA2 = fam
             m2._plans.clear()
         return use
 
-    variants = [(tag, user(tag)) for tag, _ in hints]
-    print("\n## Mamba2 (H=128, G=8, P=64, N=128, chain); % of copy")
+    print("\n## Mamba2 (H=128, G=8, P=64, N=128); % of copy")
     print("| row | variant | us | % copy | vs default |\n|---|---|---|---|---|")
-    for sd, T, Bt in (("bf16", 1, 32), ("bf16", 8, 32), ("bf16", 4, 32), ("bf16", 8, 256),
-                      ("fp32", 4, 32), ("fp32", 4, 256), ("fp32", 1, 32)):
-        pr = mb.Problem(128, 8, 64, 128, T, Bt, mb.DT[sd], False)
-        ab(f"{sd} T={T} b={Bt}", variants,
+    rows = [("bf16", 8, 32, True), ("bf16", 8, 256, True), ("bf16", 4, 256, True),
+            ("fp32", 8, 256, True), ("fp32", 4, 32, True)]
+    if not tree_only:
+        rows = [("bf16", 1, 32, False), ("bf16", 8, 32, False), ("bf16", 4, 32, False),
+                ("bf16", 8, 256, False), ("fp32", 4, 32, False), ("fp32", 4, 256, False),
+                ("fp32", 1, 32, False)] + rows
+    for sd, T, Bt, tree in rows:
+        hints = tree_hints if tree else chain_hints
+        if sd == "fp32":
+            hints = [h for h in hints if "JK_MIN_BLOCKS" not in h[1]]
+        variants = [(tag, user(tag, mac)) for tag, mac in hints]
+        pr = mb.Problem(128, 8, 64, 128, T, Bt, mb.DT[sd], tree)
+        ab(f"{sd} T={T} b={Bt} {'tree' if tree else 'chain'}", variants,
            lambda: [pr.jitkern_call(i) for i in range(pr.R)],
            lambda calls: mb.time_calls(calls) / 1e3, pr.bytes, bw)
         pr = None
@@ -142,12 +154,13 @@ def attention(rbw):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", choices=("mamba", "attention"))
+    ap.add_argument("--tree-only", action="store_true", help="Mamba2: only the tree rows")
     args = ap.parse_args()
     print(f"# probe on {torch.cuda.get_device_name()}")
     if args.only != "attention":
         bw = mb.copy_bandwidth() * 1e9
         print(f"# copy {bw / 1e9:.0f} GB/s, write {mb.write_bandwidth():.0f} GB/s")
-        mamba(bw)
+        mamba(bw, args.tree_only)
     if args.only != "mamba":
         rbw = sb.read_bandwidth()
         print(f"# read {rbw / 1e12:.2f} TB/s")
