@@ -116,8 +116,8 @@ __device__ __forceinline__ uint4 pack(const float (&f)[VEC]) {
 // 58.4 -> 54.7 us (81% -> 87% of copy), T = 8 +2%, fp32 T = 4 +5-7%. An explicit L2 evict_first
 // policy measured the same; load hints (an L2 prefetch size of 256 bytes, no L1 allocation)
 // gained <= 2% alone and lost with streaming stores. Tree kernels read parent nodes back: with
-// every store streaming they were 8-10% slower (the nodes came back from DRAM), with only the
-// nodes never read back streaming still 2-4% slower than plain stores, which they keep.
+// every store streaming they were 6-12% slower (the nodes came back from DRAM), with only the
+// nodes never read back streaming still 1-4% slower than plain stores, which they keep.
 // JK_LD_HINT / JK_ST_HINT select the variants for the probe.
 #ifndef JK_LD_HINT
 #define JK_LD_HINT 0   // 1: ld .L2::256B, 2: ld .L1::no_allocate.L2::256B

@@ -75,7 +75,7 @@ __device__ __forceinline__ void ldsm_x4_t(u32 r[4], u32 addr) {
 // 16-byte async copy; src_bytes = 0 writes zeros (rows past the sequence end never hold garbage:
 // a NaN there times a zero probability would still poison the output).
 // The copies ask L2 to fetch 128-byte lines (.L2::128B): measured (H200, 8k, batch 64, bf16
-// cache; benchmarks/probe_cache_hints.py) 2.5-3% faster on the memory-bound paths (decode,
+// cache; benchmarks/probe_cache_hints.py) 2.3-3% faster on the memory-bound paths (decode,
 // chains, 16/16/64), 256 bytes gained less at D = 128; fp8 caches are unchanged (their decode is
 // bound by the arithmetic). JK_SD_L2_PREFETCH (0, 128, 256) selects the variant for the probe.
 #ifndef JK_SD_L2_PREFETCH
