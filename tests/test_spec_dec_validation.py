@@ -176,6 +176,11 @@ def test_family_rejects_pipelines_past_shared_memory():
                                          "with head_dim 256.*at most 232448"):
         SPEC_DEC_ATTENTION.specialize(cfg)
     SPEC_DEC_ATTENTION.specialize(dict(cfg, kv_stages=3))   # 211 KiB: fits
+    # the source's depth (kv_stages 0 -> 2 for 32 KB stages) with 128-position tiles overflows:
+    # the message names the resolved depth and the tile
+    with pytest.raises(ValueError, match="kv_stages 2 needs 278784 bytes of shared memory per CTA "
+                                         "with head_dim 256.*kv_tile 128; at most 232448"):
+        SPEC_DEC_ATTENTION.specialize(dict(cfg, kv_stages=0, kv_tile=128))
 
 
 def test_query_tile_and_split_choices():

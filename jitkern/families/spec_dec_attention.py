@@ -47,7 +47,8 @@ def _validate(cfg: dict) -> None:
         raise ValueError(f"spec_dec_attention: kv_dtype {cfg['kv_dtype']!r} must equal dtype "
                          f"{cfg['dtype']!r} or be 'fp8_e4m3' (tensor-core operands share one type)")
     if shared_bytes(cfg) > MAX_SHARED:
-        raise ValueError(f"spec_dec_attention: kv_stages {cfg['kv_stages']} needs "
+        # the resolved depth: with kv_stages 0 the overflow comes from kv_tile or head_dim
+        raise ValueError(f"spec_dec_attention: kv_stages {stages(cfg)} needs "
                          f"{shared_bytes(cfg)} bytes of shared memory per CTA with head_dim "
                          f"{cfg['head_dim']}, kv_dtype {cfg['kv_dtype']!r}, q_tile "
                          f"{cfg['q_tile']}, kv_tile {kv_tile(cfg)}; at most {MAX_SHARED}")
