@@ -8,6 +8,20 @@ import time
 import torch
 
 
+def event_median_ms(fn, reps: int) -> float:
+    """Median milliseconds of one ``fn()`` between two CUDA events, over ``reps`` samples (the
+    caller warms ``fn`` up first)."""
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
 def eager_per_call(calls, n: int = 200, reps: int = 7) -> tuple:
     """(seconds per call of ``n`` back-to-back eager calls between two CUDA events, host seconds
     per call to submit them), medians over ``reps`` samples. The calls cycle through ``calls``

@@ -44,7 +44,7 @@ sys.path.insert(0, __import__("os").path.dirname(__import__("os").path.dirname(
 
 from jitkern.families.mamba2 import pick_tiling  # noqa: E402
 from jitkern.ops import mamba2 as m2  # noqa: E402
-from bench_timing import eager_per_call  # noqa: E402  (this directory)
+from bench_timing import eager_per_call, event_median_ms  # noqa: E402  (this directory)
 
 DT = {"fp32": torch.float32, "bf16": torch.bfloat16}
 MIN_TOUCH = 512 << 20
@@ -55,15 +55,7 @@ def median_ms(fn, warmup=3, reps=15):
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
+    return event_median_ms(fn, reps)
 
 
 def copy_bandwidth():

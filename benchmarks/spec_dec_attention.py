@@ -16,7 +16,6 @@ import argparse
 import datetime
 import math
 import random
-import statistics
 import sys
 import time
 
@@ -25,7 +24,7 @@ import torch
 sys.path.insert(0, __import__("os").path.dirname(__import__("os").path.dirname(__file__)))
 
 from jitkern.ops import spec_dec_attention  # noqa: E402
-from bench_timing import eager_per_call  # noqa: E402  (this directory)
+from bench_timing import eager_per_call, event_median_ms  # noqa: E402  (this directory)
 from jitkern.reference.spec_dec_attention import (chain_parents, pack_tree_masks,  # noqa: E402
                                                   random_eagle_tree, tree_visibility)
 
@@ -60,15 +59,7 @@ def time_graph(calls, reps: int = 15) -> float:
                 c()
     run()
     torch.cuda.synchronize()
-    ts = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        run()
-        b.record()
-        b.synchronize()
-        ts.append(a.elapsed_time(b) / 1e3 / len(calls))
-    return statistics.median(ts)
+    return event_median_ms(run, reps) / 1e3 / len(calls)
 
 
 def read_bandwidth() -> float:

@@ -301,7 +301,7 @@ def test_kv_bound_from_max_seq_len():
         assert _check(a, out, torch.bfloat16) < 1e-2
 
 
-@pytest.mark.parametrize("tile", [0, 64, 128])
+@pytest.mark.parametrize("tile", [0, 128])   # 0: the source's choice, 64 (an explicit 64 is the same kernel)
 @pytest.mark.parametrize("stages", [2, 3, 4, 5, 6])
 @pytest.mark.parametrize("kind", ["decode", "chain_fp8", "tree"])
 def test_pipeline_depths(stages, kind, tile):
