@@ -1,4 +1,4 @@
-"""Probe: cache hints on the memory-bound paths of both kernel families, A/B in one run.
+"""Probe: compile-time variants of both kernel families' memory-bound paths, A/B in one run.
 
 Each variant is the family with extra compile-time macros (a derived family with one-value
 parameters, so the ops pick it up unchanged). Variants of a row are timed in turn, the cycle
@@ -6,10 +6,17 @@ repeated, and each variant's best cycle median reported beside the default's.
 
 Mamba2 (JK_LD_HINT: 1 = ld .L2::256B, 2 = + .L1::no_allocate; JK_ST_HINT: 0 = plain st (the
 tree kernels' default), 1 = st.cs (the chain kernels'), 2 = L2 evict_first policy) on the state
-loads and the intermediate / final state stores. Spec-dec, 16-bit caches: JK_SD_L2_PREFETCH (cp.async with an L2 prefetch
-size of 0, 128 (the default) or 256 bytes); fp8 caches: the KV positions per stage and the
-pipeline depth (kv_tile, kv_stages); both: JK_SD_PROBE_LOAD_ONLY, the tile loop without its
-arithmetic (the loads' own ceiling).
+loads and the intermediate / final state stores.
+
+Spec-dec: JK_SD_WARP_PIPE 0 (the CTA-wide K/V pipeline instead of warp-private ones where the
+CTA has one row slab) and JK_SD_PROBE_LOAD_ONLY (the tile loop without its arithmetic: the
+loads' own ceiling), with XQA's time on the same inputs when flashinfer imports; each variant
+that does the arithmetic is also checked against the default's output. Other spec-dec hooks the
+kernel keeps: JK_SD_L2_PREFETCH (the cp.async L2 prefetch size), and the kv_tile / kv_stages
+parameters.
+
+    python benchmarks/probe_cache_hints.py [--only mamba|attention] [--tree-only]
+        [--row "32/8/128 q=1 8k b=64 bf16" ...]
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import random
 import sys
 
 import torch
@@ -28,6 +36,7 @@ sys.path.insert(0, HERE)
 from jitkern.family import KernelFamily, Param  # noqa: E402
 from jitkern.ops import mamba2 as m2  # noqa: E402
 import importlib  # noqa: E402
+import importlib.util  # noqa: E402
 
 sda = importlib.import_module("jitkern.ops.spec_dec_attention")   # the package exports the op
 import mamba2_mtp as mb  # noqa: E402
@@ -98,17 +107,18 @@ def mamba(bw, tree_only=False):
     m2._plans.clear()
 
 
-def attention(rbw):
+def row_name(shape, n, ctx, batch, kvn, layout="NHD"):
+    hq, hkv, d = shape
+    return (f"{hq}/{hkv}/{d} q={n} {ctx // 1024}k b={batch} {kvn}"
+            + (f" {layout}" if layout != "NHD" else ""))
+
+
+def attention(rbw, match=()):
     base = sda.SPEC_DEC_ATTENTION
     base_config = sda.kernel_config
     # (tag, extra macros, configuration overrides); the first of each list is the default
-    hints16 = [("default (L2::128B)", {}, {}), ("no prefetch", {"JK_SD_L2_PREFETCH": 0}, {}),
-               ("L2::256B", {"JK_SD_L2_PREFETCH": 256}, {}),
-               ("load-only", {"JK_SD_PROBE_LOAD_ONLY": 1}, {})]
-    hints8 = [("default (64-position tiles)", {}, {}),
-              ("128-position tiles", {}, {"kv_tile": 128}),
-              ("128, 2 stages", {}, {"kv_tile": 128, "kv_stages": 2}),
-              ("load-only", {"JK_SD_PROBE_LOAD_ONLY": 1}, {})]
+    variants_all = [("default", {}, {}), ("CTA pipe", {"JK_SD_WARP_PIPE": 0}, {}),
+                    ("load-only", {"JK_SD_PROBE_LOAD_ONLY": 1}, {})]
     fams = {}
 
     def user(tag, mac, over):
@@ -123,29 +133,56 @@ def attention(rbw):
             sda._LAUNCH.clear()
         return use
 
-    print("\n## spec-dec attention (page 64, NHD); % of read bandwidth")
+    have_xqa = importlib.util.find_spec("flashinfer") is not None   # the XQA line of each row
+    print("\n## spec-dec attention (page 64, NHD unless named); % of read bandwidth")
     print("| row | variant | us | % read | vs default |\n|---|---|---|---|---|")
     rows = (((32, 8, 128), 1, 8192, 64, "bf16"), ((32, 8, 128), 4, 8192, 64, "bf16"),
-            ((32, 8, 128), 1, 32768, 8, "bf16"), ((16, 16, 64), 1, 8192, 64, "bf16"),
+            ((32, 8, 128), 1, 32768, 8, "bf16"), ((32, 8, 128), 4, 32768, 8, "bf16"),
+            ((64, 8, 128), 1, 8192, 64, "bf16"), ((16, 16, 64), 1, 8192, 64, "bf16"),
+            ((16, 16, 64), 16, 8192, 64, "bf16"), ((8, 4, 256), 1, 8192, 64, "bf16"),
+            ((32, 8, 128), 1, 8192, 8, "bf16"), ((32, 8, 128), 1, 8192, 1, "bf16"),
+            ((32, 8, 128), 4, 8192, 1, "bf16"), ((32, 8, 128), 16, 8192, 8, "bf16"),
             ((32, 8, 128), 1, 8192, 64, "fp8"), ((32, 8, 128), 4, 8192, 64, "fp8"),
             ((32, 8, 128), 1, 8192, 8, "fp8"), ((32, 8, 128), 4, 8192, 8, "fp8"),
-            ((32, 8, 128), 1, 32768, 8, "fp8"), ((32, 8, 128), 1, 8192, 1, "fp8"),
-            ((32, 8, 128), 4, 32768, 64, "fp8"))
-    for (hq, hkv, d), n, ctx, batch, kvn in rows:
+            ((32, 8, 128), 16, 8192, 8, "fp8"), ((32, 8, 128), 64, 8192, 8, "fp8"),
+            ((32, 8, 128), 1, 8192, 64, "bf16", "HND"), ((16, 16, 64), 1, 8192, 64, "bf16", "HND"))
+    if match:
+        rows = [r for r in rows if any(m == row_name(*r) for m in match)]
+    for (hq, hkv, d), n, ctx, batch, kvn, *layout in rows:
+        layout = layout[0] if layout else "NHD"
         kv_dtype = torch.float8_e4m3fn if kvn == "fp8" else torch.bfloat16
-        variants = [(tag, user(tag, mac, over))
-                    for tag, mac, over in (hints8 if kvn == "fp8" else hints16)]
-        draft = sb.chain_parents(n)
+        variants = [(tag, user(tag, mac, over)) for tag, mac, over in variants_all]
+        draft = sb.chain_parents(n) if n <= 4 else sb.random_eagle_tree(n, random.Random(n))
         kv_bytes = batch * ctx * hkv * d * 2 * (1 if kvn == "fp8" else 2)
         copies = max(1, min(16, math.ceil(sb.L2_DEFEAT_BYTES / kv_bytes)))
-        sets = [sb.build(batch, hq, hkv, d, ctx - n, draft, kv_dtype, seed=s)
+        sets = [sb.build(batch, hq, hkv, d, ctx - n, draft, kv_dtype, layout=layout, seed=s)
                 for s in range(copies)]
         outs = [torch.empty_like(s["q"]) for s in sets]
-        ab(f"{hq}/{hkv}/{d} q={n} {ctx // 1024}k b={batch} {kvn}", variants,
+        name = row_name((hq, hkv, d), n, ctx, batch, kvn, layout)
+        ab(name, variants,
            lambda: [(lambda s=s, o=o: sda.spec_dec_attention(**s, out=o))
                     for s, o in zip(sets, outs)],
            sb.time_graph, kv_bytes, rbw)
-        sets = outs = None
+        # every variant that does the arithmetic must give the default's output, bit for bit
+        ref = None
+        for tag, use in variants:
+            if "load-only" in tag:
+                continue
+            use()
+            o = torch.full_like(sets[0]["q"], float("nan"))
+            sda.spec_dec_attention(**sets[0], out=o)
+            if ref is None:
+                ref = o
+            else:
+                diff = (o.float() - ref.float()).abs().max().item()
+                print(f"<!-- {name} {tag}: max |diff| vs default {diff:.3g}, "
+                      f"nan {bool(o.isnan().any())} -->", flush=True)
+        if have_xqa:
+            calls = [sb.xqa_thunk(s, n, hkv, 64)[0] for s in sets]
+            t = sb.time_graph(calls)
+            print(f"| {name} | XQA | {t * 1e6:.1f} | {100 * kv_bytes / t / rbw:.1f}% | |",
+                  flush=True)
+        sets = outs = calls = None
         torch.cuda.empty_cache()
     sda.SPEC_DEC_ATTENTION, sda.kernel_config = base, base_config
     sda._LAUNCH.clear()
@@ -155,6 +192,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", choices=("mamba", "attention"))
     ap.add_argument("--tree-only", action="store_true", help="Mamba2: only the tree rows")
+    ap.add_argument("--row", action="append", default=[],
+                    help="attention: only this row (its printed name; repeatable)")
     args = ap.parse_args()
     print(f"# probe on {torch.cuda.get_device_name()}")
     if args.only != "attention":
@@ -164,7 +203,7 @@ def main():
     if args.only != "mamba":
         rbw = sb.read_bandwidth()
         print(f"# read {rbw / 1e12:.2f} TB/s")
-        attention(rbw)
+        attention(rbw, args.row)
 
 
 if __name__ == "__main__":

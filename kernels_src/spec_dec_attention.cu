@@ -6,7 +6,7 @@
 //   rows [rt*QT, rt*QT + QT). Every K/V tile it loads serves all of them, so a KV head's cache is
 //   read once for all q_len*G query rows (not once per query head).
 //   The CTA walks its share of the KV positions in tiles of 64, staged through shared memory by
-//   cp.async, STAGES deep. Warps are laid out WM x WN: WM slabs of 16 query rows (the MMA M), and
+//   cp.async, STAGES deep (in decode and short chains each warp stages its own slice). Warps are laid out WM x WN: WM slabs of 16 query rows (the MMA M), and
 //   WN slices of each KV tile. Each warp keeps a private online softmax (m, l, O) over the
 //   positions it saw; the epilogue merges the WN warps of a row slab through shared memory and
 //   either writes the output (one split) or an unnormalized partial (O, m, l). Partials are
@@ -52,6 +52,9 @@
 #endif
 #ifndef JK_KV_TILE
 #define JK_KV_TILE 0    // KV positions per pipeline stage (64 or 128); 0: 64
+#endif
+#ifndef JK_SD_WARP_PIPE
+#define JK_SD_WARP_PIPE 1   // warp-private K/V pipelines where they measured faster (see WARP_PIPE)
 #endif
 
 namespace jk_sd {
@@ -124,6 +127,17 @@ constexpr int SMEM_PIPE = STAGES * 2 * KV_TILE_BYTES + 2 * CV_TILE_BYTES;
 constexpr int SMEM_EPI = (WN * QT * O_ROW + 2 * WN * QT) * 4;
 constexpr int SMEM_BYTES = QT * Q_ROW + (SMEM_PIPE > SMEM_EPI ? SMEM_PIPE : SMEM_EPI);
 static_assert(NJ % 2 == 0 && ROWS_PER_PASS >= 1 && TILE % ROWS_PER_PASS == 0, "tile shape");
+// Warp-private pipeline: with one row slab (WM == 1: decode, short chains) each warp reads only
+// its own NW positions of every tile, so it copies them itself and publishes them with
+// __syncwarp; the tile loop then has no CTA-wide barrier (the query rows still need one, once),
+// and the warps of a CTA no longer wait for each other's arithmetic. Measured (H200, 8k,
+// benchmarks/probe_cache_hints.py): fp8 caches, where decode and chains are bound by the
+// conversions, 4-7% faster; 16-bit at D >= 128 0-1%; 16-bit at D = 64 up to 2% slower, so not
+// there. JK_SD_WARP_PIPE 0 restores the CTA-wide pipeline for the probe.
+constexpr bool WARP_PIPE = JK_SD_WARP_PIPE && WM == 1 && !FP8_SMEM && (JK_KV_FP8 || D >= 128);
+constexpr int ROWS_PER_PASS_W = 32 / CPR;
+constexpr int RPT_W = NW / (ROWS_PER_PASS_W > 0 ? ROWS_PER_PASS_W : 1);
+static_assert(!WARP_PIPE || (CPR <= 32 && NW % ROWS_PER_PASS_W == 0), "warp pipeline shape");
 static_assert(D % 32 == 0, "head dim");
 
 struct Params {
@@ -364,10 +378,11 @@ __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const Param
     auto issue = [&](int tile, int stage) {
         u8* ksm = kv_s + stage * 2 * KV_TILE_BYTES;
         u8* vsm = ksm + KV_TILE_BYTES;
-        const int c = tid % CPR;
+        const int c = (WARP_PIPE ? lane : tid) % CPR;
 #pragma unroll
-        for (int k = 0; k < RPT; ++k) {
-            const int r = tid / CPR + k * ROWS_PER_PASS;
+        for (int k = 0; k < (WARP_PIPE ? RPT_W : RPT); ++k) {
+            const int r = WARP_PIPE ? wn * NW + lane / CPR + k * ROWS_PER_PASS_W
+                                    : tid / CPR + k * ROWS_PER_PASS;
             const int pos = tile * TILE + r;
             int page = pg[0];
 #pragma unroll
@@ -440,7 +455,8 @@ __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const Param
             cp_async_commit();
         }
         cp_async_wait<STAGES - 1>();
-        __syncthreads();
+        if (WARP_PIPE && tile != t_begin) __syncwarp();   // the warp's own rows
+        else __syncthreads();
         if (tile == t_begin) {
 #if JK_IN_BF16 && !JK_SD_MMA_BF16
             // fp8 cache: the MMAs run in fp16, so the bf16 query is converted once, in place
@@ -467,10 +483,10 @@ __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const Param
                 const int m = i / (TILE * CH), rc = i - m * TILE * CH, r = rc / CH, c = rc - r * CH;
                 const uint4 w = *reinterpret_cast<const uint4*>((m ? vsm : ksm) + r * KV_ROW + c * 16);
                 uint4 lo, hi;
-                lo.x = fp8x2_to_f16x2(w.x & 0xffffu); lo.y = fp8x2_to_f16x2(w.x >> 16);
-                lo.z = fp8x2_to_f16x2(w.y & 0xffffu); lo.w = fp8x2_to_f16x2(w.y >> 16);
-                hi.x = fp8x2_to_f16x2(w.z & 0xffffu); hi.y = fp8x2_to_f16x2(w.z >> 16);
-                hi.z = fp8x2_to_f16x2(w.w & 0xffffu); hi.w = fp8x2_to_f16x2(w.w >> 16);
+                lo.x = fp8_lo(w.x); lo.y = fp8_hi(w.x);
+                lo.z = fp8_lo(w.y); lo.w = fp8_hi(w.y);
+                hi.x = fp8_lo(w.z); hi.y = fp8_hi(w.z);
+                hi.z = fp8_lo(w.w); hi.w = fp8_hi(w.w);
                 u8* dst = cv + m * CV_TILE_BYTES + r * CV_ROW + c * 32;
                 *reinterpret_cast<uint4*>(dst) = lo;
                 *reinterpret_cast<uint4*>(dst + 16) = hi;
@@ -481,7 +497,10 @@ __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const Param
         }
 
 #ifdef JK_SD_PROBE_LOAD_ONLY
-        if (JK_SD_PROBE_LOAD_ONLY) { __syncthreads(); continue; }   // measurement: loads only
+        if (JK_SD_PROBE_LOAD_ONLY) {   // measurement: loads only
+            if (WARP_PIPE) __syncwarp(); else __syncthreads();
+            continue;
+        }
 #endif
         // ---- S = Q K^T over the warp's NW positions ----
         float s[NJ][4];
@@ -497,7 +516,7 @@ __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const Param
 #pragma unroll
                 for (int j = 0; j < NJ; ++j) {
                     const u32 w = lds32(ksm + (kv_row0 + 8 * j + g) * KV_ROW + 16 * kc + 4 * t4);
-                    mma16816(s[j], a, fp8x2_to_f16x2(w & 0xffffu), fp8x2_to_f16x2(w >> 16));
+                    mma16816(s[j], a, fp8_lo(w), fp8_hi(w));
                 }
             } else {
 #pragma unroll
@@ -573,12 +592,10 @@ __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const Param
             for (int qd = 0; qd < D / 32; ++qd) {
                 const u32 w0 = lds32(vb + 32 * qd), w1 = lds32(vb + KV_ROW + 32 * qd);
                 const u32 w2 = lds32(vb + 8 * KV_ROW + 32 * qd), w3 = lds32(vb + 9 * KV_ROW + 32 * qd);
-                const u32 x01 = __byte_perm(w0, w1, 0x5140), y01 = __byte_perm(w0, w1, 0x7362);
-                const u32 x23 = __byte_perm(w2, w3, 0x5140), y23 = __byte_perm(w2, w3, 0x7362);
-                mma16816(acc[4 * qd + 0], a, fp8x2_to_f16x2(x01 & 0xffffu), fp8x2_to_f16x2(x23 & 0xffffu));
-                mma16816(acc[4 * qd + 1], a, fp8x2_to_f16x2(x01 >> 16), fp8x2_to_f16x2(x23 >> 16));
-                mma16816(acc[4 * qd + 2], a, fp8x2_to_f16x2(y01 & 0xffffu), fp8x2_to_f16x2(y23 & 0xffffu));
-                mma16816(acc[4 * qd + 3], a, fp8x2_to_f16x2(y01 >> 16), fp8x2_to_f16x2(y23 >> 16));
+                mma16816(acc[4 * qd + 0], a, fp8_cols<0>(w0, w1), fp8_cols<0>(w2, w3));
+                mma16816(acc[4 * qd + 1], a, fp8_cols<1>(w0, w1), fp8_cols<1>(w2, w3));
+                mma16816(acc[4 * qd + 2], a, fp8_cols<2>(w0, w1), fp8_cols<2>(w2, w3));
+                mma16816(acc[4 * qd + 3], a, fp8_cols<3>(w0, w1), fp8_cols<3>(w2, w3));
             }
             } else {
 #pragma unroll
@@ -591,7 +608,8 @@ __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const Param
             }
             }
         }
-        __syncthreads();   // this stage's buffer is refilled by the next round's issue
+        // this stage's buffer is refilled by the next round's issue
+        if (WARP_PIPE) __syncwarp(); else __syncthreads();
     }
     cp_async_wait<0>();
     __syncthreads();
