@@ -132,9 +132,11 @@ static_assert(NJ % 2 == 0 && ROWS_PER_PASS >= 1 && TILE % ROWS_PER_PASS == 0, "t
 // __syncwarp; the tile loop then has no CTA-wide barrier (the query rows still need one, once),
 // and the warps of a CTA no longer wait for each other's arithmetic. Measured (H200, 8k,
 // benchmarks/probe_cache_hints.py): fp8 caches, where decode and chains are bound by the
-// conversions, 4-7% faster; 16-bit at D >= 128 0-1%; 16-bit at D = 64 up to 2% slower, so not
-// there. JK_SD_WARP_PIPE 0 restores the CTA-wide pipeline for the probe.
-constexpr bool WARP_PIPE = JK_SD_WARP_PIPE && WM == 1 && !FP8_SMEM && (JK_KV_FP8 || D >= 128);
+// conversions, 5-8% faster; 16-bit decode at D >= 128 0.4-1.3%; 16-bit 4-chains at 32k 2%
+// slower and 16-bit at D = 64 up to 2% slower, so not there. JK_SD_WARP_PIPE 0 restores the
+// CTA-wide pipeline for the probe.
+constexpr bool WARP_PIPE = JK_SD_WARP_PIPE && WM == 1 && !FP8_SMEM &&
+                           (JK_KV_FP8 || (MODE == 0 && D >= 128));
 constexpr int ROWS_PER_PASS_W = 32 / CPR;
 constexpr int RPT_W = NW / (ROWS_PER_PASS_W > 0 ? ROWS_PER_PASS_W : 1);
 static_assert(!WARP_PIPE || (CPR <= 32 && NW % ROWS_PER_PASS_W == 0), "warp pipeline shape");
