@@ -6,8 +6,8 @@
 //   rows [rt*QT, rt*QT + QT). Every K/V tile it loads serves all of them, so a KV head's cache is
 //   read once for all q_len*G query rows (not once per query head).
 //   The CTA walks its share of the KV positions in tiles of 64, staged through shared memory by
-//   cp.async, STAGES deep (in decode and short chains each warp stages its own slice). Warps are laid out WM x WN: WM slabs of 16 query rows (the MMA M), and
-//   WN slices of each KV tile. Each warp keeps a private online softmax (m, l, O) over the
+//   cp.async, STAGES deep (by each warp for its own slice where WARP_PIPE says so). Warps are
+//   laid out WM x WN: WM slabs of 16 query rows (the MMA M), and WN slices of each KV tile. Each warp keeps a private online softmax (m, l, O) over the
 //   positions it saw; the epilogue merges the WN warps of a row slab through shared memory and
 //   either writes the output (one split) or an unnormalized partial (O, m, l). Partials are
 //   combined by the last CTA of the group (16-row tiles, counters) or by spec_dec_merge.
