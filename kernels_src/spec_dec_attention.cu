@@ -7,10 +7,11 @@
 //   read once for all q_len*G query rows (not once per query head).
 //   The CTA walks its share of the KV positions in tiles of 64, staged through shared memory by
 //   cp.async, STAGES deep (by each warp for its own slice where WARP_PIPE says so). Warps are
-//   laid out WM x WN: WM slabs of 16 query rows (the MMA M), and WN slices of each KV tile. Each warp keeps a private online softmax (m, l, O) over the
-//   positions it saw; the epilogue merges the WN warps of a row slab through shared memory and
-//   either writes the output (one split) or an unnormalized partial (O, m, l). Partials are
-//   combined by the last CTA of the group (16-row tiles, counters) or by spec_dec_merge.
+//   laid out WM x WN: WM slabs of 16 query rows (the MMA M), and WN slices of each KV tile.
+//   Each warp keeps a private online softmax (m, l, O) over the positions it saw; the epilogue
+//   merges the WN warps of a row slab through shared memory and either writes the output (one
+//   split) or an unnormalized partial (O, m, l). Partials are combined by the last CTA of the
+//   group (16-row tiles, counters) or by spec_dec_merge.
 //
 // Numerics: S = Q K^T and O = P V on tensor cores (m16n8k16, fp32 accumulate), softmax in the
 // log2 domain in fp32, P rounded to the input type before P V (as XQA does). With an fp8 e4m3
