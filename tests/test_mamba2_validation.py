@@ -309,6 +309,11 @@ def test_commit_rules():
     commit_raises(TypeError, r"pad_slot_id must be an int, got str", pad_slot_id="-1")
     commit_raises(ValueError, r"state must be contiguous over \[H, P, N\]",
                   state=torch.zeros(S, P, H, N).transpose(1, 2))
+    commit_raises(ValueError, r"intermediate_states must be contiguous over \[T, H, P, N\]",
+                  intermediate_states=torch.zeros(S, H, T, P, N).transpose(1, 2))
+    commit_raises(ValueError, r"intermediate_states' slot stride must be a multiple of 4 elements",
+                  intermediate_states=torch.zeros(S * (T * H * P * N + 2))[:-1].as_strided(
+                      (S, T, H, P, N), (T * H * P * N + 2 - 1, H * P * N, P * N, N, 1)))
 
 
 # ----------------------------------------------------------------------------- GPU-only checks

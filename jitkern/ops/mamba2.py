@@ -87,9 +87,15 @@ def _state_slots(state: torch.Tensor, S: int, vec: int, sbi, Bt: int) -> None:
                          f"state_batch_indices sequence b uses slot b, so S >= Bt is needed")
 
 
-def _intermediate_rows(iidx, S2: int, Bt: int, S: int, sbi) -> None:
-    """intermediate_state_indices is an int32 [Bt] vector, or, without it, every sequence's row
+def _intermediate_slots(inter: torch.Tensor, S2: int, vec: int, iidx, Bt: int, S: int,
+                        sbi) -> None:
+    """intermediate_states' [T, H, P, N] rows are contiguous with 16-byte aligned slots, and
+    intermediate_state_indices is an int32 [Bt] vector, or, without it, every sequence's row
     (its state slot) exists in intermediate_states' S2 rows."""
+    _inner_contiguous("intermediate_states", inter, 1, "T, H, P, N")
+    if S2 > 1 and inter.stride(0) % vec:
+        raise ValueError(f"intermediate_states' slot stride must be a multiple of {vec} elements "
+                         f"(16 bytes), got {inter.stride(0)}")
     if iidx is not None:
         _int32_vector("intermediate_state_indices", iidx, Bt)
         return
@@ -292,12 +298,8 @@ def _prepare_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, sbi, pad_
             raise ValueError(f"intermediate_states must have shape [S2, T, H, P, N] = "
                              f"['S2', {T}, {H}, {P}, {N}] (S2 >= 1; a longer step axis is "
                              f"allowed), got {list(inter.shape)}")
-        _inner_contiguous("intermediate_states", inter, 1, "T, H, P, N")
         S2 = inter.shape[0]
-        if S2 > 1 and inter.stride(0) % vec:
-            raise ValueError(f"intermediate_states' slot stride must be a multiple of {vec} "
-                             f"elements (16 bytes), got {inter.stride(0)}")
-        _intermediate_rows(iidx, S2, Bt, S, sbi)
+        _intermediate_slots(inter, S2, vec, iidx, Bt, S, sbi)
         if parent is not None:
             _tensor("retrieve_parent_token", parent)
             if parent.dtype != torch.int32:
@@ -508,11 +510,7 @@ def _prepare_commit(state, inter, accepted, sbi, iidx, pad_slot_id) -> _CommitPl
         raise ValueError(f"state's [H, P, N] must hold a whole number of 16-byte vectors, got "
                          f"{H}*{P}*{N} elements of {state.dtype}")
     _state_slots(state, S, vec, sbi, Bt)
-    _inner_contiguous("intermediate_states", inter, 1, "T, H, P, N")
-    if S2 > 1 and inter.stride(0) % vec:
-        raise ValueError(f"intermediate_states' slot stride must be a multiple of {vec} elements "
-                         f"(16 bytes), got {inter.stride(0)}")
-    _intermediate_rows(iidx, S2, Bt, S, sbi)
+    _intermediate_slots(inter, S2, vec, iidx, Bt, S, sbi)
     dev = state.device
     if dev.type != "cuda":
         raise ValueError(f"state must be a CUDA tensor, got device {dev}")
