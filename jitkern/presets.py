@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .families.mamba2 import nemotron_config, pick_layout
+from .families.mamba2 import nemotron_config
 from .families.spec_dec_attention import pick_q_tile
 
 ATTENTION_FAMILY = "spec_dec_attention"
@@ -123,9 +123,8 @@ class Preset:
         out = []
         for sd in m.state_dtypes:
             for tree, inter, T in modes:
-                cfg = nemotron_config(sd, tree=tree, intermediate=inter, T=T)
-                cfg.update(N=m.d_state, **pick_layout(m.d_state, sd, m.head_dim, tree, T))
-                out.append(cfg)
+                out.append(nemotron_config(sd, tree=tree, intermediate=inter, T=T,
+                                           N=m.d_state, P=m.head_dim))
             if len(modes) > 1:  # the accepted-state commit runs this one, whatever N and P are
                 out.append(nemotron_config(sd, tree=False))
         return out

@@ -47,7 +47,7 @@ def chunks_per_row(N: int, state_dtype: str) -> int:
 
 
 # The compile-time choices by state element size, tree mode and one token (T == 1) or more:
-# (threads per block, threads per row, rows per thread, tree_prefetch). Chosen by measurement on
+# (threads per block, threads per row, rows per thread). Chosen by measurement on
 # an H200 (BENCHMARKS.md: variants, tiling sweep and table). fp32 chain: 16 threads x 1 row in
 # 256-thread blocks was 1-3% faster than 16 x 2 at T = 4/8, but at T = 1 the 16 x 2 x 128 tiling
 # reached 89-93% of copy against 77-80%: per-block fixed costs dominate one step. fp32 tree:
@@ -56,12 +56,13 @@ def chunks_per_row(N: int, state_dtype: str) -> int:
 # change, 3-8% slower); 4 x 1, 4 x 2, 8 x 1, 16 x 2 and 256-thread blocks were 3-36% slower.
 # T = 1 keeps 8 x 2 x 128. Tree kernels read a parent node into the registers of the state it
 # replaces: prefetching it one step ahead costs 16 registers (bf16: 80 per thread, 6 blocks per
-# SM instead of 8; 9-23% slower at batch >= 32) and gained fp32 at most 0.8%.
+# SM instead of 8; 9-23% slower at batch >= 32) and gained fp32 at most 0.8%, so tree_prefetch
+# is never chosen (the parameter stays for measurements).
 DEFAULT_TILING = {
-    (4, False, False): (256, 16, 1, False), (4, False, True): (128, 16, 2, False),
-    (4, True, False): (128, 16, 2, False), (4, True, True): (128, 16, 2, False),
-    (2, False, False): (64, 8, 2, False), (2, False, True): (128, 8, 2, False),
-    (2, True, False): (64, 8, 2, False), (2, True, True): (128, 8, 2, False),
+    (4, False, False): (256, 16, 1), (4, False, True): (128, 16, 2),
+    (4, True, False): (128, 16, 2), (4, True, True): (128, 16, 2),
+    (2, False, False): (64, 8, 2), (2, False, True): (128, 8, 2),
+    (2, True, False): (64, 8, 2), (2, True, True): (128, 8, 2),
 }
 
 
@@ -74,7 +75,7 @@ def pick_tiling(N: int, state_dtype: str, P: int, tree: bool = False, T: int | N
     RPT rows per thread. ROWS rows per block: the most with ROWS / RPT * TPR <= ``threads``,
     whole warps, ROWS dividing P. Unset arguments come from DEFAULT_TILING (T: tokens per
     sequence, when known; one step favours a different tiling)."""
-    d_threads, d_tpr, d_rpt, _ = DEFAULT_TILING[(ESIZE[state_dtype], bool(tree), T == 1)]
+    d_threads, d_tpr, d_rpt = DEFAULT_TILING[(ESIZE[state_dtype], bool(tree), T == 1)]
     threads = threads or d_threads
     t = tpr or d_tpr
     r = rpt or d_rpt
@@ -93,11 +94,10 @@ def pick_tiling(N: int, state_dtype: str, P: int, tree: bool = False, T: int | N
 def pick_layout(N: int, state_dtype: str, P: int, tree: bool = False,
                 T: int | None = None) -> dict:
     """The layout parameters of a configuration: TPR, ROWS, RPT (pick_tiling) and tree_prefetch
-    (tree kernels only: load the next step's parent one step ahead into registers of its own,
-    or read it into the registers of the state it replaces)."""
+    (tree kernels: load the next step's parent one step ahead into registers of its own instead
+    of into the registers of the state it replaces; measured slower or even, never chosen)."""
     tpr, rows, rpt = pick_tiling(N, state_dtype, P, tree, T)
-    prefetch = DEFAULT_TILING[(ESIZE[state_dtype], bool(tree), T == 1)][3]
-    return dict(TPR=tpr, ROWS=rows, RPT=rpt, tree_prefetch=bool(tree) and prefetch)
+    return dict(TPR=tpr, ROWS=rows, RPT=rpt, tree_prefetch=False)
 
 
 def _validate(cfg: dict) -> None:
@@ -124,11 +124,12 @@ def _dtype_param(name: str) -> Param:
 
 
 def nemotron_config(state_dtype: str, tree: bool, intermediate: bool = True,
-                    T: int | None = None) -> dict:
-    """The Nemotron-H / Nemotron 3 decode configuration: N=128, bf16 x/B/C and dt/D/dt_bias
-    (one dtype for the three, as FlashInfer and TensorRT-LLM callers pass them), fp32 A, softplus
-    on, no z (the gate is applied by the gated RMSNorm after the op)."""
-    return dict(N=128, **pick_layout(128, state_dtype, 64, tree, T), state_dtype=state_dtype,
+                    T: int | None = None, N: int = 128, P: int = 64) -> dict:
+    """The Nemotron-H / Nemotron 3 decode configuration: bf16 x/B/C and dt/D/dt_bias (one dtype
+    for the three, as FlashInfer and TensorRT-LLM callers pass them), fp32 A, softplus on, no z
+    (the gate is applied by the gated RMSNorm after the op); d_state N and head_dim P (the
+    layout's inputs) default to Nemotron-H's 128 and 64."""
+    return dict(N=N, **pick_layout(N, state_dtype, P, tree, T), state_dtype=state_dtype,
                 input_dtype="bf16", dt_dtype="bf16", A_dtype="fp32", D_dtype="bf16",
                 dt_bias_dtype="bf16", has_D=True, has_z=False, has_dt_bias=True, dt_softplus=True,
                 tree=tree, intermediate=intermediate)
