@@ -22,6 +22,7 @@ parameters.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import random
@@ -46,10 +47,11 @@ CYCLES = 3
 
 
 def derived(base: KernelFamily, tag: str, macros: dict) -> KernelFamily:
+    """``base`` with one-value parameters for ``macros`` (everything else, arch included, kept;
+    a fresh specialization memo)."""
     extra = tuple(Param(m.lower(), (v,), macro=m, default=v) for m, v in macros.items())
-    return KernelFamily(name=f"{base.name}+{tag}", source=base.source,
-                        params=base.params + extra, entries=base.entries, options=base.options,
-                        validate=base.validate)
+    return dataclasses.replace(base, name=f"{base.name}+{tag}", params=base.params + extra,
+                               warmup=(), _specs={})
 
 
 def ab(name, variants, make_calls, timer, unit_bytes, ceiling):

@@ -18,6 +18,8 @@ import os
 import warnings
 from pathlib import Path
 
+from .aot import ROWS_SQL, index_rows
+
 log = logging.getLogger("jitkern")
 
 _HIT = "UPDATE Cache SET access_count = access_count + 1 WHERE key = ? AND raw = 1"
@@ -74,8 +76,6 @@ class DiskTier:
         hits, filename (relative to the directory, or None for an inline value)."""
         if self.cache is None:
             return []
-        from .aot import ROWS_SQL, index_rows
-
         return index_rows(self.cache._sql(ROWS_SQL))
 
     def peek(self, key: str) -> bytes | None:
