@@ -101,8 +101,9 @@ class Function:
         self._fill = make_packer(self.signature, self._packer)
         self._nargs = len(self.signature)
         self._tls = threading.local()
-        self._dyn_limit = _DEFAULT_DYNAMIC_SHARED
         self.attributes = {k: driver.funcGetAttribute(v, self.ptr) for k, v in _ATTRS.items()}
+        # without the opt-in, static and dynamic shared memory together may not pass 48 KiB
+        self._dyn_limit = _DEFAULT_DYNAMIC_SHARED - self.attributes["static_shared_bytes"]
 
     def _buffers(self):
         """Per-thread argument struct and the void* array that points into it."""

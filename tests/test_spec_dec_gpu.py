@@ -144,6 +144,25 @@ def test_sweep(i):
     assert err < BOUND[c["dtype"]], f"case {c}: relative error {err:.3e}"
 
 
+def test_dynamic_shared_memory_of_exactly_48_kib_launches():
+    """16/16/64 with an fp8 cache in 64-row tiles takes exactly 48 KiB of dynamic shared memory;
+    the kernel's static shared memory counts against the default limit too, so the launcher must
+    opt in (it used to compare the dynamic bytes alone and the launch failed)."""
+    from jitkern.families.spec_dec_attention import shared_bytes
+    from jitkern.ops import spec_dec_attention
+
+    cfg = dict(head_dim=64, kv_dtype="fp8_e4m3", q_tile=64)
+    assert shared_bytes(cfg) == 48 * 1024
+    g = torch.Generator().manual_seed(11)
+    a = random_paged_inputs([70, 300], [random_eagle_tree(32, random.Random(1)),
+                                        random_eagle_tree(40, random.Random(2))],
+                            num_heads=16, num_kv_heads=16, head_dim=64,
+                            kv_dtype=torch.float8_e4m3fn, kv_scale=0.8, generator=g)
+    out = torch.full_like(a["q"], float("nan"))
+    spec_dec_attention(**a, out=out)
+    assert _check(a, out, torch.bfloat16) < BOUND[torch.bfloat16]
+
+
 def test_empty_prefix_row_without_bits_is_zero():
     """L - n == 0 and a mask row with no bit set: that row is zeros, never NaN."""
     from jitkern.ops import spec_dec_attention
