@@ -9,14 +9,15 @@ tree kernels' default), 1 = st.cs (the chain kernels'), 2 = L2 evict_first polic
 loads and the intermediate / final state stores.
 
 Spec-dec: JK_SD_WARP_PIPE 0 (the CTA-wide K/V pipeline instead of warp-private ones where the
-CTA has one row slab) and JK_SD_PROBE_LOAD_ONLY (the tile loop without its arithmetic: the
+CTA has one row slab), JK_SD_WGMMA 0 (mma.sync instead of warpgroup MMAs for 64- and 128-row
+query tiles) and JK_SD_PROBE_LOAD_ONLY (the tile loop without its arithmetic: the
 loads' own ceiling), with XQA's time on the same inputs when flashinfer imports; each variant
 that does the arithmetic is also checked against the default's output. Other spec-dec hooks the
 kernel keeps: JK_SD_L2_PREFETCH (the cp.async L2 prefetch size), and the kv_tile / kv_stages
 parameters.
 
     python benchmarks/probe_cache_hints.py [--only mamba|attention] [--tree-only]
-        [--row "32/8/128 q=1 8k b=64 bf16" ...]
+        [--row "32/8/128 q=1 8k b=64 bf16" ...] [--variant mma.sync ...]
 """
 
 from __future__ import annotations
@@ -115,12 +116,15 @@ def row_name(shape, n, ctx, batch, kvn, layout="NHD"):
             + (f" {layout}" if layout != "NHD" else ""))
 
 
-def attention(rbw, match=()):
+def attention(rbw, match=(), only_variants=()):
     base = sda.SPEC_DEC_ATTENTION
     base_config = sda.kernel_config
     # (tag, extra macros, configuration overrides); the first of each list is the default
     variants_all = [("default", {}, {}), ("CTA pipe", {"JK_SD_WARP_PIPE": 0}, {}),
-                    ("load-only", {"JK_SD_PROBE_LOAD_ONLY": 1}, {})]
+                    ("load-only", {"JK_SD_PROBE_LOAD_ONLY": 1}, {}),
+                    ("mma.sync", {"JK_SD_WGMMA": 0}, {})]
+    if only_variants:
+        variants_all = [v for i, v in enumerate(variants_all) if i == 0 or v[0] in only_variants]
     fams = {}
 
     def user(tag, mac, over):
@@ -147,7 +151,12 @@ def attention(rbw, match=()):
             ((32, 8, 128), 1, 8192, 64, "fp8"), ((32, 8, 128), 4, 8192, 64, "fp8"),
             ((32, 8, 128), 1, 8192, 8, "fp8"), ((32, 8, 128), 4, 8192, 8, "fp8"),
             ((32, 8, 128), 16, 8192, 8, "fp8"), ((32, 8, 128), 64, 8192, 8, "fp8"),
-            ((32, 8, 128), 1, 8192, 64, "bf16", "HND"), ((16, 16, 64), 1, 8192, 64, "bf16", "HND"))
+            ((32, 8, 128), 1, 8192, 64, "bf16", "HND"), ((16, 16, 64), 1, 8192, 64, "bf16", "HND"),
+            ((32, 8, 128), 16, 8192, 64, "bf16"), ((32, 8, 128), 64, 8192, 64, "bf16"),
+            ((32, 8, 128), 64, 8192, 8, "bf16"), ((32, 8, 128), 64, 8192, 1, "bf16"),
+            ((32, 8, 128), 64, 8192, 64, "fp8"), ((32, 8, 128), 16, 8192, 64, "fp8"),
+            ((8, 1, 128), 64, 8192, 64, "bf16"), ((16, 16, 64), 64, 8192, 64, "bf16"),
+            ((64, 8, 128), 16, 8192, 64, "bf16"))
     if match:
         rows = [r for r in rows if any(m == row_name(*r) for m in match)]
     for (hq, hkv, d), n, ctx, batch, kvn, *layout in rows:
@@ -196,6 +205,8 @@ def main():
     ap.add_argument("--tree-only", action="store_true", help="Mamba2: only the tree rows")
     ap.add_argument("--row", action="append", default=[],
                     help="attention: only this row (its printed name; repeatable)")
+    ap.add_argument("--variant", action="append", default=[],
+                    help="attention: only this variant besides the default (repeatable)")
     args = ap.parse_args()
     print(f"# probe on {torch.cuda.get_device_name()}")
     if args.only != "attention":
@@ -205,7 +216,7 @@ def main():
     if args.only != "mamba":
         rbw = sb.read_bandwidth()
         print(f"# read {rbw / 1e12:.2f} TB/s")
-        attention(rbw, args.row)
+        attention(rbw, args.row, args.variant)
 
 
 if __name__ == "__main__":

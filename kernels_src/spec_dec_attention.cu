@@ -23,6 +23,7 @@
 //   chain: j <= t;  tree: bit j%32 of word j/32 of the row's mask;  positions >= L never.
 //   A row that sees nothing produces zeros (m stays -inf, l = 0).
 #include "spec_dec/primitives.cuh"
+#include "spec_dec/wgmma.cuh"
 
 #ifndef JK_HEAD_DIM
 #define JK_HEAD_DIM 128
@@ -101,10 +102,26 @@ constexpr int KV_TILE_BYTES = TILE * KV_ROW;
 // path on the copy. Converting in registers instead (FP8_DIRECT) repeats the conversion in every
 // warp that reads the tile: WM = 8 times here. Measured (H200, 8k, batch 64): 64-node trees 11%
 // faster; 64-row tiles (WM = 4) 3.5% slower, so they keep the direct path.
-constexpr bool FP8_SMEM = JK_KV_FP8 && QT >= 128;
+//
+// Warpgroup MMAs (spec_dec/wgmma.cuh) for tiles of 64 and 128 query rows at head_dim <= 128 on
+// sm_90a: each group of four warps multiplies its 64 rows by the K and V tiles read straight from
+// shared memory (stored in the 128-byte swizzle), so one shared-memory read of a K/V tile serves
+// 64 rows instead of 16; with mma.sync every warp loaded every fragment with ldmatrix, and that
+// traffic bounded the trees. 128-row tiles run two groups (rows 0-63, 64-127) over the whole KV
+// tile, 64-row tiles two groups over its halves (merged in the epilogue). Other targets (sm_90
+// without the 'a' features, sm_100a: no wgmma) and JK_SD_WGMMA 0 keep mma.sync. WG_SHAPE is
+// arch-independent: the host sizes shared memory (the alignment slack, fp8 conversion tiles)
+// from it.
+#ifndef JK_SD_WGMMA
+#define JK_SD_WGMMA 1
+#endif
+constexpr bool WG_SHAPE = QT >= 64 && D <= 128 && TILE == 64;
+constexpr bool WG = JK_SD_HAVE_WGMMA && JK_SD_WGMMA && WG_SHAPE;
+// wgmma reads B only from shared memory, so an fp8 cache is converted there for it.
+constexpr bool FP8_SMEM = JK_KV_FP8 && (QT >= 128 || WG);
 constexpr bool FP8_DIRECT = JK_KV_FP8 && !FP8_SMEM;
 constexpr int CV_ROW = D * 2 + 16;                     // fp16 row of the converted tile
-constexpr int CV_TILE_BYTES = FP8_SMEM ? TILE * CV_ROW : 0;
+constexpr int CV_TILE_BYTES = JK_KV_FP8 && (QT >= 128 || WG_SHAPE) ? TILE * CV_ROW : 0;
 constexpr int ROW16 = FP8_SMEM ? CV_ROW : KV_ROW;      // row stride the 16-bit path reads
 // Memory-bound (small query tiles) shapes need about 128 KB of K/V in flight per SM to cover
 // HBM latency: 5 stages of 8 KB (K) tiles (64 positions of 128-byte rows: fp8 D=128, 16-bit D=64)
@@ -126,7 +143,9 @@ constexpr bool Q_IN_REGS = D <= 128 && QT < 64; // else Q fragments are reloaded
 constexpr int MIN_BLOCKS = (NT >= 256 && D <= 128) ? 2 : (QT == 16 && D <= 128) ? 3 : 1;
 constexpr int SMEM_PIPE = STAGES * 2 * KV_TILE_BYTES + 2 * CV_TILE_BYTES;
 constexpr int SMEM_EPI = (WN * QT * O_ROW + 2 * WN * QT) * 4;
-constexpr int SMEM_BYTES = QT * Q_ROW + (SMEM_PIPE > SMEM_EPI ? SMEM_PIPE : SMEM_EPI);
+constexpr int SMEM_ALIGN_SLACK = WG_SHAPE ? 1024 : 0;   // swizzled tiles start 1024-aligned
+constexpr int SMEM_BYTES = QT * Q_ROW + (SMEM_PIPE > SMEM_EPI ? SMEM_PIPE : SMEM_EPI) +
+                           SMEM_ALIGN_SLACK;
 static_assert(NJ % 2 == 0 && ROWS_PER_PASS >= 1 && TILE % ROWS_PER_PASS == 0, "tile shape");
 // Warp-private pipeline: with one row slab (WM == 1: decode, short chains) each warp reads only
 // its own NW positions of every tile, so it copies them itself and publishes them with
@@ -216,7 +235,7 @@ __device__ __forceinline__ void merge_quad(const float* ws_o, const float2* ws_m
 // running (M, L) is rescaled by the chunk's maxima (one thread per row), then every thread folds
 // its quads of four head-dim elements. Partials already carry the fp8 V scale.
 constexpr int MERGE_ITEMS = (QT * D / 4 + NT - 1) / NT;   // quads per thread
-constexpr int MERGE_AREA = SMEM_BYTES - QT * Q_ROW;        // bytes of the freed pipeline
+constexpr int MERGE_AREA = SMEM_BYTES - SMEM_ALIGN_SLACK - QT * Q_ROW;   // the freed pipeline
 
 __device__ __forceinline__ void merge_staged(const Params& p, u8* area, size_t stride, int row0,
                                              int R, int G, int q_start, int hk) {
@@ -305,7 +324,10 @@ __device__ __forceinline__ void merge_staged(const Params& p, u8* area, size_t s
 }
 
 __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const Params p) {
-    extern __shared__ __align__(128) u8 smem[];
+    extern __shared__ __align__(128) u8 smem_raw[];
+    // Swizzled (wgmma) tiles must start 1024-byte aligned; every region size below is a multiple
+    // of 1024 there, so aligning the base is enough (the host adds the slack).
+    u8* smem = smem_raw + (WG_SHAPE ? (1024 - (smem_u32(smem_raw) & 1023)) & 1023 : 0);
     u8* q_s = smem;
     u8* kv_s = smem + QT * Q_ROW;
 
@@ -373,7 +395,7 @@ __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const Param
             src = p.q + ((size_t)(q_start + t) * p.hq + hk * G + gq) * DQ + c * 8;
             bytes = 16;
         }
-        cp_async16(smem_u32(q_s + r * Q_ROW + c * 16), src, bytes);
+        cp_async16(smem_u32(q_s + (WG ? swz_chunk(r, c, QT) : r * Q_ROW + c * 16)), src, bytes);
     }
 
     // ---- K/V tile loader: logical page -> physical page through the block table -------------
@@ -399,8 +421,10 @@ __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const Param
             const size_t elem = (((size_t)page * PS + off) * p.hkv + hk) * DQ;
 #endif
             const size_t byte = ok ? elem * KV_BYTES + c * 16 : 0;
-            cp_async16(smem_u32(ksm + r * KV_ROW + c * 16), p.k_cache + byte, ok ? 16 : 0);
-            cp_async16(smem_u32(vsm + r * KV_ROW + c * 16), p.v_cache + byte, ok ? 16 : 0);
+            // 16-bit tiles for wgmma land swizzled; fp8 ones stay in padded rows (converted below)
+            const int so = WG && !JK_KV_FP8 ? swz_chunk(r, c, TILE) : r * KV_ROW + c * 16;
+            cp_async16(smem_u32(ksm + so), p.k_cache + byte, ok ? 16 : 0);
+            cp_async16(smem_u32(vsm + so), p.v_cache + byte, ok ? 16 : 0);
         }
     };
 
@@ -458,15 +482,18 @@ __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const Param
             cp_async_commit();
         }
         cp_async_wait<STAGES - 1>();
+        if (WG) fence_async_smem();   // the landed tile (and Q) -> wgmma's reads
         if (WARP_PIPE && tile != t_begin) __syncwarp();   // the warp's own rows
         else __syncthreads();
         if (tile == t_begin) {
 #if JK_IN_BF16 && !JK_SD_MMA_BF16
             // fp8 cache: the MMAs run in fp16, so the bf16 query is converted once, in place
             for (int i = tid; i < QT * (D / 2); i += NT) {
-                u32* w = reinterpret_cast<u32*>(q_s + (i / (D / 2)) * Q_ROW) + i % (D / 2);
+                u32* w = WG ? reinterpret_cast<u32*>(q_s) + i   // swizzled rows are dense
+                            : reinterpret_cast<u32*>(q_s + (i / (D / 2)) * Q_ROW) + i % (D / 2);
                 *w = bf16x2_to_f16x2(*w);
             }
+            if (WG) fence_async_smem();
             __syncthreads();
 #endif
 #pragma unroll
@@ -490,10 +517,11 @@ __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const Param
                 lo.z = fp8_lo(w.y); lo.w = fp8_hi(w.y);
                 hi.x = fp8_lo(w.z); hi.y = fp8_hi(w.z);
                 hi.z = fp8_lo(w.w); hi.w = fp8_hi(w.w);
-                u8* dst = cv + m * CV_TILE_BYTES + r * CV_ROW + c * 32;
-                *reinterpret_cast<uint4*>(dst) = lo;
-                *reinterpret_cast<uint4*>(dst + 16) = hi;
+                u8* dst = cv + m * CV_TILE_BYTES;
+                *reinterpret_cast<uint4*>(dst + (WG ? swz_chunk(r, 2 * c, TILE) : r * CV_ROW + c * 32)) = lo;
+                *reinterpret_cast<uint4*>(dst + (WG ? swz_chunk(r, 2 * c + 1, TILE) : r * CV_ROW + c * 32 + 16)) = hi;
             }
+            if (WG) fence_async_smem();
             __syncthreads();
             ksm = cv;
             vsm = cv + CV_TILE_BYTES;
@@ -509,8 +537,22 @@ __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const Param
         float s[NJ][4];
 #pragma unroll
         for (int j = 0; j < NJ; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+        if constexpr (WG) {
+            // the warpgroup's 64 rows against its NW positions, k16 steps along the head dim: Q
+            // and K column blocks are QT and TILE rows of 128 bytes
+            const u32 qa = smem_u32(q_s) + (wm >> 2) * 64 * 128;
+            const u32 ka = smem_u32(ksm) + kv_row0 * 128;
+            wg_fence();
 #pragma unroll
-        for (int kc = 0; kc < NKC; ++kc) {
+            for (int kc = 0; kc < NKC; ++kc)
+                wg_ss(s, wg_desc(qa + (kc >> 2) * QT * 128 + (kc & 3) * 32, 16, 1024),
+                      wg_desc(ka + (kc >> 2) * TILE * 128 + (kc & 3) * 32, 16, 1024), kc > 0);
+            wg_commit();
+            wg_wait<0>();
+            wg_pin(s);
+        }
+#pragma unroll
+        for (int kc = 0; kc < (WG ? 0 : NKC); ++kc) {
             u32 a_buf[4];
             const u32* a;
             if (Q_IN_REGS) a = qf[Q_IN_REGS ? kc : 0];
@@ -579,8 +621,27 @@ __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const Param
         }
 
         // ---- O += P V (P rounded to the input type) ----
+        if constexpr (WG) {
+            // P as the register A operand, V (N-major: head-dim blocks TILE rows apart) from
+            // shared memory, one k16 step per 16 positions
+            u32 pa[NJ / 2][4];
 #pragma unroll
-        for (int i = 0; i < NJ / 2; ++i) {
+            for (int i = 0; i < NJ / 2; ++i) {
+                pa[i][0] = pack_mma2(s[2 * i][0], s[2 * i][1]);
+                pa[i][1] = pack_mma2(s[2 * i][2], s[2 * i][3]);
+                pa[i][2] = pack_mma2(s[2 * i + 1][0], s[2 * i + 1][1]);
+                pa[i][3] = pack_mma2(s[2 * i + 1][2], s[2 * i + 1][3]);
+            }
+            const u32 va = smem_u32(vsm) + kv_row0 * 128;
+            wg_fence();
+#pragma unroll
+            for (int i = 0; i < NJ / 2; ++i) wg_rs(acc, pa[i], wg_desc(va + i * 16 * 128, TILE * 128, 1024));
+            wg_commit();
+            wg_wait<0>();
+            wg_pin(acc);
+        }
+#pragma unroll
+        for (int i = 0; i < (WG ? 0 : NJ / 2); ++i) {
             u32 a[4];
             a[0] = pack_mma2(s[2 * i][0], s[2 * i][1]);
             a[1] = pack_mma2(s[2 * i][2], s[2 * i][3]);

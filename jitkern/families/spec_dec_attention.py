@@ -93,6 +93,14 @@ def stages(cfg: dict) -> int:
     return 2 if (kb >= 32 or cfg["q_tile"] >= 64) else (5 if kb <= 8 else 3)
 
 
+def wgmma_shape(cfg: dict) -> bool:
+    """Whether a configuration runs warpgroup MMAs on sm_90a (mirrors WG_SHAPE in the source):
+    query tiles of 64 or 128 rows, head_dim <= 128, 64-position KV tiles. Its shared memory
+    (1024-byte alignment slack, fp8 conversion tiles) is sized the same on every target."""
+    return (cfg["q_tile"] >= 64 and padded_head_dim(cfg["head_dim"]) <= 128
+            and kv_tile(cfg) == 64)
+
+
 def shared_bytes(cfg: dict) -> int:
     """Dynamic shared memory of one CTA; mirrors SMEM_BYTES in the source."""
     d, qt = padded_head_dim(cfg["head_dim"]), cfg["q_tile"]
@@ -103,10 +111,11 @@ def shared_bytes(cfg: dict) -> int:
     stages_ = stages(cfg)
     tile = kv_tile(cfg)
     pipe = stages_ * 2 * tile * kv_row
-    if kvb == 1 and qt >= 128:   # FP8_SMEM: the tile's K and V converted to fp16 rows
+    wg_shape = wgmma_shape(cfg)
+    if kvb == 1 and (qt >= 128 or wg_shape):   # the tile's K and V converted to fp16 rows
         pipe += 2 * tile * (d * 2 + 16)
     epi = (wn * qt * (d + 4) + 2 * wn * qt) * 4
-    return qt * (d + 8) * 2 + max(pipe, epi)
+    return qt * (d + 8) * 2 + max(pipe, epi) + (1024 if wg_shape else 0)
 
 
 def resident_ctas(cfg: dict, smem_per_sm: int, regs_per_sm: int = 65536) -> int:
@@ -146,6 +155,7 @@ SPEC_DEC_ATTENTION = register_family(KernelFamily(
         "merge": Entry("jk_sd::spec_dec_merge", signature=MERGE_SIGNATURE, packed=True),
     },
     options=("-std=c++17", "--use_fast_math"),
+    arch_specific=True,   # sm_90a: warpgroup MMAs for the large query tiles (wgmma_shape)
     validate=_validate,
     warmup=tuple(
         dict(head_dim=128, dtype="bf16", kv_dtype=kv, kv_layout="NHD", page_size=ps, mode=mode,

@@ -1,0 +1,176 @@
+// Warpgroup MMAs (wgmma, sm_90a only) for the spec-dec attention kernel's large query tiles.
+//
+// A warpgroup (four consecutive warps, 128 threads) multiplies a 64-row A by a B read straight
+// from shared memory, asynchronously. Against mma.sync, whose warps each load every K/V fragment
+// they use with ldmatrix (16 query rows per load), one B read serves 64 rows: that shared-memory
+// traffic is what bounded the tree tiles.
+//
+// Register layouts: the accumulator of m64nNk16 gives warp w of the group rows 16w..16w+15 in
+// exactly the m16n8 C-fragment order of mma.sync, one n8 chunk after another (d[j][0..3]:
+// (g, 8j+2t), (g, 8j+2t+1), (g+8, 8j+2t), (g+8, 8j+2t+1)), and an A operand in registers has the
+// m16n8k16 A-fragment order. So the kernel's softmax, masking, P packing and epilogue code serve
+// both paths.
+//
+// Shared-memory operands use the 128-byte swizzle: a [rows][cols] 16-bit tile is stored as
+// cols/64 column blocks of rows x 128 bytes, and 16-byte chunk c of row r sits at chunk
+// (c ^ (r % 8)) of its 128-byte row (swz_chunk). Tiles start 1024-byte aligned (the swizzle
+// repeats every 8 rows). As a K-major operand (Q and K: the contraction runs along a row) the
+// descriptor's stride byte offset is the 8-row step (1024); a k16 step inside a 128-byte row
+// moves the start address by 32 bytes. As an N-major operand (V: the contraction runs down the
+// rows, transposed by the instruction) the leading byte offset is the step between 64-column
+// blocks and the stride byte offset the 8-row step.
+#pragma once
+#include "primitives.cuh"
+
+// The instructions exist on sm_90a only. Elsewhere the kernel never calls these functions (its WG
+// flag is false) and their bodies compile to nothing, so one source serves every target.
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define JK_SD_HAVE_WGMMA 1
+#define JK_SD_WG_ASM(...) asm volatile(__VA_ARGS__)
+#else
+#define JK_SD_HAVE_WGMMA 0
+#define JK_SD_WG_ASM(...) ((void)0)
+#endif
+
+namespace jk_sd {
+
+typedef unsigned long long u64;
+
+// Byte offset of 16-byte chunk c of row r in a swizzled tile of `rows` rows.
+__device__ __forceinline__ int swz_chunk(int r, int c, int rows) {
+    return (c >> 3) * rows * 128 + r * 128 + (((c & 7) ^ (r & 7)) << 4);
+}
+
+// Matrix descriptor: start address, leading / stride byte offsets (16-byte units), 128B swizzle.
+__device__ __forceinline__ u64 wg_desc(u32 saddr, u32 lbo, u32 sbo) {
+    return (u64)((saddr & 0x3ffffu) >> 4) | ((u64)(lbo >> 4) << 16) | ((u64)(sbo >> 4) << 32) |
+           (1ull << 62);
+}
+
+__device__ __forceinline__ void wg_fence() {
+    JK_SD_WG_ASM("wgmma.fence.sync.aligned;\n" ::: "memory");
+}
+__device__ __forceinline__ void wg_commit() {
+    JK_SD_WG_ASM("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+}
+template <int N>
+__device__ __forceinline__ void wg_wait() {
+    JK_SD_WG_ASM("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+// Shared-memory writes by ordinary stores and cp.async become visible to wgmma's (async-proxy)
+// reads only through this fence, issued by the writing threads before the barrier.
+__device__ __forceinline__ void fence_async_smem() {
+    JK_SD_WG_ASM("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+// Pins registers in program order around the asynchronous MMAs: without it the compiler may move
+// a read of an accumulator above the wait, or a write of one below the issue.
+template <int R>
+__device__ __forceinline__ void wg_pin(float (&d)[R][4]) {
+#pragma unroll
+    for (int i = 0; i < R; ++i)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) asm volatile("" : "+f"(d[i][e])::"memory");
+}
+template <int R>
+__device__ __forceinline__ void wg_pin(u32 (&a)[R][4]) {
+#pragma unroll
+    for (int i = 0; i < R; ++i)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) asm volatile("" : "+r"(a[i][e])::"memory");
+}
+
+// S (64 x N) = A (64 x 16, shared, K-major) * B (N x 16, shared, K-major)^T (+ S if accumulate)
+__device__ __forceinline__ void wg_ss_n32(float (&d)[4][4], u64 da, u64 db, int accumulate) {
+    JK_SD_WG_ASM(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n32k16.f32." JK_SD_MMA_TYPE "." JK_SD_MMA_TYPE "\n"
+        "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15},\n"
+        "%16, %17, p, 1, 1, 0, 0;\n}\n"
+        : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]),
+          "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]),
+          "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]),
+          "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3])
+        : "l"(da), "l"(db), "r"(accumulate));
+}
+
+__device__ __forceinline__ void wg_ss_n64(float (&d)[8][4], u64 da, u64 db, int accumulate) {
+    JK_SD_WG_ASM(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32." JK_SD_MMA_TYPE "." JK_SD_MMA_TYPE "\n"
+        "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,"
+        "%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31},\n"
+        "%32, %33, p, 1, 1, 0, 0;\n}\n"
+        : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]),
+          "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]),
+          "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]),
+          "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]),
+          "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]),
+          "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]),
+          "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]),
+          "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
+        : "l"(da), "l"(db), "r"(accumulate));
+}
+
+// O (64 x N) += P (64 x 16, registers) * V (16 x N, shared, N-major)
+__device__ __forceinline__ void wg_rs_n64(float (&d)[8][4], const u32 (&a)[4], u64 db) {
+    JK_SD_WG_ASM(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32." JK_SD_MMA_TYPE "." JK_SD_MMA_TYPE "\n"
+        "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,"
+        "%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31},\n"
+        "{%32,%33,%34,%35}, %36, p, 1, 1, 1;\n}\n"
+        : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]),
+          "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]),
+          "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]),
+          "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]),
+          "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]),
+          "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]),
+          "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]),
+          "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
+}
+
+__device__ __forceinline__ void wg_rs_n128(float (&d)[16][4], const u32 (&a)[4], u64 db) {
+    JK_SD_WG_ASM(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32." JK_SD_MMA_TYPE "." JK_SD_MMA_TYPE "\n"
+        "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,"
+        "%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,"
+        "%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,"
+        "%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63},\n"
+        "{%64,%65,%66,%67}, %68, p, 1, 1, 1;\n}\n"
+        : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]),
+          "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]),
+          "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]),
+          "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]),
+          "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]),
+          "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]),
+          "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]),
+          "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3]),
+          "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3]),
+          "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]),
+          "+f"(d[10][0]), "+f"(d[10][1]), "+f"(d[10][2]), "+f"(d[10][3]),
+          "+f"(d[11][0]), "+f"(d[11][1]), "+f"(d[11][2]), "+f"(d[11][3]),
+          "+f"(d[12][0]), "+f"(d[12][1]), "+f"(d[12][2]), "+f"(d[12][3]),
+          "+f"(d[13][0]), "+f"(d[13][1]), "+f"(d[13][2]), "+f"(d[13][3]),
+          "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]),
+          "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
+}
+
+// The shapes the kernel uses, by accumulator rows: S over 32 or 64 positions, O over 64 or 128
+// head-dim columns.
+template <int R>
+__device__ __forceinline__ void wg_ss(float (&d)[R][4], u64 da, u64 db, int accumulate) {
+    static_assert(R == 4 || R == 8, "S tile of 32 or 64 positions");
+    if constexpr (R == 4) wg_ss_n32(d, da, db, accumulate);
+    else wg_ss_n64(d, da, db, accumulate);
+}
+template <int R>
+__device__ __forceinline__ void wg_rs(float (&d)[R][4], const u32 (&a)[4], u64 db) {
+    static_assert(R == 8 || R == 16, "O tile of 64 or 128 columns");
+    if constexpr (R == 8) wg_rs_n64(d, a, db);
+    else wg_rs_n128(d, a, db);
+}
+
+}  // namespace jk_sd
