@@ -103,10 +103,10 @@ constexpr int KV_TILE_BYTES = TILE * KV_ROW;
 // warp that reads the tile: WM = 8 times here. Measured (H200, 8k, batch 64): 64-node trees 11%
 // faster; 64-row tiles (WM = 4) 3.5% slower, so they keep the direct path.
 //
-// Warpgroup MMAs (spec_dec/wgmma.cuh) for tiles of 64 and 128 query rows at head_dim <= 128 on
-// sm_90a: each group of four warps multiplies its 64 rows by the K and V tiles read straight from
-// shared memory (stored in the 128-byte swizzle), so one shared-memory read of a K/V tile serves
-// 64 rows instead of 16; with mma.sync every warp loaded every fragment with ldmatrix, and that
+// Warpgroup MMAs (spec_dec/wgmma.cuh) for tiles of 64 and 128 query rows on sm_90a: each group
+// of four warps multiplies its 64 rows by the K and V tiles read straight from shared memory
+// (stored in the 128-byte swizzle), so one shared-memory read of a K/V tile serves 64 rows
+// instead of 16; with mma.sync every warp loaded every fragment with ldmatrix, and that
 // traffic bounded the trees. 128-row tiles run two groups (rows 0-63, 64-127) over the whole KV
 // tile, 64-row tiles two groups over its halves (merged in the epilogue). Other targets (sm_90
 // without the 'a' features, sm_100a: no wgmma) and JK_SD_WGMMA 0 keep mma.sync. WG_SHAPE is
@@ -115,7 +115,7 @@ constexpr int KV_TILE_BYTES = TILE * KV_ROW;
 #ifndef JK_SD_WGMMA
 #define JK_SD_WGMMA 1
 #endif
-constexpr bool WG_SHAPE = QT >= 64 && D <= 128 && TILE == 64;
+constexpr bool WG_SHAPE = QT >= 64 && TILE == 64;
 constexpr bool WG = JK_SD_HAVE_WGMMA && JK_SD_WGMMA && WG_SHAPE;
 // wgmma reads B only from shared memory, so an fp8 cache is converted there for it.
 constexpr bool FP8_SMEM = JK_KV_FP8 && (QT >= 128 || WG);

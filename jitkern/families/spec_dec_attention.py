@@ -95,10 +95,9 @@ def stages(cfg: dict) -> int:
 
 def wgmma_shape(cfg: dict) -> bool:
     """Whether a configuration runs warpgroup MMAs on sm_90a (mirrors WG_SHAPE in the source):
-    query tiles of 64 or 128 rows, head_dim <= 128, 64-position KV tiles. Its shared memory
-    (1024-byte alignment slack, fp8 conversion tiles) is sized the same on every target."""
-    return (cfg["q_tile"] >= 64 and padded_head_dim(cfg["head_dim"]) <= 128
-            and kv_tile(cfg) == 64)
+    query tiles of 64 or 128 rows, 64-position KV tiles. Its shared memory (1024-byte alignment
+    slack, fp8 conversion tiles) is sized the same on every target."""
+    return cfg["q_tile"] >= 64 and kv_tile(cfg) == 64
 
 
 def shared_bytes(cfg: dict) -> int:
