@@ -6,7 +6,8 @@ through enough copies of the inputs), percent of the read bandwidth measured in 
 it, FlexAttention (tree as ``mask_mod``, dense gathered K/V), SDPA on a gathered dense copy, and
 for trees the percent of the bf16 matmul rate measured with ``torch.matmul``.
 
-    python benchmarks/spec_dec_attention.py [--grid quick|story|sampled|full] [--no-flex]
+    python benchmarks/spec_dec_attention.py [--grid quick|story|sampled|full|padded|small-trees]
+        [--no-flex]
         [--explore] [--budget SECONDS]
 """
 
@@ -202,7 +203,7 @@ def explore(sets, outs, qname, batch, label=""):
                      for qt in (32, 64, 128) if qt != qt0]
     sweep = SPLIT_SWEEP if batch <= 8 else (2, 4)
     if "tree" in qname and batch <= 8:
-        sweep = tuple(sp for sp in SPLIT_SWEEP if sp0 // 4 <= sp <= sp0 * 2)
+        sweep = tuple(sp for sp in SPLIT_SWEEP if sp0 // 4 <= sp <= max(sp0 * 2, 64))
     variants += [(f"splits={sp}", qt0, rt0, sp, 0) for sp in sweep if sp != sp0]
     if "tree" not in qname:
         kvb = k0.element_size()
@@ -266,6 +267,17 @@ def grid(kind: str):
             for q in (qspecs[0], qspecs[2], qspecs[3]):
                 for b in (1, 64):
                     rows.append((shape, q, 8192, b, "bf16"))
+        return rows
+    if kind == "small-trees":   # trees at batch 1 and 8 (split counts: --explore --explore-trees)
+        for shape, q, c, b, kv in (
+                (main, qspecs[3], 1024, 1, "bf16"), (main, qspecs[3], 1024, 8, "bf16"),
+                (main, qspecs[3], 8192, 1, "bf16"), (main, qspecs[3], 32768, 1, "bf16"),
+                (main, qspecs[3], 8192, 1, "fp8"), (main, qspecs[2], 1024, 1, "bf16"),
+                (main, qspecs[2], 8192, 1, "bf16"), ((8, 1, 128), qspecs[3], 8192, 1, "bf16"),
+                ((8, 1, 128), qspecs[2], 8192, 1, "bf16"),
+                ((64, 8, 128), qspecs[3], 8192, 1, "bf16"),
+                ((16, 16, 64), qspecs[3], 8192, 1, "bf16")):
+            rows.append((shape, q, c, b, kv))
         return rows
     if kind == "padded":   # head dims the kernel pads, beside the native size they pad to
         for shape in ((32, 8, 80), (32, 8, 96), (32, 8, 112), (32, 8, 128), (16, 4, 192),
@@ -340,7 +352,8 @@ def host_table(bw, have_xqa, page_size):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--grid", choices=("quick", "story", "sampled", "full", "padded"),
+    ap.add_argument("--grid", choices=("quick", "story", "sampled", "full", "padded",
+                                       "small-trees"),
                     default="sampled")
     ap.add_argument("--no-flex", action="store_true")
     ap.add_argument("--rows", type=int, default=0, help="run only the first N rows")

@@ -208,10 +208,17 @@ def test_query_tile_and_split_choices():
     assert mem(8, 6400) == 12
     # trees (compute bound): every resident CTA, trimmed (33 -> 32, 4 tiles each)
     assert pick_num_splits(8, 8192, sms, two, 8 * 64, 128, kv, 64) == 32
-    # many rows (64-node tree, G = 8, one KV head): partial traffic capped at the K/V bytes
+    # many rows (64-node tree, G = 8, one KV head: 4 row tiles): the partials' traffic (4x the
+    # K/V bytes here) does not hold trees back; 264 // 4 = 66 splits, 64 by the tile count
     kv1 = 8192 * 1 * 128 * 2 * 2
-    assert (pick_num_splits(4, 8192, sms, two, 64 * 8, 128, kv1, 128)
-            == kv1 // (2 * 64 * 8 * 130 * 4))
+    assert pick_num_splits(4, 8192, sms, two, 64 * 8, 128, kv1, 128) == 64
+    # 1k context, batch 1 (16 CTAs): 16 splits -> 8 by the tile count (17 tiles), trimmed to the
+    # 6 splits that give the same 3 tiles each
+    assert pick_num_splits(16, 1088, sms, two, 64 * 32, 128, kv // 8, 128) == 6
+    # batch 8 (128 CTAs) would split in two: not below 32 tiles; at 8k it does
+    assert pick_num_splits(128, 1088, sms, two, 8 * 64 * 32, 128, kv, 128) == 1
+    assert pick_num_splits(128, 8192 + 64, sms, two, 8 * 64 * 32, 128, 8 * kv, 128) == 2
+    # the workspace cap still applies to trees
     assert pick_num_splits(1, 1 << 20, sms, two, 1, 128, 1 << 40, 64) == MAX_SPLITS
     assert pick_num_splits(133, 8192, sms, two, 64 * 32, 128, 64 * kv, 64) == 1
 

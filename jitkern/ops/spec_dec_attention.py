@@ -30,6 +30,7 @@ MAX_SPLITS = 64
 MIN_TILES_PER_SPLIT = 2          # a split reads at least 128 positions
 SPLIT_TILES_D128 = 8             # memory-bound tiles: a split reads ~512 positions at D = 128
 MEMORY_BOUND_Q_TILE = 32         # query tiles up to this are memory bound (decode, chains)
+SHORT_CONTEXT_TILES = 32         # trees: no split in two below this many KV tiles (2k positions)
 WORKSPACE_CAP_BYTES = 256 << 20  # splits are reduced before the workspace would outgrow this
 # Split partials of 16-row tiles (decode, short chains) are merged inside the attention kernel by
 # the last CTA of each group; larger tiles leave it to a merge kernel, which spreads the rows over
@@ -217,22 +218,29 @@ def pick_num_splits(ctas: int, max_kv_len: int, sm_count: int, per_sm: int, rows
     SM's share of bandwidth, so more splits only add partials to merge; with an fp8 cache
     (more work per byte) ``per_sm`` CTAs per SM pay off while each split still reads >= 16
     tiles; and a split reads about 512 positions at D = 128 or more (the same bytes at other
-    head dims; 8 splits always allowed), short splits being mostly fixed cost. Compute-bound
-    tiles (trees) fill every resident CTA. Always: at least MIN_TILES_PER_SPLIT tiles a split,
-    the partials' traffic (written and read back) at most the K/V bytes ``kv_bytes`` (an upper
-    estimate), the workspace capped; then trimmed to the fewest splits with the same tiles each."""
+    head dims; 8 splits always allowed), short splits being mostly fixed cost; their partials'
+    traffic (written and read back) stays within the K/V bytes ``kv_bytes`` (an upper
+    estimate). Compute-bound tiles (trees) fill every resident CTA, whatever the partials cost
+    (measured, H200, 64-node trees at batch 1: the traffic cap held 8/1/128 at 8k to 7 splits,
+    52.2 us, against 23.7 us at 32, and 32/8/128 at 1k to 1 split, 45.3 us, against 19.8 at 8);
+    but a split in two of a short context is not worth its merge (32/8/128, 1k, batch 8: 44.8
+    us unsplit, 56.3 in two). Always: at least MIN_TILES_PER_SPLIT tiles a split, the workspace
+    capped; then trimmed to the fewest splits with the same tiles each."""
     tiles = -(-max_kv_len // KV_TILE)
     s = sm_count * per_sm // ctas
-    if q_tile <= MEMORY_BOUND_Q_TILE:
+    memory_bound = q_tile <= MEMORY_BOUND_Q_TILE
+    if memory_bound:
         if not fp8 or tiles < 16 * max(s, 1):
             s = sm_count // ctas
         s = min(s, max(tiles // max(1, SPLIT_TILES_D128 * 128 // head_dim), 8))
+    elif s == 2 and tiles < SHORT_CONTEXT_TILES:
+        s = 1
     if s <= 1:
         return 1
     by_len = max(1, tiles // MIN_TILES_PER_SPLIT)
     per_split = max(1, rows_total * (head_dim + 2) * 4)
-    by_traffic = max(1, kv_bytes // (2 * per_split))
     by_ws = max(1, WORKSPACE_CAP_BYTES // per_split)
+    by_traffic = max(1, kv_bytes // (2 * per_split)) if memory_bound else by_ws
     s = max(1, min(s, by_len, by_traffic, by_ws, MAX_SPLITS))
     return -(-tiles // -(-tiles // s))
 
