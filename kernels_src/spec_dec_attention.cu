@@ -395,7 +395,8 @@ __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const Param
             src = p.q + ((size_t)(q_start + t) * p.hq + hk * G + gq) * DQ + c * 8;
             bytes = 16;
         }
-        cp_async16(smem_u32(q_s + (WG ? swz_chunk(r, c, QT) : r * Q_ROW + c * 16)), src, bytes);
+        const int qo = WG ? swz_chunk(r, c, QT) : r * Q_ROW + c * 16;   // swizzled for wgmma
+        cp_async16(smem_u32(q_s + qo), src, bytes);
     }
 
     // ---- K/V tile loader: logical page -> physical page through the block table -------------
@@ -517,9 +518,11 @@ __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const Param
                 lo.z = fp8_lo(w.y); lo.w = fp8_hi(w.y);
                 hi.x = fp8_lo(w.z); hi.y = fp8_hi(w.z);
                 hi.z = fp8_lo(w.w); hi.w = fp8_hi(w.w);
-                u8* dst = cv + m * CV_TILE_BYTES;
-                *reinterpret_cast<uint4*>(dst + (WG ? swz_chunk(r, 2 * c, TILE) : r * CV_ROW + c * 32)) = lo;
-                *reinterpret_cast<uint4*>(dst + (WG ? swz_chunk(r, 2 * c + 1, TILE) : r * CV_ROW + c * 32 + 16)) = hi;
+                u8* dst = cv + m * CV_TILE_BYTES;   // swizzled rows for wgmma
+                const int o0 = WG ? swz_chunk(r, 2 * c, TILE) : r * CV_ROW + c * 32;
+                const int o1 = WG ? swz_chunk(r, 2 * c + 1, TILE) : r * CV_ROW + c * 32 + 16;
+                *reinterpret_cast<uint4*>(dst + o0) = lo;
+                *reinterpret_cast<uint4*>(dst + o1) = hi;
             }
             if (WG) fence_async_smem();
             __syncthreads();
@@ -635,7 +638,8 @@ __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const Param
             const u32 va = smem_u32(vsm) + kv_row0 * 128;
             wg_fence();
 #pragma unroll
-            for (int i = 0; i < NJ / 2; ++i) wg_rs(acc, pa[i], wg_desc(va + i * 16 * 128, TILE * 128, 1024));
+            for (int i = 0; i < NJ / 2; ++i)
+                wg_rs(acc, pa[i], wg_desc(va + i * 16 * 128, TILE * 128, 1024));
             wg_commit();
             wg_wait<0>();
             wg_pin(acc);
