@@ -3,8 +3,10 @@
 Compile-time parameters (see docs/spec_dec_attention.md): head_dim (a multiple of 16 up to 256;
 the source pads it to 64, 128 or 256), input dtype, KV dtype
 (the input's 16-bit type or fp8 e4m3), KV layout, page size, mode (decode / chain / tree), the
-query tile (rows per CTA: 16 rows per warp slab; 16 and 32 split each KV tile across warps, 64 and
-128 give each warp all of it) and whether the split-KV path is compiled in.
+query tile (rows per CTA: 16 and 32 run mma.sync, 16 rows per warp slab, each KV tile split across
+warps; 64 and 128 run warpgroup MMAs on sm_90a, 64 rows per group of four warps, and mma.sync
+elsewhere) and whether the split-KV path is compiled in. The family is arch-specific (sm_90a on
+H100/H200) for those warpgroup MMAs.
 
 ``kv_stages`` (default 0: the source's choice) fixes the K/V pipeline depth instead, and
 ``kv_tile`` (default 0: the source's choice) the KV positions per stage (64 or 128); shared
