@@ -7,16 +7,19 @@
 //   read once for all q_len*G query rows (not once per query head).
 //   The CTA walks its share of the KV positions in tiles of 64, staged through shared memory by
 //   cp.async, STAGES deep (by each warp for its own slice where WARP_PIPE says so). Warps are
-//   laid out WM x WN: WM slabs of 16 query rows (the MMA M), and WN slices of each KV tile.
+//   laid out WM x WN: WM slabs of 16 query rows (the MMA M), and WN slices of each KV tile
+//   (with warpgroup MMAs, WG below, four consecutive slabs multiply together as one group).
 //   Each warp keeps a private online softmax (m, l, O) over the positions it saw; the epilogue
 //   merges the WN warps of a row slab through shared memory and either writes the output (one
 //   split) or an unnormalized partial (O, m, l). Partials are combined by the last CTA of the
 //   group (16-row tiles, counters) or by spec_dec_merge.
 //
-// Numerics: S = Q K^T and O = P V on tensor cores (m16n8k16, fp32 accumulate), softmax in the
-// log2 domain in fp32, P rounded to the input type before P V (as XQA does). With an fp8 e4m3
-// cache the MMAs run in fp16: K/V are converted exactly in registers, Q once in shared memory, P is
-// rounded to fp16; kv_scale is folded into the softmax scale (K) and the output (V), exact math.
+// Numerics: S = Q K^T and O = P V on tensor cores (mma.sync m16n8k16, or wgmma m64nNk16 for 64-
+// and 128-row tiles on sm_90a; fp32 accumulate), softmax in the log2 domain in fp32, P rounded to
+// the input type before P V (as XQA does). With an fp8 e4m3 cache the MMAs run in fp16: K/V are
+// converted exactly (in registers, or once per CTA in shared memory for large tiles), Q once in
+// shared memory, P is rounded to fp16; kv_scale is folded into the softmax scale (K) and the
+// output (V), exact math.
 //
 // Masking (applied only on tiles that reach the draft region, the window edge, or the end):
 //   prefix positions < ctx = L - n always visible; draft j = pos - ctx visible iff
