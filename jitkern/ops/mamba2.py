@@ -73,13 +73,19 @@ def _int32_vector(name: str, t, Bt: int) -> torch.Tensor:
     return t
 
 
+def _pool(name: str, owner: str, t: torch.Tensor, slots: int, vec: int, dims: str) -> None:
+    """A pool of ``slots`` slots: each slot's rows contiguous (``dims``), slots 16-byte aligned
+    (``vec`` elements); ``owner`` is the name's possessive form, for the message."""
+    _inner_contiguous(name, t, 1, dims)
+    if slots > 1 and t.stride(0) % vec:
+        raise ValueError(f"{owner} slot stride must be a multiple of {vec} elements (16 bytes), "
+                         f"got {t.stride(0)}")
+
+
 def _state_slots(state: torch.Tensor, S: int, vec: int, sbi, Bt: int) -> None:
     """The pool's [H, P, N] rows are contiguous with 16-byte aligned slots, and every sequence
     has a slot: through state_batch_indices (int32 [Bt]) or, without it, slot b (S >= Bt)."""
-    _inner_contiguous("state", state, 1, "H, P, N")
-    if S > 1 and state.stride(0) % vec:
-        raise ValueError(f"state's slot stride must be a multiple of {vec} elements (16 bytes), "
-                         f"got {state.stride(0)}")
+    _pool("state", "state's", state, S, vec, "H, P, N")
     if sbi is not None:
         _int32_vector("state_batch_indices", sbi, Bt)
     elif S < Bt:
@@ -92,10 +98,7 @@ def _intermediate_slots(inter: torch.Tensor, S2: int, vec: int, iidx, Bt: int, S
     """intermediate_states' [T, H, P, N] rows are contiguous with 16-byte aligned slots, and
     intermediate_state_indices is an int32 [Bt] vector, or, without it, every sequence's row
     (its state slot) exists in intermediate_states' S2 rows."""
-    _inner_contiguous("intermediate_states", inter, 1, "T, H, P, N")
-    if S2 > 1 and inter.stride(0) % vec:
-        raise ValueError(f"intermediate_states' slot stride must be a multiple of {vec} elements "
-                         f"(16 bytes), got {inter.stride(0)}")
+    _pool("intermediate_states", "intermediate_states'", inter, S2, vec, "T, H, P, N")
     if iidx is not None:
         _int32_vector("intermediate_state_indices", iidx, Bt)
         return
