@@ -150,15 +150,6 @@ def _current_stream(index: int) -> int:
     return torch.cuda.current_stream(index).cuda_stream
 
 
-try:  # the raw-stream query torch's own compiled code uses: no Stream object per call
-    import torch as _torch
-
-    _raw = _torch._C._cuda_getCurrentRawStream  # type: ignore[attr-defined]
-
-    def _current_stream(index: int) -> int:  # noqa: F811
-        return _raw(index)
-except Exception:  # no torch or no CUDA build: the slower public path above
-    pass
 
 
 class LoadedKernel:
@@ -201,7 +192,16 @@ def _current_device() -> int:
     return torch.cuda.current_device()
 
 
-try:  # the C query behind torch.cuda.current_device(), without its lazy-init check per call
+# The C queries torch's own compiled code uses, with no Stream object and no lazy-init check per
+# call: the raw current stream, the current device. Without torch or a CUDA build of it, the
+# public paths above.
+try:
+    import torch as _torch
+
+    _raw_stream = _torch._C._cuda_getCurrentRawStream  # type: ignore[attr-defined]
     _current_device = _torch._C._cuda_getDevice  # type: ignore[attr-defined]  # noqa: F811
-except Exception:  # noqa: BLE001 - no CUDA build of torch: the public path above
+
+    def _current_stream(index: int) -> int:  # noqa: F811
+        return _raw_stream(index)
+except Exception:  # noqa: BLE001
     pass
