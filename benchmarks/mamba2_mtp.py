@@ -1,12 +1,23 @@
 """Benchmark of the Mamba2 MTP SSM update: jitkern vs FlashInfer vs eager PyTorch, one run.
 
 For each configuration: time per call (median of CUDA-event timings of graph replays after
-warm-up), the bytes the spec's roofline says must move (state read, T intermediate states
-written, state written, plus the per-token tensors), achieved bandwidth, and that bandwidth as a
-percent of a large device-to-device copy measured in the same run. Peers in the same run:
-FlashInfer's selective_state_update (multi-token mode with its intermediate-state buffer; it has
-no draft-tree input, so it runs in chain rows only) when it imports, and the eager PyTorch
-implementation of the same math (fp32 compute).
+warm-up), the bytes the spec's roofline says must move (state read, the T intermediate states
+when they are stored, the state when it is written back, plus the per-token tensors), achieved
+bandwidth, and that bandwidth as a percent of a large device-to-device copy measured in the same
+run. Peers in the same run: FlashInfer's selective_state_update (multi-token mode with its
+intermediate-state buffer; it has no draft-tree input, so it runs in chain rows only) when it
+imports, and the eager PyTorch implementation of the same math (fp32 compute).
+
+Every op in a row does the same work, in the mode an engine calls it in:
+
+- T = 1 (plain decoding): no intermediate states, the state updated in place: read + write.
+- T > 1 (speculative verification): the T intermediate states stored and the pool state left
+  untouched (``disable_state_update``; the accepted node is committed afterwards), which is
+  the spec's roofline example (T = 4, fp32: 4 MiB read + 16 MiB written per sequence).
+  ``--update-state`` also writes the state back (T + 2 state units: the earlier rounds' mode).
+
+Before timing, each op's writes are checked once (state changed or not, intermediates stored)
+and FlashInfer's outputs are compared with this op's; a mismatch is printed as a note.
 
 Small batches would otherwise run from L2: every timed graph holds R calls that use disjoint
 state slots and intermediate rows (R chosen so one replay touches >= 512 MiB), and the time per
@@ -26,6 +37,7 @@ graph-replayed device time beside them.
     python benchmarks/mamba2_mtp.py --tune          # tiling sweep (threads per row, block size)
     python benchmarks/mamba2_mtp.py --variants      # tree-read and tiling variants, T 4/8
     python benchmarks/mamba2_mtp.py --host          # eager (host-inclusive) calls, batch 1 and 8
+    python benchmarks/mamba2_mtp.py --update-state  # T > 1 rows also write the state back
 """
 
 from __future__ import annotations
@@ -97,18 +109,21 @@ def busy_median_ms(fn, k=REPLAYS, reps=15):
 class Problem:
     """One configuration with R disjoint replicas of its batch (for cache-cold timing)."""
 
-    def __init__(self, H, G, P, N, T, Bt, state_dtype, tree, input_dtype=torch.bfloat16):
+    def __init__(self, H, G, P, N, T, Bt, state_dtype, tree, input_dtype=torch.bfloat16, *,
+                 inter=True, update=True):
         self.H, self.G, self.P, self.N, self.T, self.Bt = H, G, P, N, T, Bt
-        self.tree = tree
+        self.tree, self.update = tree, update
+        assert inter or not tree, "tree mode reads parent nodes from the intermediate states"
         sd = state_dtype
         es = torch.tensor([], dtype=sd).element_size()
-        per_seq = H * P * N * es * (T + 2)
+        self.units = 1 + (T if inter else 0) + (1 if update else 0)   # state-sized transfers
+        per_seq = H * P * N * es * self.units
         self.R = R = max(1, min(256, math.ceil(MIN_TOUCH / (Bt * per_seq))))
         S = R * Bt
         dev = "cuda"
         r = lambda *s, dt=input_dtype: (torch.randn(*s, device=dev) * 0.5).to(dt)  # noqa: E731
         self.state = r(S, H, P, N, dt=sd)
-        self.inter = torch.empty(S, T, H, P, N, device=dev, dtype=sd)
+        self.inter = torch.empty(S, T, H, P, N, device=dev, dtype=sd) if inter else None
         self.x, self.B, self.C = r(Bt, T, H, P), r(Bt, T, G, N), r(Bt, T, G, N)
         self.dt = r(Bt, T, H) - 1.0
         self.A = -(torch.rand(H, device=dev) * 3 + 0.5)
@@ -119,23 +134,24 @@ class Problem:
                     for i in range(R)]
         par = torch.tensor([(t - 1) // 2 for t in range(T)], dtype=torch.int32, device=dev)
         self.parent = par.expand(Bt, T).contiguous() if tree else None   # binary tree
-        # roofline bytes of one call: state read + T intermediates + state written, + small
-        self.bytes = Bt * H * P * N * es * (T + 2) + Bt * T * (
+        # roofline bytes of one call: state read (+ T intermediates) (+ state written), + small
+        self.bytes = Bt * H * P * N * es * self.units + Bt * T * (
             2 * H * P * 2 + 2 * G * N * 2 + H * 2)
 
     def jitkern_call(self, i, tiling=None):
+        iidx = self.idx[i] if self.inter is not None else None
         kw = dict(D=self.D, dt_bias=self.dt_bias, dt_softplus=True,
                   state_batch_indices=self.idx[i], intermediate_states=self.inter,
-                  intermediate_state_indices=self.idx[i], retrieve_parent_token=self.parent,
-                  out=self.out)
+                  intermediate_state_indices=iidx, retrieve_parent_token=self.parent,
+                  disable_state_update=not self.update, out=self.out)
         if tiling is None:
             return lambda: m2.mamba2_mtp_ssm_update(self.state, self.x, self.dt, self.A, self.B,
                                                     self.C, **kw)
         plan = m2._prepare_update(self.state, self.x, self.dt, self.A, self.B, self.C, self.D,
                                   None, self.dt_bias, True, self.idx[i], -1, self.inter,
-                                  self.idx[i], self.parent, False, self.out, tiling=tiling)
+                                  iidx, self.parent, not self.update, self.out, tiling=tiling)
         args = (plan, self.state, self.x, self.dt, self.A, self.B, self.C, self.D, None,
-                self.dt_bias, self.idx[i], -1, self.inter, self.idx[i], self.parent, False,
+                self.dt_bias, self.idx[i], -1, self.inter, iidx, self.parent, not self.update,
                 self.out)
         return lambda: m2._launch_update(*args)
 
@@ -148,8 +164,32 @@ class Problem:
         return lambda: fi.selective_state_update(
             self.state, self.x, dt, A, self.B, self.C, D, dt_bias=bias, dt_softplus=True,
             state_batch_indices=self.idx[i], pad_slot_id=-1, out=self.out,
-            intermediate_states_buffer=self.inter, intermediate_state_indices=self.idx[i],
-            cache_steps=T)
+            disable_state_update=not self.update, intermediate_states_buffer=self.inter,
+            intermediate_state_indices=self.idx[i] if self.inter is not None else None,
+            cache_steps=T if self.inter is not None else 0)
+
+    def check_writes(self, call):
+        """Run ``call`` once on copy 0; return (out, list of deviations from this problem's
+        mode: state written when it must not be or the reverse, intermediates not stored).
+        The state slots are restored afterwards."""
+        sl = self.idx[0].long()
+        before = self.state[sl].clone()
+        if self.inter is not None:
+            self.inter[sl] = float("nan")
+        self.out.fill_(float("nan"))
+        call()
+        torch.cuda.synchronize()
+        bad = []
+        changed = not torch.equal(self.state[sl], before)
+        if changed != self.update:
+            bad.append("wrote the state" if changed else "left the state unwritten")
+        if self.inter is not None and torch.isnan(self.inter[sl, :self.T].float()).any():
+            bad.append("left intermediate states unstored")
+        if torch.isnan(self.out.float()).any():
+            bad.append("left outputs unwritten")
+        out = self.out.clone()
+        self.state[sl] = before
+        return out, bad
 
     def eager_call(self):
         """The same math in eager PyTorch (fp32 compute), vectorized over the batch."""
@@ -172,10 +212,12 @@ class Problem:
                     h = torch.where(ok[:, None, None, None], node, h)
                 h = h * dA[:, t, :, None, None] + \
                     (x[:, t] * d[:, t, :, None])[..., None] * Bh[:, t, :, None, :]
-                self.inter[idx, t] = h.to(self.inter.dtype)
+                if self.inter is not None:
+                    self.inter[idx, t] = h.to(self.inter.dtype)
                 y = torch.einsum("bhpn,bhn->bhp", h, Ch[:, t]) + x[:, t] * self.D.float()[:, None]
                 self.out[:, t] = y.to(self.out.dtype)
-            self.state[idx] = h.to(self.state.dtype)
+            if self.update:
+                self.state[idx] = h.to(self.state.dtype)
 
         return run
 
@@ -196,13 +238,19 @@ def time_calls(calls):
     return busy_median_ms(g.replay) / len(calls)
 
 
-def prewarm_flashinfer(fi, states, Ts):
+def call_mode(T, update_state=False):
+    """(store intermediates, write the state) of a row: plain decoding at T = 1, speculative
+    verification above (the state written back too with ``update_state``)."""
+    return dict(inter=False, update=True) if T == 1 else dict(inter=True, update=update_state)
+
+
+def prewarm_flashinfer(fi, states, Ts, update_state=False):
     """Build FlashInfer's JIT modules (one per state dtype and T) in parallel, before timing."""
     import concurrent.futures
     import time
 
     def one(sd, T):
-        pr = Problem(8, 1, 64, 128, T, 1, DT[sd], False)
+        pr = Problem(8, 1, 64, 128, T, 1, DT[sd], False, **call_mode(T, update_state))
         pr.flashinfer_call(fi, 0)()
         torch.cuda.synchronize()
 
@@ -234,6 +282,8 @@ def main():
     ap.add_argument("--no-eager", action="store_true")
     ap.add_argument("--no-flashinfer", action="store_true")
     ap.add_argument("--host", action="store_true")
+    ap.add_argument("--update-state", action="store_true",
+                    help="T > 1 rows also write the state back (T + 2 state units)")
     ap.add_argument("--batches", type=lambda v: [int(b) for b in v.split(",")],
                     help="comma-separated batch sizes (default: the mode's)")
     ap.add_argument("--ts", type=lambda v: [int(t) for t in v.split(",")],
@@ -255,7 +305,7 @@ def main():
         return
     if args.host:
         host_breakdown()
-        host(bw, fi, args.batches or [1, 8])
+        host(bw, fi, args.batches or [1, 8], args.update_state)
         return
 
     shapes = [(128, 8), (32, 2)]
@@ -269,10 +319,13 @@ def main():
     batches = args.batches or batches
 
     if fi is not None:
-        prewarm_flashinfer(fi, states, Ts)
+        prewarm_flashinfer(fi, states, Ts, args.update_state)
 
     print("\n## mamba2_mtp_ssm_update (P=64, N=128; bf16 x/B/C/dt/D/dt_bias, fp32 A, softplus, "
           "binary tree in tree rows)")
+    print("# T = 1: no intermediate states, state updated (2 state units moved); T > 1: "
+          + ("T intermediate states and the state written (T + 2 units)" if args.update_state
+             else "T intermediate states stored, state not written (T + 1 units)"))
     hdr = ("| H | G | state | T | tree | batch | jitkern us | GB/s | % copy | FlashInfer us | "
            "% copy | jk speedup | eager us | jk speedup |")
     print(hdr)
@@ -280,26 +333,39 @@ def main():
     for H, G in shapes:
         for sd in states:
             for T in Ts:
-                for tree in (False, True):
+                for tree in ((False,) if T == 1 else (False, True)):   # T = 1: no tree
                     for Bt in batches:
-                        row(bw, fi, H, G, sd, T, tree, Bt, not args.no_eager)
+                        row(bw, fi, H, G, sd, T, tree, Bt, not args.no_eager, args.update_state)
 
 
-def row(bw, fi, H, G, sd, T, tree, Bt, eager):
-    pr = Problem(H, G, 64, 128, T, Bt, DT[sd], tree)
+def row(bw, fi, H, G, sd, T, tree, Bt, eager, update_state=False):
+    pr = Problem(H, G, 64, 128, T, Bt, DT[sd], tree, **call_mode(T, update_state))
+    where = f"state {sd}, T = {T}, batch {Bt}{', tree' if tree else ''}"
+    # Both ops' writes and outputs are checked on the same state before any timing (timed calls
+    # that update the state move it on).
+    jk_out, bad = pr.check_writes(pr.jitkern_call(0))
+    if bad:
+        print(f"# note: jitkern {', '.join(bad)} ({where})")
+    fi_ok = fi is not None and not tree
+    if fi_ok:
+        try:
+            # the same work as this op: same writes, same outputs (bf16: 2e-2 of the scale)
+            fi_out, bad = pr.check_writes(pr.flashinfer_call(fi, 0))
+            err = ((fi_out.float() - jk_out.float()).abs().max()
+                   / jk_out.float().abs().max().clamp_min(1e-6)).item()
+            if err > 2e-2 or err != err:
+                bad.append(f"gave outputs {err:.1e} (relative) from jitkern's")
+            if bad:
+                print(f"# note: FlashInfer {', '.join(bad)} ({where})")
+        except Exception as err:  # noqa: BLE001
+            print(f"# FlashInfer failed ({where}): {type(err).__name__}: {err}")
+            fi_ok = False
     ms = time_calls([pr.jitkern_call(i) for i in range(pr.R)])
     gbs = pr.bytes / ms / 1e6
     cells = [H, G, sd, T, "yes" if tree else "no", Bt, f"{ms * 1e3:.1f}", f"{gbs:.0f}",
              f"{100 * gbs / bw:.0f}%"]
-    if fi is not None and not tree:
+    if fi_ok:
         try:
-            # does FlashInfer store the intermediate states it was given (the roofline counts them)?
-            pr.inter.fill_(float("nan"))
-            pr.flashinfer_call(fi, 0)()
-            torch.cuda.synchronize()
-            if torch.isnan(pr.inter[pr.idx[0].long(), :T].float()).all():
-                print(f"# note: FlashInfer stored no intermediate state (state {sd}, T = {T}, "
-                      f"batch {Bt}): it moves {T + 1} of the {T + 2} state units counted here")
             fms = time_calls([pr.flashinfer_call(fi, i) for i in range(pr.R)])
             cells += [f"{fms * 1e3:.1f}", f"{100 * pr.bytes / fms / 1e6 / bw:.0f}%",
                       f"{fms / ms:.2f}x"]
@@ -428,10 +494,11 @@ def host_breakdown():
     torch.cuda.empty_cache()
 
 
-def host(bw, fi, batches):
+def host(bw, fi, batches, update_state=False):
     """Eager calls (no graph) at small batches: per-call time between events (host-bound when the
     host's per-call cost exceeds the kernel's), host submission cost, and graph device time."""
-    print("\n## eager calls, host included (H=128, G=8, P=64, N=128, chain, intermediate states)")
+    print("\n## eager calls, host included (H=128, G=8, P=64, N=128, chain; T = 1 plain decoding, "
+          "T > 1 intermediate states" + (" and the state written)" if update_state else ")"))
     hdr = ("| state | T | batch | jk graph us | jk eager us | jk host us | FI graph us | "
            "FI eager us | FI host us | eager: jk speedup | eager: jk % copy | eager: FI % copy |")
     print(hdr)
@@ -439,7 +506,7 @@ def host(bw, fi, batches):
     for sd in ("fp32", "bf16"):
         for T in (1, 4, 8):
             for Bt in batches:
-                pr = Problem(128, 8, 64, 128, T, Bt, DT[sd], False)
+                pr = Problem(128, 8, 64, 128, T, Bt, DT[sd], False, **call_mode(T, update_state))
                 calls = [pr.jitkern_call(i) for i in range(pr.R)]
                 g_ms = time_calls(calls)
                 e_s, h_s = eager_per_call(calls, n=400)

@@ -16,7 +16,7 @@ that does the arithmetic is also checked against the default's output. Other spe
 kernel keeps: JK_SD_L2_PREFETCH (the cp.async L2 prefetch size), and the kv_tile / kv_stages
 parameters.
 
-    python benchmarks/probe_cache_hints.py [--only mamba|attention] [--tree-only]
+    python benchmarks/probe_cache_hints.py [--only mamba|attention] [--tree-only] [--engine]
         [--row "32/8/128 q=1 8k b=64 bf16" ...] [--variant mma.sync ...]
 """
 
@@ -103,6 +103,66 @@ def mamba(bw, tree_only=False):
         pr = mb.Problem(128, 8, 64, 128, T, Bt, mb.DT[sd], tree)
         ab(f"{sd} T={T} b={Bt} {'tree' if tree else 'chain'}", variants,
            lambda: [pr.jitkern_call(i) for i in range(pr.R)],
+           lambda calls: mb.time_calls(calls) / 1e3, pr.bytes, bw)
+        pr = None
+        torch.cuda.empty_cache()
+    m2.MAMBA2 = base
+    m2._plans.clear()
+
+
+ENGINE_TILINGS = {   # (TPR, ROWS, RPT) candidates besides the default, engine-mode rows
+    "fp32": [(16, 16, 1), (16, 16, 2), (8, 16, 2)],
+    "bf16": [(8, 16, 2), (8, 32, 2), (8, 64, 2)],
+}
+
+
+def mamba_engine(bw):
+    """The calls an engine makes (benchmarks/mamba2_mtp.py's rows): T = 1 plain decoding (no
+    intermediate states, state written), T > 1 verification (intermediates stored, the state
+    left untouched). Variants: the store hint and the tiling."""
+    base = m2.MAMBA2
+    fams = {}
+    current = {"tiling": None}
+
+    def user(tag, mac, tiling):
+        fam = base if not mac else fams.setdefault(str(mac), derived(base, tag.split()[0], mac))
+
+        def use():
+            m2.MAMBA2 = fam
+            m2._plans.clear()
+            current["tiling"] = tiling
+        return use
+
+    print("\n## Mamba2 engine-mode calls (H=128, G=8, P=64, N=128); % of copy")
+    print("| row | variant | us | % copy | vs default |\n|---|---|---|---|---|")
+    # (state, T, batch, tree, state written back too: the --update-state mode)
+    rows = [("fp32", 4, 32, False, False), ("fp32", 4, 256, False, False),
+            ("fp32", 8, 32, False, False), ("bf16", 4, 32, False, False),
+            ("bf16", 4, 256, False, False), ("bf16", 8, 32, False, False),
+            ("fp32", 1, 32, False, False), ("fp32", 1, 256, False, False),
+            ("bf16", 1, 32, False, False), ("bf16", 1, 256, False, False),
+            ("fp32", 4, 32, True, False), ("bf16", 8, 32, True, False),
+            ("fp32", 4, 32, False, True), ("fp32", 4, 256, False, True)]
+    for sd, T, Bt, tree, update in rows:
+        default = m2.pick_layout(128, sd, 64, tree, T)
+        dt = (default["TPR"], default["ROWS"], default["RPT"])
+        other_hint = {"JK_ST_HINT": 1 if tree else 0}
+        hint_tag = "st.cs" if tree else "plain st"
+        variants = [("default " + str(dt), user("default", {}, None)),
+                    (hint_tag, user(hint_tag, other_hint, None))]
+        if T == 1:   # plain decoding: read and write the same lines; the load/store hints
+            variants += [(tag, user(tag, mac, None)) for tag, mac in (
+                ("ld256", {"JK_LD_HINT": 1}), ("ld256-noL1", {"JK_LD_HINT": 2}),
+                ("st-evict-first", {"JK_ST_HINT": 2}))]
+        for t in ENGINE_TILINGS[sd]:
+            if t != dt:
+                variants.append((f"tiling {t}", user("tiling", {}, t)))
+                variants.append((f"tiling {t} {hint_tag}", user(hint_tag, other_hint, t)))
+        pr = mb.Problem(128, 8, 64, 128, T, Bt, mb.DT[sd], tree, **mb.call_mode(T, update))
+        ab(f"{sd} T={T} b={Bt} {'tree' if tree else 'chain'}"
+           f"{' (decode)' if T == 1 else ' (verify + state)' if update else ' (verify)'}",
+           variants,
+           lambda: [pr.jitkern_call(i, current["tiling"]) for i in range(pr.R)],
            lambda calls: mb.time_calls(calls) / 1e3, pr.bytes, bw)
         pr = None
         torch.cuda.empty_cache()
@@ -204,6 +264,9 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", choices=("mamba", "attention"))
     ap.add_argument("--tree-only", action="store_true", help="Mamba2: only the tree rows")
+    ap.add_argument("--engine", action="store_true",
+                    help="Mamba2: engine-mode calls (decode at T = 1, verification above), "
+                         "store hint and tiling variants")
     ap.add_argument("--row", action="append", default=[],
                     help="attention: only this row (its printed name; repeatable)")
     ap.add_argument("--variant", action="append", default=[],
@@ -213,7 +276,10 @@ def main():
     if args.only != "attention":
         bw = mb.copy_bandwidth() * 1e9
         print(f"# copy {bw / 1e9:.0f} GB/s, write {mb.write_bandwidth():.0f} GB/s")
-        mamba(bw, args.tree_only)
+        if args.engine:
+            mamba_engine(bw)
+        else:
+            mamba(bw, args.tree_only)
     if args.only != "mamba":
         rbw = sb.read_bandwidth()
         print(f"# read {rbw / 1e12:.2f} TB/s")
