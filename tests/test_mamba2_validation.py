@@ -404,8 +404,10 @@ def own_cache(tmp_path, monkeypatch):
 
 def test_warmup_set_compiles_for_hopper(own_cache):
     configs = MAMBA2.warmup_configs()
-    # per state dtype: tree, chain, chain with T = 1 and plain decode (T = 1 has its own tiling)
-    assert len(configs) == 8 and len({tuple(sorted(c.items())) for c in configs}) == 8
+    # per state dtype: tree, chain, chain with T = 1 and plain decode. bf16's T = 1 has its own
+    # tiling; fp32 uses one tiling for every T, so its chain and T = 1 chain are one entry.
+    assert len(configs) == 7 and len({tuple(sorted(c.items())) for c in configs}) == 7
+    assert sum(c["state_dtype"] == "fp32" for c in configs) == 3
     assert {(c["state_dtype"], c["tree"]) for c in configs} == {
         ("fp32", True), ("fp32", False), ("bf16", True), ("bf16", False)}
     for cfg in configs:
