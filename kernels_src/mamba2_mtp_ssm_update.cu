@@ -118,9 +118,13 @@ __device__ __forceinline__ uint4 pack(const float (&f)[VEC]) {
 // gained <= 2% alone and lost with streaming stores. Tree kernels read parent nodes back: with
 // every store streaming they were 6-12% slower (the nodes came back from DRAM), with only the
 // nodes never read back streaming still 1-4% slower than plain stores, which they keep.
+// Plain decoding (no intermediate states: the state is read and written back in place) loads
+// with .L1::no_allocate.L2::256B: at batch 256 6.5% (fp32) and 9.4% (bf16) faster, even at
+// batch 32 (probe_cache_hints.py --engine). With intermediate states the load hints were within
+// 1.5% either way, so those kernels keep plain loads.
 // JK_LD_HINT / JK_ST_HINT select the variants for the probe.
 #ifndef JK_LD_HINT
-#define JK_LD_HINT 0   // 1: ld .L2::256B, 2: ld .L1::no_allocate.L2::256B
+#define JK_LD_HINT (JK_INTERMEDIATE ? 0 : 2)   // 1: ld .L2::256B, 2: ld .L1::no_allocate.L2::256B
 #endif
 #ifndef JK_ST_HINT
 #define JK_ST_HINT (JK_TREE ? 0 : 1)   // 0: plain st, 1: st.cs, 2: st, L2 evict_first policy
