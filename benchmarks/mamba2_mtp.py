@@ -138,18 +138,22 @@ class Problem:
         self.bytes = Bt * H * P * N * es * self.units + Bt * T * (
             2 * H * P * 2 + 2 * G * N * 2 + H * 2)
 
-    def jitkern_call(self, i, tiling=None):
+    def jitkern_call(self, i, tiling=None, smem_extra=0):
+        """The op's call on replica i; with ``tiling`` (TPR, ROWS, RPT[, prefetch]) or
+        ``smem_extra`` (bytes of dynamic shared memory added to the launch: fewer resident blocks
+        per SM) a prepared plan with those changes (measurements)."""
         iidx = self.idx[i] if self.inter is not None else None
         kw = dict(D=self.D, dt_bias=self.dt_bias, dt_softplus=True,
                   state_batch_indices=self.idx[i], intermediate_states=self.inter,
                   intermediate_state_indices=iidx, retrieve_parent_token=self.parent,
                   disable_state_update=not self.update, out=self.out)
-        if tiling is None:
+        if tiling is None and not smem_extra:
             return lambda: m2.mamba2_mtp_ssm_update(self.state, self.x, self.dt, self.A, self.B,
                                                     self.C, **kw)
         plan = m2._prepare_update(self.state, self.x, self.dt, self.A, self.B, self.C, self.D,
                                   None, self.dt_bias, True, self.idx[i], -1, self.inter,
                                   iidx, self.parent, not self.update, self.out, tiling=tiling)
+        plan.smem += smem_extra
         args = (plan, self.state, self.x, self.dt, self.A, self.B, self.C, self.D, None,
                 self.dt_bias, self.idx[i], -1, self.inter, iidx, self.parent, not self.update,
                 self.out)

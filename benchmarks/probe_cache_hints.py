@@ -116,6 +116,44 @@ ENGINE_TILINGS = {   # (TPR, ROWS, RPT) candidates besides the default, engine-m
 }
 
 
+def resident_blocks(pr, extras):
+    """Blocks per SM the occupancy calculator gives the op's kernel for problem ``pr``, with
+    each of ``extras`` bytes of dynamic shared memory added."""
+    from cupy_backends.cuda.api import driver
+
+    inter = pr.inter is not None
+    plan = m2._prepare_update(pr.state, pr.x, pr.dt, pr.A, pr.B, pr.C, pr.D, None, pr.dt_bias,
+                              True, pr.idx[0], -1, pr.inter, pr.idx[0] if inter else None,
+                              pr.parent, not pr.update, pr.out)
+    fn = plan.kernel.function("update")
+    return [driver.occupancyMaxActiveBlocksPerMultiprocessor(fn.ptr, plan.block[0],
+                                                             plan.smem + e) for e in extras]
+
+
+def mamba_residency(bw):
+    """Fewer resident blocks per SM (padded dynamic shared memory) at batch 32, where a
+    launch's last wave drains: its cost scales with the work resident per SM."""
+    print("\n## Mamba2 resident blocks per SM (H=128, G=8, P=64, N=128); % of copy")
+    print("| row | variant | us | % copy | vs default |\n|---|---|---|---|---|")
+    rows = [("bf16", 4, 32, False), ("bf16", 8, 32, False), ("bf16", 1, 32, False),
+            ("bf16", 8, 32, True), ("fp32", 4, 32, False), ("fp32", 8, 32, True),
+            ("bf16", 4, 256, False), ("bf16", 8, 8, False)]
+    current = {"extra": 0}
+    extras = (0, 4096, 8192, 12288, 20480)
+    for sd, T, Bt, tree in rows:
+        pr = mb.Problem(128, 8, 64, 128, T, Bt, mb.DT[sd], tree, **mb.call_mode(T))
+        variants = []
+        for extra, n in zip(extras, resident_blocks(pr, extras)):
+            def use(extra=extra):
+                current["extra"] = extra
+            variants.append((f"smem +{extra // 1024} KB ({n} blocks/SM)", use))
+        ab(f"{sd} T={T} b={Bt} {'tree' if tree else 'chain'}", variants,
+           lambda: [pr.jitkern_call(i, smem_extra=current["extra"]) for i in range(pr.R)],
+           lambda calls: mb.time_calls(calls) / 1e3, pr.bytes, bw)
+        pr = None
+        torch.cuda.empty_cache()
+
+
 def mamba_engine(bw):
     """The calls an engine makes (benchmarks/mamba2_mtp.py's rows): T = 1 plain decoding (no
     intermediate states, state written), T > 1 verification (intermediates stored, the state
@@ -264,6 +302,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", choices=("mamba", "attention"))
     ap.add_argument("--tree-only", action="store_true", help="Mamba2: only the tree rows")
+    ap.add_argument("--residency", action="store_true",
+                    help="Mamba2: fewer resident blocks per SM (padded shared memory)")
     ap.add_argument("--engine", action="store_true",
                     help="Mamba2: engine-mode calls (decode at T = 1, verification above), "
                          "store hint and tiling variants")
@@ -278,6 +318,8 @@ def main():
         print(f"# copy {bw / 1e9:.0f} GB/s, write {mb.write_bandwidth():.0f} GB/s")
         if args.engine:
             mamba_engine(bw)
+        elif args.residency:
+            mamba_residency(bw)
         else:
             mamba(bw, args.tree_only)
     if args.only != "mamba":
