@@ -138,25 +138,31 @@ class Problem:
         self.bytes = Bt * H * P * N * es * self.units + Bt * T * (
             2 * H * P * 2 + 2 * G * N * 2 + H * 2)
 
-    def jitkern_call(self, i, tiling=None, smem_extra=0):
-        """The op's call on replica i; with ``tiling`` (TPR, ROWS, RPT[, prefetch]) or
-        ``smem_extra`` (bytes of dynamic shared memory added to the launch: fewer resident blocks
-        per SM) a prepared plan with those changes (measurements)."""
+    def op_args(self, i):
+        """The op's 17 positional arguments for replica i (``_update_impl``'s order)."""
         iidx = self.idx[i] if self.inter is not None else None
-        kw = dict(D=self.D, dt_bias=self.dt_bias, dt_softplus=True,
-                  state_batch_indices=self.idx[i], intermediate_states=self.inter,
-                  intermediate_state_indices=iidx, retrieve_parent_token=self.parent,
-                  disable_state_update=not self.update, out=self.out)
+        return (self.state, self.x, self.dt, self.A, self.B, self.C, self.D, None, self.dt_bias,
+                True, self.idx[i], -1, self.inter, iidx, self.parent, not self.update, self.out)
+
+    def prepared(self, i, tiling=None):
+        """(plan, ``_launch_update``'s arguments) of replica i's call: validated and planned
+        here, with ``tiling`` (TPR, ROWS, RPT[, prefetch]) instead of the op's when given."""
+        a = self.op_args(i)
+        plan = m2._prepare_update(*a, tiling=tiling)
+        return plan, (plan,) + a[:9] + a[10:]   # the launch takes no dt_softplus (in the plan)
+
+    def jitkern_call(self, i, tiling=None, smem_extra=0):
+        """The op's call on replica i; with ``tiling`` or ``smem_extra`` (bytes of dynamic shared
+        memory added to the launch: fewer resident blocks per SM) a prepared plan with those
+        changes (measurements)."""
         if tiling is None and not smem_extra:
-            return lambda: m2.mamba2_mtp_ssm_update(self.state, self.x, self.dt, self.A, self.B,
-                                                    self.C, **kw)
-        plan = m2._prepare_update(self.state, self.x, self.dt, self.A, self.B, self.C, self.D,
-                                  None, self.dt_bias, True, self.idx[i], -1, self.inter,
-                                  iidx, self.parent, not self.update, self.out, tiling=tiling)
+            a = self.op_args(i)
+            return lambda: m2.mamba2_mtp_ssm_update(
+                *a[:10], state_batch_indices=a[10], pad_slot_id=a[11], intermediate_states=a[12],
+                intermediate_state_indices=a[13], retrieve_parent_token=a[14],
+                disable_state_update=a[15], out=a[16])
+        plan, args = self.prepared(i, tiling)
         plan.smem += smem_extra
-        args = (plan, self.state, self.x, self.dt, self.A, self.B, self.C, self.D, None,
-                self.dt_bias, self.idx[i], -1, self.inter, iidx, self.parent, not self.update,
-                self.out)
         return lambda: m2._launch_update(*args)
 
     def flashinfer_call(self, fi, i):
@@ -469,10 +475,8 @@ def host_breakdown():
     pr = Problem(128, 8, 64, 128, 1, 1, torch.bfloat16, False)
     full = pr.jitkern_call(0)
     full()
-    args = (pr.state, pr.x, pr.dt, pr.A, pr.B, pr.C, pr.D, None, pr.dt_bias, True, pr.idx[0], -1,
-            pr.inter, pr.idx[0], None, False, pr.out)
-    plan = m2._prepare_update(*args[:16], pr.out)
-    largs = (plan,) + args[:9] + args[10:]
+    args = pr.op_args(0)
+    plan, largs = pr.prepared(0)
     fn = plan.kernel.function("update")
     kargs = (pr.state, pr.x, pr.dt, pr.A, pr.B, pr.C, pr.D, None, pr.dt_bias, pr.out, pr.inter,
              pr.idx[0], pr.idx[0], None) + plan.static + (-1, 0)

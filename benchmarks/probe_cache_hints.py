@@ -70,8 +70,20 @@ def ab(name, variants, make_calls, timer, unit_bytes, ceiling):
               f"{base / t:.3f}x |", flush=True)   # > 1: the variant is faster
 
 
+MAMBA2 = m2.MAMBA2   # the op's family; variants are derived from it
+
+
+def use_mamba2(fams: dict, tag: str, macros: dict) -> None:
+    """Make the op run Mamba2 with extra compile-time ``macros`` (none: the family itself): a
+    derived family, made once per macro set and kept in ``fams``; cached plans dropped."""
+    key = tuple(sorted(macros.items()))
+    if macros and key not in fams:
+        fams[key] = derived(MAMBA2, tag, macros)
+    m2.MAMBA2 = fams[key] if macros else MAMBA2
+    m2._plans.clear()
+
+
 def mamba(bw, tree_only=False):
-    base = m2.MAMBA2
     chain_hints = [("default (st.cs)", {}), ("plain st", {"JK_ST_HINT": 0}),
                    ("st-evict-first", {"JK_ST_HINT": 2}), ("ld256+st.cs", {"JK_LD_HINT": 1}),
                    ("ld256-noL1+st.cs", {"JK_LD_HINT": 2})]
@@ -80,12 +92,7 @@ def mamba(bw, tree_only=False):
     fams = {}
 
     def user(tag, mac):
-        fam = base if not mac else fams.setdefault(tag, derived(base, tag.split()[0], mac))
-
-        def use():
-            m2.MAMBA2 = fam
-            m2._plans.clear()
-        return use
+        return lambda: use_mamba2(fams, tag.split()[0], mac)
 
     print("\n## Mamba2 (H=128, G=8, P=64, N=128); % of copy")
     print("| row | variant | us | % copy | vs default |\n|---|---|---|---|---|")
@@ -106,8 +113,7 @@ def mamba(bw, tree_only=False):
            lambda calls: mb.time_calls(calls) / 1e3, pr.bytes, bw)
         pr = None
         torch.cuda.empty_cache()
-    m2.MAMBA2 = base
-    m2._plans.clear()
+    use_mamba2(fams, "", {})
 
 
 ENGINE_TILINGS = {   # (TPR, ROWS, RPT) candidates besides the default, engine-mode rows
@@ -121,10 +127,7 @@ def resident_blocks(pr, extras):
     each of ``extras`` bytes of dynamic shared memory added."""
     from cupy_backends.cuda.api import driver
 
-    inter = pr.inter is not None
-    plan = m2._prepare_update(pr.state, pr.x, pr.dt, pr.A, pr.B, pr.C, pr.D, None, pr.dt_bias,
-                              True, pr.idx[0], -1, pr.inter, pr.idx[0] if inter else None,
-                              pr.parent, not pr.update, pr.out)
+    plan, _ = pr.prepared(0)
     fn = plan.kernel.function("update")
     return [driver.occupancyMaxActiveBlocksPerMultiprocessor(fn.ptr, plan.block[0],
                                                              plan.smem + e) for e in extras]
@@ -158,16 +161,12 @@ def mamba_engine(bw):
     """The calls an engine makes (benchmarks/mamba2_mtp.py's rows): T = 1 plain decoding (no
     intermediate states, state written), T > 1 verification (intermediates stored, the state
     left untouched). Variants: the store hint and the tiling."""
-    base = m2.MAMBA2
     fams = {}
     current = {"tiling": None}
 
     def user(tag, mac, tiling):
-        fam = base if not mac else fams.setdefault(str(mac), derived(base, tag.split()[0], mac))
-
         def use():
-            m2.MAMBA2 = fam
-            m2._plans.clear()
+            use_mamba2(fams, tag.split()[0], mac)
             current["tiling"] = tiling
         return use
 
@@ -204,8 +203,7 @@ def mamba_engine(bw):
            lambda calls: mb.time_calls(calls) / 1e3, pr.bytes, bw)
         pr = None
         torch.cuda.empty_cache()
-    m2.MAMBA2 = base
-    m2._plans.clear()
+    use_mamba2(fams, "", {})
 
 
 def row_name(shape, n, ctx, batch, kvn, layout="NHD"):
