@@ -150,8 +150,6 @@ def _current_stream(index: int) -> int:
     return torch.cuda.current_stream(index).cuda_stream
 
 
-
-
 class LoadedKernel:
     """A specialization's cubin loaded on one device: its functions by entry name."""
 
