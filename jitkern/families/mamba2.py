@@ -144,7 +144,7 @@ def _warmup() -> tuple:
         out.append(nemotron_config(sd, tree=False))
         out.append(nemotron_config(sd, tree=False, T=1))                  # MTP with T = 1
         out.append(nemotron_config(sd, tree=False, intermediate=False, T=1))   # plain decode
-    unique = []   # drop repeats (were a T = 1 tiling ever the same as the T > 1 one)
+    unique = []   # fp32 state picks one tiling for every T: drop the repeats
     for c in out:
         if c not in unique:
             unique.append(c)
