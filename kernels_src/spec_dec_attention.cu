@@ -15,8 +15,9 @@
 //   group (16-row tiles, counters) or by spec_dec_merge.
 //
 // Numerics: S = Q K^T and O = P V on tensor cores (mma.sync m16n8k16, or wgmma m64nNk16 for 64-
-// and 128-row tiles on sm_90a; fp32 accumulate), softmax in the log2 domain in fp32, P rounded to
-// the input type before P V (as XQA does). With an fp8 e4m3 cache the MMAs run in fp16: K/V are
+// and 128-row tiles on sm_90a; fp32 accumulate), softmax in the log2 domain in fp32 with a lazily
+// moved reference max (probabilities up to 2^8; RESCALE_TAU), P rounded to the input type before
+// P V (as XQA does). With an fp8 e4m3 cache the MMAs run in fp16: K/V are
 // converted exactly (in registers, or once per CTA in shared memory for large tiles), Q once in
 // shared memory, P is rounded to fp16; kv_scale is folded into the softmax scale (K) and the
 // output (V), exact math.
@@ -123,6 +124,20 @@ constexpr bool WG = JK_SD_HAVE_WGMMA && JK_SD_WGMMA && WG_SHAPE;
 // wgmma reads B only from shared memory, so an fp8 cache is converted there for it.
 constexpr bool FP8_SMEM = JK_KV_FP8 && (QT >= 128 || WG);
 constexpr bool FP8_DIRECT = JK_KV_FP8 && !FP8_SMEM;
+// Direct fp8 fragments: 1 converts a K word's two halves as 16-bit registers and builds two V
+// column pairs per byte permute (fp8x4_to_f16x4, fp8_cols2); 0 is the earlier one permute or
+// shift per pair, kept for the probe.
+#ifndef JK_SD_FP8_PAIRS
+#define JK_SD_FP8_PAIRS 1
+#endif
+constexpr bool FP8_PAIRS = JK_SD_FP8_PAIRS;
+// Online softmax: how far (log2 units) a row's max may run ahead of the reference its
+// probabilities use before the reference and the O accumulators are rescaled (see the tile loop).
+// 8 keeps probabilities below 256; 0 rescales whenever the max grows (the probe's "eager").
+#ifndef JK_SD_RESCALE_TAU
+#define JK_SD_RESCALE_TAU 8
+#endif
+constexpr float RESCALE_TAU = JK_SD_RESCALE_TAU;
 constexpr int CV_ROW = D * 2 + 16;                     // fp16 row of the converted tile
 constexpr int CV_TILE_BYTES = JK_KV_FP8 && (QT >= 128 || WG_SHAPE) ? TILE * CV_ROW : 0;
 constexpr int ROW16 = FP8_SMEM ? CV_ROW : KV_ROW;      // row stride the 16-bit path reads
@@ -517,10 +532,10 @@ __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const Param
                 const int m = i / (TILE * CH), rc = i - m * TILE * CH, r = rc / CH, c = rc - r * CH;
                 const uint4 w = *reinterpret_cast<const uint4*>((m ? vsm : ksm) + r * KV_ROW + c * 16);
                 uint4 lo, hi;
-                lo.x = fp8_lo(w.x); lo.y = fp8_hi(w.x);
-                lo.z = fp8_lo(w.y); lo.w = fp8_hi(w.y);
-                hi.x = fp8_lo(w.z); hi.y = fp8_hi(w.z);
-                hi.z = fp8_lo(w.w); hi.w = fp8_hi(w.w);
+                fp8x4_to_f16x4(w.x, lo.x, lo.y);
+                fp8x4_to_f16x4(w.y, lo.z, lo.w);
+                fp8x4_to_f16x4(w.z, hi.x, hi.y);
+                fp8x4_to_f16x4(w.w, hi.z, hi.w);
                 u8* dst = cv + m * CV_TILE_BYTES;   // swizzled rows for wgmma
                 const int o0 = WG ? swz_chunk(r, 2 * c, TILE) : r * CV_ROW + c * 32;
                 const int o1 = WG ? swz_chunk(r, 2 * c + 1, TILE) : r * CV_ROW + c * 32 + 16;
@@ -567,7 +582,10 @@ __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const Param
 #pragma unroll
                 for (int j = 0; j < NJ; ++j) {
                     const u32 w = lds32(ksm + (kv_row0 + 8 * j + g) * KV_ROW + 16 * kc + 4 * t4);
-                    mma16816(s[j], a, fp8_lo(w), fp8_hi(w));
+                    u32 b0, b1;
+                    if (FP8_PAIRS) fp8x4_to_f16x4(w, b0, b1);
+                    else { b0 = fp8_lo(w); b1 = fp8_hi(w); }
+                    mma16816(s[j], a, b0, b1);
                 }
             } else {
 #pragma unroll
@@ -604,16 +622,25 @@ __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const Param
                 s[j][e] = v;
             }
         }
+        // Lazy rescaling: a row's running max moves only when a score exceeds it by more than
+        // RESCALE_TAU (log2 units; the first finite score always moves it), so probabilities stay
+        // below 2^TAU (exact in fp32, in range for the 16-bit P) and the O rescale, NDC x 4
+        // multiplies a thread, is skipped by the whole warp on the tiles where no row moved.
+        float alpha[2];
+        bool moved = false;
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
             float mx = neg_inf();
 #pragma unroll
             for (int j = 0; j < NJ; ++j) mx = fmaxf(mx, fmaxf(s[j][2 * h], s[j][2 * h + 1]));
             mx = warp_max4(mx);
-            const float m_new = fmaxf(m_run[h], mx);
-            const float m_ref = m_new == neg_inf() ? 0.f : m_new;   // all masked so far: p = 0
-            const float alpha = exp2f(m_run[h] - m_ref);
-            m_run[h] = m_new;
+            alpha[h] = 1.f;
+            if (mx > m_run[h] + RESCALE_TAU) {   // -inf + TAU stays -inf
+                alpha[h] = exp2f(m_run[h] - mx);
+                m_run[h] = mx;
+                moved = true;
+            }
+            const float m_ref = m_run[h] == neg_inf() ? 0.f : m_run[h];   // all masked: p = 0
             float rs = 0.f;
 #pragma unroll
             for (int j = 0; j < NJ; ++j) {
@@ -621,9 +648,14 @@ __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const Param
                 s[j][2 * h + 1] = exp2f(s[j][2 * h + 1] - m_ref);
                 rs += s[j][2 * h] + s[j][2 * h + 1];
             }
-            l_run[h] = l_run[h] * alpha + rs;
+            l_run[h] = l_run[h] * alpha[h] + rs;
+        }
+        if (__any_sync(0xffffffffu, moved)) {
 #pragma unroll
-            for (int i = 0; i < NDC; ++i) { acc[i][2 * h] *= alpha; acc[i][2 * h + 1] *= alpha; }
+            for (int i = 0; i < NDC; ++i) {
+                acc[i][0] *= alpha[0]; acc[i][1] *= alpha[0];
+                acc[i][2] *= alpha[1]; acc[i][3] *= alpha[1];
+            }
         }
 
         // ---- O += P V (P rounded to the input type) ----
@@ -663,6 +695,16 @@ __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const Param
             for (int qd = 0; qd < D / 32; ++qd) {
                 const u32 w0 = lds32(vb + 32 * qd), w1 = lds32(vb + KV_ROW + 32 * qd);
                 const u32 w2 = lds32(vb + 8 * KV_ROW + 32 * qd), w3 = lds32(vb + 9 * KV_ROW + 32 * qd);
+                if (FP8_PAIRS) {   // one permute per two column pairs
+                    u32 b0[4], b1[4];
+                    fp8_cols2<0>(w0, w1, b0[0], b0[1]);
+                    fp8_cols2<2>(w0, w1, b0[2], b0[3]);
+                    fp8_cols2<0>(w2, w3, b1[0], b1[1]);
+                    fp8_cols2<2>(w2, w3, b1[2], b1[3]);
+#pragma unroll
+                    for (int j = 0; j < 4; ++j) mma16816(acc[4 * qd + j], a, b0[j], b1[j]);
+                    continue;
+                }
                 mma16816(acc[4 * qd + 0], a, fp8_cols<0>(w0, w1), fp8_cols<0>(w2, w3));
                 mma16816(acc[4 * qd + 1], a, fp8_cols<1>(w0, w1), fp8_cols<1>(w2, w3));
                 mma16816(acc[4 * qd + 2], a, fp8_cols<2>(w0, w1), fp8_cols<2>(w2, w3));

@@ -112,6 +112,19 @@ template <int J>
 __device__ __forceinline__ u32 fp8_cols(u32 w0, u32 w1) {
     return fp8x2_to_f16x2(__byte_perm(w0, w1, ((4 + J) << 4) | J));
 }
+// Four e4m3 values of one word -> two fp16x2 (bytes 0-1, bytes 2-3): two instructions, the
+// halves taken as 16-bit registers (no shift or mask).
+__device__ __forceinline__ void fp8x4_to_f16x4(u32 w, u32& lo, u32& hi) {
+    asm("{ .reg .b16 l, h;\n mov.b32 {l, h}, %2;\n cvt.rn.f16x2.e4m3x2 %0, l;\n"
+        " cvt.rn.f16x2.e4m3x2 %1, h;\n }\n" : "=r"(lo), "=r"(hi) : "r"(w));
+}
+// Bytes J and J+1 of two words as two column pairs, one permute for both: [w1.J+1 w0.J+1 w1.J
+// w0.J] -> (w0.J, w1.J) and (w0.J+1, w1.J+1) as fp16x2.
+template <int J>
+__device__ __forceinline__ void fp8_cols2(u32 w0, u32 w1, u32& c0, u32& c1) {
+    const u32 sel = J | ((4 + J) << 4) | ((J + 1) << 8) | ((5 + J) << 12);
+    fp8x4_to_f16x4(__byte_perm(w0, w1, sel), c0, c1);
+}
 
 // bf16x2 -> fp16x2 (the query of an fp8-cache call enters the fp16 MMAs)
 __device__ __forceinline__ u32 bf16x2_to_f16x2(u32 v) {
