@@ -177,6 +177,45 @@ def test_empty_prefix_row_without_bits_is_zero():
     assert err < 1e-2
 
 
+@pytest.mark.parametrize("mode,kv", [("decode", torch.bfloat16), ("tree", torch.bfloat16),
+                                     ("chain", torch.float8_e4m3fn), ("tree", torch.float8_e4m3fn)])
+@pytest.mark.parametrize("splits", [None, 3])
+def test_rising_scores_and_late_jumps(mode, kv, splits):
+    """Scores that rise along the context (a row's max grows on most KV tiles) with two jumps far
+    past it near the end: the lazily moved reference max (probabilities up to 2^8 between moves,
+    then a rescale) must stay within the bound, split or not."""
+    from jitkern.ops import spec_dec_attention
+
+    g = torch.Generator().manual_seed(17)
+    drafts = {"decode": [1, 1], "chain": [4, 4],
+              "tree": [random_eagle_tree(12, random.Random(3))] * 2}[mode]
+    hq, hkv, d, ps = 8, 2, 128, 64
+    a = random_paged_inputs([3000, 1700], drafts, num_heads=hq, num_kv_heads=hkv, head_dim=d,
+                            page_size=ps, kv_dtype=kv, tree=mode == "tree", generator=g,
+                            kv_scale=1.0 if kv == torch.float8_e4m3fn else None, device="cpu")
+    v = torch.randn(hkv, d, generator=g)
+    v = v / v.norm(dim=-1, keepdim=True)
+    q = v.repeat_interleave(hq // hkv, dim=0)[None] * 4
+    q = q + torch.randn(a["q"].shape, generator=g) * 0.05
+    a["q"] = q.to(a["q"].dtype)
+    k = a["k_cache"].float()
+    for b, L in enumerate(a["seq_lens"].tolist()):
+        pos = torch.arange(L)
+        ramp = 150.0 * pos / L                       # natural-log scores rise to ~53
+        ramp[L - 300:L - 290] += 40                  # jumps of ~14 (20 in log2 units)
+        ramp[L - 40:L - 35] += 60
+        pg, off = a["block_tables"][b, pos // ps].long(), pos % ps
+        k[pg, off] = v[None] * ramp[:, None, None] + torch.randn(L, hkv, d, generator=g) * 0.05
+    a["k_cache"] = k.to(kv)
+    a = {n: (t.cuda() if isinstance(t, torch.Tensor) else t) for n, t in a.items()}
+    if splits:
+        a["num_kv_splits"] = splits
+    out = torch.full_like(a["q"], float("nan"))
+    spec_dec_attention(**a, out=out)
+    torch.cuda.synchronize()
+    assert _check(a, out, torch.bfloat16) < BOUND[torch.bfloat16]
+
+
 @pytest.mark.parametrize("kind", ["decode", "tree"])
 def test_repeated_signature_reuses_its_plan_and_stays_exact(kind):
     """A second call with the same signature skips validation and planning (one plan), still
