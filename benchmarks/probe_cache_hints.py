@@ -10,11 +10,13 @@ loads and the intermediate / final state stores.
 
 Spec-dec: JK_SD_WARP_PIPE 0 (the CTA-wide K/V pipeline instead of warp-private ones where the
 CTA has one row slab), JK_SD_WGMMA 0 (mma.sync instead of warpgroup MMAs for 64- and 128-row
-query tiles) and JK_SD_PROBE_LOAD_ONLY (the tile loop without its arithmetic: the
-loads' own ceiling), with XQA's time on the same inputs when flashinfer imports; each variant
-that does the arithmetic is also checked against the default's output. Other spec-dec hooks the
-kernel keeps: JK_SD_L2_PREFETCH (the cp.async L2 prefetch size), and the kv_tile / kv_stages
-parameters.
+query tiles), JK_SD_FP8_PAIRS 0 (the earlier direct fp8 fragments: one permute or shift per
+value pair), JK_SD_RESCALE_TAU 0 (the O accumulators rescaled whenever a row's max grows),
+kv_stages 3 / 4 and kv_tile 128 (configuration overrides) and
+JK_SD_PROBE_LOAD_ONLY (the tile loop without its arithmetic: the loads' own ceiling), with XQA's
+time on the same inputs when flashinfer imports; each variant that does the arithmetic is also
+checked against the default's output. Other spec-dec hooks the kernel keeps: JK_SD_L2_PREFETCH
+(the cp.async L2 prefetch size).
 
     python benchmarks/probe_cache_hints.py [--only mamba|attention] [--tree-only] [--engine]
         [--row "32/8/128 q=1 8k b=64 bf16" ...] [--variant mma.sync ...]
@@ -218,7 +220,11 @@ def attention(rbw, match=(), only_variants=()):
     # (tag, extra macros, configuration overrides); the first of each list is the default
     variants_all = [("default", {}, {}), ("CTA pipe", {"JK_SD_WARP_PIPE": 0}, {}),
                     ("load-only", {"JK_SD_PROBE_LOAD_ONLY": 1}, {}),
-                    ("mma.sync", {"JK_SD_WGMMA": 0}, {})]
+                    ("mma.sync", {"JK_SD_WGMMA": 0}, {}),
+                    ("fp8 per-pair", {"JK_SD_FP8_PAIRS": 0}, {}),
+                    ("eager rescale", {"JK_SD_RESCALE_TAU": 0}, {}),
+                    ("3 stages", {}, {"kv_stages": 3}), ("4 stages", {}, {"kv_stages": 4}),
+                    ("kv_tile 128", {}, {"kv_tile": 128})]
     if only_variants:
         variants_all = [v for i, v in enumerate(variants_all) if i == 0 or v[0] in only_variants]
     fams = {}
