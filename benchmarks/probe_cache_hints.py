@@ -12,6 +12,8 @@ Spec-dec: JK_SD_WARP_PIPE 0 (the CTA-wide K/V pipeline instead of warp-private o
 CTA has one row slab), JK_SD_WGMMA 0 (mma.sync instead of warpgroup MMAs for 64- and 128-row
 query tiles), JK_SD_FP8_PAIRS 0 (the earlier direct fp8 fragments: one permute or shift per
 value pair), JK_SD_RESCALE_TAU 0 (the O accumulators rescaled whenever a row's max grows),
+JK_SD_TILE_BASE 0 (a 64-bit address per copied K/V row), JK_SD_Q_PERMUTED 0 (fp8: the query's
+A fragments gathered by 64-bit loads),
 kv_stages 3 / 4 and kv_tile 128 (configuration overrides) and
 JK_SD_PROBE_LOAD_ONLY (the tile loop without its arithmetic: the loads' own ceiling), with XQA's
 time on the same inputs when flashinfer imports; each variant that does the arithmetic is also
@@ -223,6 +225,9 @@ def attention(rbw, match=(), only_variants=()):
                     ("mma.sync", {"JK_SD_WGMMA": 0}, {}),
                     ("fp8 per-pair", {"JK_SD_FP8_PAIRS": 0}, {}),
                     ("eager rescale", {"JK_SD_RESCALE_TAU": 0}, {}),
+                    ("row addresses", {"JK_SD_TILE_BASE": 0}, {}),
+                    ("Q gathered", {"JK_SD_Q_PERMUTED": 0}, {}),
+                    ("both old", {"JK_SD_TILE_BASE": 0, "JK_SD_Q_PERMUTED": 0}, {}),
                     ("3 stages", {}, {"kv_stages": 3}), ("4 stages", {}, {"kv_stages": 4}),
                     ("kv_tile 128", {}, {"kv_tile": 128})]
     if only_variants:

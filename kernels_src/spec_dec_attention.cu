@@ -138,6 +138,18 @@ constexpr bool FP8_PAIRS = JK_SD_FP8_PAIRS;
 #define JK_SD_RESCALE_TAU 8
 #endif
 constexpr float RESCALE_TAU = JK_SD_RESCALE_TAU;
+// Probe switches for two instruction-count cuts (1 = on, the default): JK_SD_TILE_BASE, one
+// 64-bit base per K/V tile instead of an address per row (the loader); JK_SD_Q_PERMUTED, the fp8
+// path's query permuted in shared memory for ldmatrix (q_frag). Both measured within 1% of the
+// earlier code on fp8 decode and chains, so those paths are not bound by instruction count alone.
+#ifndef JK_SD_TILE_BASE
+#define JK_SD_TILE_BASE 1
+#endif
+#ifndef JK_SD_Q_PERMUTED
+#define JK_SD_Q_PERMUTED 1
+#endif
+constexpr bool TILE_BASE = JK_SD_TILE_BASE;
+constexpr bool Q_PERMUTED = JK_SD_Q_PERMUTED;
 constexpr int CV_ROW = D * 2 + 16;                     // fp16 row of the converted tile
 constexpr int CV_TILE_BYTES = JK_KV_FP8 && (QT >= 128 || WG_SHAPE) ? TILE * CV_ROW : 0;
 constexpr int ROW16 = FP8_SMEM ? CV_ROW : KV_ROW;      // row stride the 16-bit path reads
@@ -419,31 +431,70 @@ __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const Param
 
     // ---- K/V tile loader: logical page -> physical page through the block table -------------
     // (a page id read past the sequence's end is never used: such rows are zero-filled)
+    // A thread copies the same rows of every tile, r0 + k * RSTEP, and chunk cc of each. When a
+    // tile lies in one page (PS >= TILE), a row's byte offset from the tile's first row is fixed:
+    // a tile costs one 64-bit base and each row a compare, a select and two adds. The general
+    // form (a page and a 64-bit address per row) took about 125 instructions per warp and tile
+    // on the fp8 decode path (4 rows of K and V), this one about 80. Measured (H200, probe,
+    // JK_SD_TILE_BASE 0 for the general form): within 1% on decode and chains, 16-node trees
+    // 1.3% faster.
+    constexpr int RCOPY = WARP_PIPE ? RPT_W : RPT;
+    constexpr int RSTEP = WARP_PIPE ? ROWS_PER_PASS_W : ROWS_PER_PASS;
+    const int cc = (WARP_PIPE ? lane : tid) % CPR;
+    const int r0 = WARP_PIPE ? wn * NW + lane / CPR : tid / CPR;
+    const bool c_ok = CPR_Q == CPR || cc < CPR_Q;   // chunks past DQ (padded head dims): zeros
+#if JK_KV_HND
+    const u32 row_bytes = DQ * KV_BYTES;                   // a head's positions are contiguous
+    const u32 off0 = r0 * row_bytes + cc * 16;
+#else
+    const u32 row_bytes = (u32)p.hkv * DQ * KV_BYTES;      // positions interleave the KV heads
+    const u32 off0 = r0 * row_bytes + (u32)hk * DQ * KV_BYTES + cc * 16;
+#endif
     auto issue = [&](int tile, int stage) {
         u8* ksm = kv_s + stage * 2 * KV_TILE_BYTES;
         u8* vsm = ksm + KV_TILE_BYTES;
-        const int c = (WARP_PIPE ? lane : tid) % CPR;
-#pragma unroll
-        for (int k = 0; k < (WARP_PIPE ? RPT_W : RPT); ++k) {
-            const int r = WARP_PIPE ? wn * NW + lane / CPR + k * ROWS_PER_PASS_W
-                                    : tid / CPR + k * ROWS_PER_PASS;
-            const int pos = tile * TILE + r;
-            int page = pg[0];
-#pragma unroll
-            for (int s = 1; s < NP; ++s)
-                if (r / PS == s) page = pg[s];
-            const int off = pos % PS;
-            const bool ok = pos < L && page >= 0 && (CPR_Q == CPR || c < CPR_Q);
+        if constexpr (NP == 1 && TILE_BASE) {
+            const int page = max(pg[0], 0);                 // -1 (past the table): nothing read
+            const u32 tpos = ((u32)tile * TILE) % PS;       // the tile's first position in it
 #if JK_KV_HND
-            const size_t elem = (((size_t)page * p.hkv + hk) * PS + off) * DQ;
+            const size_t base = (((size_t)page * p.hkv + hk) * PS + tpos) * row_bytes;
 #else
-            const size_t elem = (((size_t)page * PS + off) * p.hkv + hk) * DQ;
+            const size_t base = ((size_t)page * PS + tpos) * row_bytes;
 #endif
-            const size_t byte = ok ? elem * KV_BYTES + c * 16 : 0;
-            // 16-bit tiles for wgmma land swizzled; fp8 ones stay in padded rows (converted below)
-            const int so = WG && !JK_KV_FP8 ? swz_chunk(r, c, TILE) : r * KV_ROW + c * 16;
-            cp_async16(smem_u32(ksm + so), p.k_cache + byte, ok ? 16 : 0);
-            cp_async16(smem_u32(vsm + so), p.v_cache + byte, ok ? 16 : 0);
+            const u8* kb = p.k_cache + base;
+            const u8* vb = p.v_cache + base;
+            const int rows = pg[0] >= 0 && c_ok ? L - tile * TILE : 0;   // rows that exist
+#pragma unroll
+            for (int k = 0; k < RCOPY; ++k) {
+                const int r = r0 + k * RSTEP;
+                const bool ok = r < rows;
+                const u32 o = ok ? off0 + k * RSTEP * row_bytes : 0u;
+                // 16-bit tiles for wgmma land swizzled; fp8 ones stay in padded rows (converted)
+                const int so = WG && !JK_KV_FP8 ? swz_chunk(r, cc, TILE) : r * KV_ROW + cc * 16;
+                cp_async16(smem_u32(ksm + so), kb + o, ok ? 16 : 0);
+                cp_async16(smem_u32(vsm + so), vb + o, ok ? 16 : 0);
+            }
+        } else {
+#pragma unroll
+            for (int k = 0; k < RCOPY; ++k) {
+                const int r = r0 + k * RSTEP;
+                const int pos = tile * TILE + r;
+                int page = pg[0];
+#pragma unroll
+                for (int s = 1; s < NP; ++s)
+                    if (r / PS == s) page = pg[s];
+                const int off = pos % PS;
+                const bool ok = pos < L && page >= 0 && c_ok;
+#if JK_KV_HND
+                const size_t elem = (((size_t)page * p.hkv + hk) * PS + off) * DQ;
+#else
+                const size_t elem = (((size_t)page * PS + off) * p.hkv + hk) * DQ;
+#endif
+                const size_t byte = ok ? elem * KV_BYTES + cc * 16 : 0;
+                const int so = WG && !JK_KV_FP8 ? swz_chunk(r, cc, TILE) : r * KV_ROW + cc * 16;
+                cp_async16(smem_u32(ksm + so), p.k_cache + byte, ok ? 16 : 0);
+                cp_async16(smem_u32(vsm + so), p.v_cache + byte, ok ? 16 : 0);
+            }
         }
     };
 
@@ -473,29 +524,26 @@ __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const Param
     float m_run[2] = {neg_inf(), neg_inf()}, l_run[2] = {0.f, 0.f};
     u32 qf[Q_IN_REGS ? NKC : 1][4];
 
-    auto q_frag = [&](int kc, u32 a[4]) {
+    auto q_frag = [&](int kc, u32 a[4]) {   // the A fragment of this warp's 16 rows, k16 chunk kc
         const u8* base = q_s + (wm * 16) * Q_ROW;
-#if JK_KV_FP8
-        if constexpr (FP8_SMEM) {
-            ldsm_x4(a, smem_u32(base + (lane & 15) * Q_ROW + (16 * kc + 8 * (lane >> 4)) * 2));
+        if constexpr (FP8_DIRECT && !Q_PERMUTED) {   // the earlier gather (probe variant)
+            const u8* row = base + g * Q_ROW + (16 * kc + 4 * t4) * 2;
+            const uint2 lo = *reinterpret_cast<const uint2*>(row);
+            const uint2 hi = *reinterpret_cast<const uint2*>(row + 8 * Q_ROW);
+            a[0] = lo.x; a[2] = lo.y; a[1] = hi.x; a[3] = hi.y;
             return;
         }
-        // k index permuted to match the fp8 K fragments: logical (2t, 2t+1 | 2t+8, 2t+9)
-        // <-> head-dim (4t, 4t+1 | 4t+2, 4t+3) within the 16-wide chunk
-        const uint2 lo = *reinterpret_cast<const uint2*>(base + g * Q_ROW + (16 * kc + 4 * t4) * 2);
-        const uint2 hi = *reinterpret_cast<const uint2*>(base + (g + 8) * Q_ROW + (16 * kc + 4 * t4) * 2);
-        a[0] = lo.x; a[2] = lo.y; a[1] = hi.x; a[3] = hi.y;
-#else
         ldsm_x4(a, smem_u32(base + (lane & 15) * Q_ROW + (16 * kc + 8 * (lane >> 4)) * 2));
-#endif
     };
 
-    for (int tile = t_begin; tile < t_end; ++tile) {
-        const int it = tile - t_begin;
+    // the pipeline stage read this round, and the one refilled (read the round before)
+    int st_rd = 0, st_wr = STAGES - 1;
+    for (int tile = t_begin; tile < t_end;
+         ++tile, st_wr = st_rd, st_rd = st_rd + 1 == STAGES ? 0 : st_rd + 1) {
         {   // keep STAGES-1 tiles in flight: issue tile+STAGES-1 into the buffer freed last round
             const int nt = tile + STAGES - 1;
             if (nt < t_end) {
-                issue(nt, (it + STAGES - 1) % STAGES);
+                issue(nt, st_wr);
                 load_pages(nt + 1);
             }
             cp_async_commit();
@@ -505,21 +553,46 @@ __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const Param
         if (WARP_PIPE && tile != t_begin) __syncwarp();   // the warp's own rows
         else __syncthreads();
         if (tile == t_begin) {
+            if constexpr (FP8_DIRECT) {
+                // The K fragments of an fp8 cache take four head-dim values from one 32-bit word:
+                // logical k (2t, 2t+1 | 2t+8, 2t+9) of a 16-wide chunk is head-dim (4t, 4t+1 |
+                // 4t+2, 4t+3). The query's columns are permuted to match, once, in place (and
+                // converted from bf16: the MMAs run in fp16), so its A fragments come from
+                // ldmatrix into register quads. (Gathered by 32-bit loads instead, they sat in
+                // register pairs and were copied into a quad before every MMA: 32 moves a tile.)
+                for (int i = tid; i < QT * (D / 16); i += NT) {
+                    u8* ch = q_s + (i / (D / 16)) * Q_ROW + (i % (D / 16)) * 32;
+                    const uint4 lo = *reinterpret_cast<const uint4*>(ch);
+                    const uint4 hi = *reinterpret_cast<const uint4*>(ch + 16);
+                    u32 w[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
+#pragma unroll
+                    for (int e = 0; e < 8; ++e) w[e] = JK_IN_BF16 ? bf16x2_to_f16x2(w[e]) : w[e];
+                    if (Q_PERMUTED) {
+                        *reinterpret_cast<uint4*>(ch) = make_uint4(w[0], w[2], w[4], w[6]);
+                        *reinterpret_cast<uint4*>(ch + 16) = make_uint4(w[1], w[3], w[5], w[7]);
+                    } else {
+                        *reinterpret_cast<uint4*>(ch) = make_uint4(w[0], w[1], w[2], w[3]);
+                        *reinterpret_cast<uint4*>(ch + 16) = make_uint4(w[4], w[5], w[6], w[7]);
+                    }
+                }
+                __syncthreads();
+            }
 #if JK_IN_BF16 && !JK_SD_MMA_BF16
-            // fp8 cache: the MMAs run in fp16, so the bf16 query is converted once, in place
-            for (int i = tid; i < QT * (D / 2); i += NT) {
+            // fp8 cache with large tiles: the MMAs run in fp16, so the bf16 query is converted
+            // once, in place
+            for (int i = tid; i < (FP8_DIRECT ? 0 : QT * (D / 2)); i += NT) {
                 u32* w = WG ? reinterpret_cast<u32*>(q_s) + i   // swizzled rows are dense
                             : reinterpret_cast<u32*>(q_s + (i / (D / 2)) * Q_ROW) + i % (D / 2);
                 *w = bf16x2_to_f16x2(*w);
             }
             if (WG) fence_async_smem();
-            __syncthreads();
+            if (!FP8_DIRECT) __syncthreads();
 #endif
 #pragma unroll
             for (int kc = 0; kc < (Q_IN_REGS ? NKC : 0); ++kc) q_frag(kc, qf[kc]);
         }
 
-        const u8* ksm = kv_s + (it % STAGES) * 2 * KV_TILE_BYTES;
+        const u8* ksm = kv_s + st_rd * 2 * KV_TILE_BYTES;
         const u8* vsm = ksm + KV_TILE_BYTES;
         const int kv_row0 = wn * NW;            // this warp's slice of the tile
         if constexpr (FP8_SMEM) {
