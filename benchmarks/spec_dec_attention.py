@@ -36,10 +36,13 @@ DENSE_MAX_BYTES = 4 << 30   # SDPA / Flex peers need a gathered dense copy (and 
 
 # ---- measurement -------------------------------------------------------------------------------
 
+WARM_S = 0.03   # seconds of replays before a measurement
+
+
 def time_graph(calls, reps: int = 15) -> float:
     """Median seconds per call: ``calls`` (a list of thunks, one per input copy) captured in one
-    CUDA graph, replayed ``reps`` times after a warm-up; falls back to an eager loop if a call
-    cannot be captured."""
+    CUDA graph, replayed ``reps`` times after WARM_S seconds of warm-up replays; falls back to an
+    eager loop if a call cannot be captured."""
     for c in calls:
         c()
     torch.cuda.synchronize()
@@ -59,8 +62,17 @@ def time_graph(calls, reps: int = 15) -> float:
         def run():
             for c in calls:
                 c()
-    run()
-    torch.cuda.synchronize()
+    # A warm-up of milliseconds, not one replay: after the seconds of host work between rows
+    # (inputs, the peers' JIT builds, dense copies) the first op timed in a row measured up to
+    # 11% slow (an fp8 4-chain at 8k, batch 64: 316 us in the grid, 284-287 us in the probe's
+    # repeated cycles and with this warm-up; H200). The cause was not isolated: SM clocks
+    # sampled once a second read 1980 MHz through the run.
+    t0 = time.perf_counter()
+    while True:
+        run()
+        torch.cuda.synchronize()
+        if time.perf_counter() - t0 >= WARM_S:
+            break
     return event_median_ms(run, reps) / 1e3 / len(calls)
 
 
