@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
-from pathlib import Path
 
 from . import settings, sources, toolchain
 from .cache.aot import ReadOnlyCache
