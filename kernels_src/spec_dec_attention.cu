@@ -558,7 +558,7 @@ __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const Param
                 // logical k (2t, 2t+1 | 2t+8, 2t+9) of a 16-wide chunk is head-dim (4t, 4t+1 |
                 // 4t+2, 4t+3). The query's columns are permuted to match, once, in place (and
                 // converted from bf16: the MMAs run in fp16), so its A fragments come from
-                // ldmatrix into register quads. (Gathered by 32-bit loads instead, they sat in
+                // ldmatrix into register quads. (Gathered by 64-bit loads instead, they sat in
                 // register pairs and were copied into a quad before every MMA: 32 moves a tile.)
                 for (int i = tid; i < QT * (D / 16); i += NT) {
                     u8* ch = q_s + (i / (D / 16)) * Q_ROW + (i % (D / 16)) * 32;
