@@ -196,10 +196,7 @@ def _current_device() -> int:
 try:
     import torch as _torch
 
-    _raw_stream = _torch._C._cuda_getCurrentRawStream  # type: ignore[attr-defined]
-    _current_device = _torch._C._cuda_getDevice  # type: ignore[attr-defined]  # noqa: F811
-
-    def _current_stream(index: int) -> int:  # noqa: F811
-        return _raw_stream(index)
+    _current_stream = _torch._C._cuda_getCurrentRawStream  # type: ignore  # noqa: F811
+    _current_device = _torch._C._cuda_getDevice  # type: ignore  # noqa: F811
 except Exception:  # noqa: BLE001
     pass
