@@ -453,48 +453,46 @@ __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const Param
     auto issue = [&](int tile, int stage) {
         u8* ksm = kv_s + stage * 2 * KV_TILE_BYTES;
         u8* vsm = ksm + KV_TILE_BYTES;
-        if constexpr (NP == 1 && TILE_BASE) {
-            const int page = max(pg[0], 0);                 // -1 (past the table): nothing read
+        constexpr bool ONE_PAGE = NP == 1 && TILE_BASE;
+        size_t base = 0;   // whole-page tile: byte offset of its first row; the rows that exist
+        int rows = 0;
+        if constexpr (ONE_PAGE) {
+            const size_t page = max(pg[0], 0);              // -1 (past the table): nothing read
             const u32 tpos = ((u32)tile * TILE) % PS;       // the tile's first position in it
 #if JK_KV_HND
-            const size_t base = (((size_t)page * p.hkv + hk) * PS + tpos) * row_bytes;
+            base = ((page * p.hkv + hk) * PS + tpos) * row_bytes;
 #else
-            const size_t base = ((size_t)page * PS + tpos) * row_bytes;
+            base = (page * PS + tpos) * row_bytes;
 #endif
-            const u8* kb = p.k_cache + base;
-            const u8* vb = p.v_cache + base;
-            const int rows = pg[0] >= 0 && c_ok ? L - tile * TILE : 0;   // rows that exist
+            rows = pg[0] >= 0 && c_ok ? L - tile * TILE : 0;
+        }
 #pragma unroll
-            for (int k = 0; k < RCOPY; ++k) {
-                const int r = r0 + k * RSTEP;
-                const bool ok = r < rows;
-                const u32 o = ok ? off0 + k * RSTEP * row_bytes : 0u;
-                // 16-bit tiles for wgmma land swizzled; fp8 ones stay in padded rows (converted)
-                const int so = WG && !JK_KV_FP8 ? swz_chunk(r, cc, TILE) : r * KV_ROW + cc * 16;
-                cp_async16(smem_u32(ksm + so), kb + o, ok ? 16 : 0);
-                cp_async16(smem_u32(vsm + so), vb + o, ok ? 16 : 0);
-            }
-        } else {
-#pragma unroll
-            for (int k = 0; k < RCOPY; ++k) {
-                const int r = r0 + k * RSTEP;
+        for (int k = 0; k < RCOPY; ++k) {
+            const int r = r0 + k * RSTEP;
+            bool ok;
+            size_t src;   // byte offset in the caches (0 when the row is zero-filled)
+            if constexpr (ONE_PAGE) {
+                ok = r < rows;
+                src = base + (ok ? off0 + k * RSTEP * row_bytes : 0u);
+            } else {
                 const int pos = tile * TILE + r;
                 int page = pg[0];
 #pragma unroll
                 for (int s = 1; s < NP; ++s)
                     if (r / PS == s) page = pg[s];
                 const int off = pos % PS;
-                const bool ok = pos < L && page >= 0 && c_ok;
+                ok = pos < L && page >= 0 && c_ok;
 #if JK_KV_HND
                 const size_t elem = (((size_t)page * p.hkv + hk) * PS + off) * DQ;
 #else
                 const size_t elem = (((size_t)page * PS + off) * p.hkv + hk) * DQ;
 #endif
-                const size_t byte = ok ? elem * KV_BYTES + cc * 16 : 0;
-                const int so = WG && !JK_KV_FP8 ? swz_chunk(r, cc, TILE) : r * KV_ROW + cc * 16;
-                cp_async16(smem_u32(ksm + so), p.k_cache + byte, ok ? 16 : 0);
-                cp_async16(smem_u32(vsm + so), p.v_cache + byte, ok ? 16 : 0);
+                src = ok ? elem * KV_BYTES + cc * 16 : 0;
             }
+            // 16-bit tiles for wgmma land swizzled; fp8 ones stay in padded rows (converted)
+            const int so = WG && !JK_KV_FP8 ? swz_chunk(r, cc, TILE) : r * KV_ROW + cc * 16;
+            cp_async16(smem_u32(ksm + so), p.k_cache + src, ok ? 16 : 0);
+            cp_async16(smem_u32(vsm + so), p.v_cache + src, ok ? 16 : 0);
         }
     };
 
@@ -578,15 +576,17 @@ __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const Param
                 __syncthreads();
             }
 #if JK_IN_BF16 && !JK_SD_MMA_BF16
-            // fp8 cache with large tiles: the MMAs run in fp16, so the bf16 query is converted
-            // once, in place
-            for (int i = tid; i < (FP8_DIRECT ? 0 : QT * (D / 2)); i += NT) {
-                u32* w = WG ? reinterpret_cast<u32*>(q_s) + i   // swizzled rows are dense
-                            : reinterpret_cast<u32*>(q_s + (i / (D / 2)) * Q_ROW) + i % (D / 2);
-                *w = bf16x2_to_f16x2(*w);
+            else {
+                // fp8 cache with large tiles: the MMAs run in fp16, so the bf16 query is
+                // converted once, in place
+                for (int i = tid; i < QT * (D / 2); i += NT) {
+                    u32* w = WG ? reinterpret_cast<u32*>(q_s) + i   // swizzled rows are dense
+                                : reinterpret_cast<u32*>(q_s + (i / (D / 2)) * Q_ROW) + i % (D / 2);
+                    *w = bf16x2_to_f16x2(*w);
+                }
+                if (WG) fence_async_smem();
+                __syncthreads();
             }
-            if (WG) fence_async_smem();
-            if (!FP8_DIRECT) __syncthreads();
 #endif
 #pragma unroll
             for (int kc = 0; kc < (Q_IN_REGS ? NKC : 0); ++kc) q_frag(kc, qf[kc]);
