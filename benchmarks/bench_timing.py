@@ -8,6 +8,22 @@ import time
 import torch
 
 
+WARM_S = 0.03   # seconds of calls before a measurement
+
+
+def warm_up(fn, seconds: float = WARM_S) -> None:
+    """Call ``fn`` (synchronizing) until ``seconds`` have passed, at least once. A single warm-up
+    call after seconds of host work (inputs, peers' JIT builds, dense copies) left the first op
+    timed in a spec-dec row up to 11% slow (H200; BENCHMARKS.md, spec-dec, fifth session); the
+    cause was not isolated (SM clocks sampled once a second read 1980 MHz)."""
+    t0 = time.perf_counter()
+    while True:
+        fn()
+        torch.cuda.synchronize()
+        if time.perf_counter() - t0 >= seconds:
+            return
+
+
 def event_median_ms(fn, reps: int) -> float:
     """Median milliseconds of one ``fn()`` between two CUDA events, over ``reps`` samples (the
     caller warms ``fn`` up first)."""

@@ -56,7 +56,7 @@ sys.path.insert(0, __import__("os").path.dirname(__import__("os").path.dirname(
 
 from jitkern.families.mamba2 import pick_tiling  # noqa: E402
 from jitkern.ops import mamba2 as m2  # noqa: E402
-from bench_timing import eager_per_call, event_median_ms  # noqa: E402  (this directory)
+from bench_timing import eager_per_call, event_median_ms, warm_up  # noqa: E402  (this directory)
 
 DT = {"fp32": torch.float32, "bf16": torch.bfloat16}
 MIN_TOUCH = 512 << 20
@@ -87,21 +87,11 @@ def write_bandwidth():
     return dst.numel() * 4 / ms / 1e6
 
 
-WARM_S = 0.03   # seconds of calls before a measurement
-
-
 def busy_median_ms(fn, k=REPLAYS, reps=15):
     """Median time of one fn() over samples of k back-to-back calls, each sample enqueued behind
-    an untimed call so the device is busy when the first event is recorded; after WARM_S
-    seconds of calls (a few calls after seconds of host work measured the spec-dec op up to 11%
-    slow: benchmarks/spec_dec_attention.py, time_graph)."""
-    t0 = time.perf_counter()
-    while True:
-        for _ in range(3):
-            fn()
-        torch.cuda.synchronize()
-        if time.perf_counter() - t0 >= WARM_S:
-            break
+    an untimed call so the device is busy when the first event is recorded; after a warm-up
+    (bench_timing.warm_up)."""
+    warm_up(fn)
     times = []
     for _ in range(reps):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

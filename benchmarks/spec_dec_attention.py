@@ -26,7 +26,7 @@ sys.path.insert(0, __import__("os").path.dirname(__import__("os").path.dirname(_
 
 from jitkern.ops import spec_dec_attention  # noqa: E402
 _op_module = sys.modules["jitkern.ops.spec_dec_attention"]   # the package exports the op itself
-from bench_timing import eager_per_call, event_median_ms  # noqa: E402  (this directory)
+from bench_timing import eager_per_call, event_median_ms, warm_up  # noqa: E402  (this directory)
 from jitkern.reference.spec_dec_attention import (chain_parents, pack_tree_masks,  # noqa: E402
                                                   random_eagle_tree, tree_visibility)
 
@@ -36,12 +36,9 @@ DENSE_MAX_BYTES = 4 << 30   # SDPA / Flex peers need a gathered dense copy (and 
 
 # ---- measurement -------------------------------------------------------------------------------
 
-WARM_S = 0.03   # seconds of replays before a measurement
-
-
 def time_graph(calls, reps: int = 15) -> float:
     """Median seconds per call: ``calls`` (a list of thunks, one per input copy) captured in one
-    CUDA graph, replayed ``reps`` times after WARM_S seconds of warm-up replays; falls back to an
+    CUDA graph, replayed ``reps`` times after a warm-up (bench_timing.warm_up); falls back to an
     eager loop if a call cannot be captured."""
     for c in calls:
         c()
@@ -62,17 +59,7 @@ def time_graph(calls, reps: int = 15) -> float:
         def run():
             for c in calls:
                 c()
-    # A warm-up of milliseconds, not one replay: after the seconds of host work between rows
-    # (inputs, the peers' JIT builds, dense copies) the first op timed in a row measured up to
-    # 11% slow (an fp8 4-chain at 8k, batch 64: 316 us in the grid, 284-287 us in the probe's
-    # repeated cycles and with this warm-up; H200). The cause was not isolated: SM clocks
-    # sampled once a second read 1980 MHz through the run.
-    t0 = time.perf_counter()
-    while True:
-        run()
-        torch.cuda.synchronize()
-        if time.perf_counter() - t0 >= WARM_S:
-            break
+    warm_up(run)
     return event_median_ms(run, reps) / 1e3 / len(calls)
 
 
