@@ -87,6 +87,17 @@ def use_mamba2(fams: dict, tag: str, macros: dict) -> None:
     m2._plans.clear()
 
 
+def mamba_name(sd, T, Bt, tree) -> str:
+    """A Mamba2 row's printed name (profile_row.py takes the same)."""
+    return f"{sd} T={T} b={Bt} {'tree' if tree else 'chain'}"
+
+
+def ab_mamba(name, variants, pr, call, bw):
+    """``ab`` over problem ``pr``'s replicas, ``call(i)`` making replica i's call."""
+    ab(name, variants, lambda: [call(i) for i in range(pr.R)],
+       lambda calls: mb.time_calls(calls) / 1e3, pr.bytes, bw)
+
+
 def mamba(bw, tree_only=False):
     chain_hints = [("default (st.cs)", {}), ("plain st", {"JK_ST_HINT": 0}),
                    ("st-evict-first", {"JK_ST_HINT": 2}), ("ld256+st.cs", {"JK_LD_HINT": 1}),
@@ -112,9 +123,7 @@ def mamba(bw, tree_only=False):
             hints = [h for h in hints if "JK_MIN_BLOCKS" not in h[1]]
         variants = [(tag, user(tag, mac)) for tag, mac in hints]
         pr = mb.Problem(128, 8, 64, 128, T, Bt, mb.DT[sd], tree)
-        ab(f"{sd} T={T} b={Bt} {'tree' if tree else 'chain'}", variants,
-           lambda: [pr.jitkern_call(i) for i in range(pr.R)],
-           lambda calls: mb.time_calls(calls) / 1e3, pr.bytes, bw)
+        ab_mamba(mamba_name(sd, T, Bt, tree), variants, pr, pr.jitkern_call, bw)
         pr = None
         torch.cuda.empty_cache()
     use_mamba2(fams, "", {})
@@ -154,9 +163,8 @@ def mamba_residency(bw):
             def use(extra=extra):
                 current["extra"] = extra
             variants.append((f"smem +{extra // 1024} KB ({n} blocks/SM)", use))
-        ab(f"{sd} T={T} b={Bt} {'tree' if tree else 'chain'}", variants,
-           lambda: [pr.jitkern_call(i, smem_extra=current["extra"]) for i in range(pr.R)],
-           lambda calls: mb.time_calls(calls) / 1e3, pr.bytes, bw)
+        ab_mamba(mamba_name(sd, T, Bt, tree), variants, pr,
+                 lambda i: pr.jitkern_call(i, smem_extra=current["extra"]), bw)
         pr = None
         torch.cuda.empty_cache()
 
@@ -200,11 +208,9 @@ def mamba_engine(bw):
                 variants.append((f"tiling {t}", user("tiling", {}, t)))
                 variants.append((f"tiling {t} {hint_tag}", user(hint_tag, other_hint, t)))
         pr = mb.Problem(128, 8, 64, 128, T, Bt, mb.DT[sd], tree, **mb.call_mode(T, update))
-        ab(f"{sd} T={T} b={Bt} {'tree' if tree else 'chain'}"
-           f"{' (decode)' if T == 1 else ' (verify + state)' if update else ' (verify)'}",
-           variants,
-           lambda: [pr.jitkern_call(i, current["tiling"]) for i in range(pr.R)],
-           lambda calls: mb.time_calls(calls) / 1e3, pr.bytes, bw)
+        mode = " (decode)" if T == 1 else " (verify + state)" if update else " (verify)"
+        ab_mamba(mamba_name(sd, T, Bt, tree) + mode, variants, pr,
+                 lambda i: pr.jitkern_call(i, current["tiling"]), bw)
         pr = None
         torch.cuda.empty_cache()
     use_mamba2(fams, "", {})
