@@ -187,10 +187,37 @@ static_assert(NJ % 2 == 0 && ROWS_PER_PASS >= 1 && TILE % ROWS_PER_PASS == 0, "t
 // CTA-wide pipeline for the probe.
 constexpr bool WARP_PIPE = JK_SD_WARP_PIPE && WM == 1 && !FP8_SMEM &&
                            (JK_KV_FP8 || (MODE == 0 && D >= 128));
-constexpr int ROWS_PER_PASS_W = 32 / CPR;
-constexpr int RPT_W = NW / (ROWS_PER_PASS_W > 0 ? ROWS_PER_PASS_W : 1);
-static_assert(!WARP_PIPE || (CPR <= 32 && NW % ROWS_PER_PASS_W == 0), "warp pipeline shape");
+// Warpgroup-private pipeline, the same idea one level up: a 64-row tile with warpgroup MMAs runs
+// two warpgroups over the two halves of every KV tile (WN == 2), so each warpgroup copies its
+// own half (and converts it, with an fp8 cache) and synchronizes with a named barrier of its 128
+// threads. The CTA's two warpgroups then drift freely; with a CTA-wide pipeline every tile cost
+// three CTA barriers and the fp8 trees spent most cycles with no eligible warp (profile in
+// BENCHMARKS.md). JK_SD_WG_PIPE 0 restores the CTA-wide pipeline for the probe.
+#ifndef JK_SD_WG_PIPE
+#define JK_SD_WG_PIPE 1
+#endif
+constexpr bool WG_PIPE = JK_SD_WG_PIPE && WG && WN == 2 && NWARPS == 8;
+constexpr bool PRIVATE_PIPE = WARP_PIPE || WG_PIPE;
+constexpr int PIPE_T = WARP_PIPE ? 32 : WG_PIPE ? 128 : NT;   // threads of one pipeline
+constexpr int PIPE_ROWS = PRIVATE_PIPE ? NW : TILE;           // KV rows of a tile it copies
+constexpr int ROWS_PER_PASS_P = PIPE_T / CPR;
+static_assert(PIPE_T % CPR == 0 && ROWS_PER_PASS_P > 0 && PIPE_ROWS % ROWS_PER_PASS_P == 0,
+              "pipeline shape");
+// JK_SD_CV_OVERLAP 1 (probe): with an fp8 cache and a private pipeline, the warpgroup converts
+// its V rows while its S MMAs run (they read only Q and K) instead of with K before them.
+// Measured 8-10% slower on fp8 16-node trees (H200), so off.
+#ifndef JK_SD_CV_OVERLAP
+#define JK_SD_CV_OVERLAP 0
+#endif
+constexpr bool CV_OVERLAP = JK_SD_CV_OVERLAP && WG_PIPE && FP8_SMEM;
 static_assert(D % 32 == 0, "head dim");
+
+// bar.sync on barrier ID (1..15; 0 is __syncthreads) for N threads; immediate operands, so
+// ptxas reserves only the barriers named
+template <int ID, int N>
+__device__ __forceinline__ void named_bar() {
+    asm volatile("bar.sync %0, %1;\n" ::"n"(ID), "n"(N) : "memory");
+}
 
 struct Params {
     const in_t* q;              // [total_q, hq, DQ]
@@ -366,6 +393,11 @@ __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const Param
     const int g = lane >> 2, t4 = lane & 3;
     const int rt = blockIdx.x % p.row_tiles, hk = blockIdx.x / p.row_tiles;
     const int split = blockIdx.y, b = blockIdx.z;
+    auto pipe_sync = [&]() {   // the threads of one K/V pipeline (see PRIVATE_PIPE)
+        if constexpr (WARP_PIPE) __syncwarp();
+        else if constexpr (WG_PIPE) { if (wn == 0) named_bar<1, 128>(); else named_bar<2, 128>(); }
+        else __syncthreads();
+    };
 
     // KV tiles of this split: the host's bound on the longest sequence (kv_tiles; the op's
     // contract: no sequence exceeds it) is cut into num_splits equal ranges. The range needs no
@@ -438,10 +470,12 @@ __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const Param
     // on the fp8 decode path (4 rows of K and V), this one about 80. Measured (H200, probe,
     // JK_SD_TILE_BASE 0 for the general form): within 1% on decode and chains, 16-node trees
     // 1.3% faster.
-    constexpr int RCOPY = WARP_PIPE ? RPT_W : RPT;
-    constexpr int RSTEP = WARP_PIPE ? ROWS_PER_PASS_W : ROWS_PER_PASS;
-    const int cc = (WARP_PIPE ? lane : tid) % CPR;
-    const int r0 = WARP_PIPE ? wn * NW + lane / CPR : tid / CPR;
+    // A private pipeline (warp or warpgroup wn) copies rows wn * NW .. + NW of every tile.
+    constexpr int RCOPY = PIPE_ROWS / ROWS_PER_PASS_P;
+    constexpr int RSTEP = ROWS_PER_PASS_P;
+    const int pt = tid % PIPE_T;
+    const int cc = pt % CPR;
+    const int r0 = (PRIVATE_PIPE ? wn * NW : 0) + pt / CPR;
     const bool c_ok = CPR_Q == CPR || cc < CPR_Q;   // chunks past DQ (padded head dims): zeros
 #if JK_KV_HND
     const u32 row_bytes = DQ * KV_BYTES;                   // a head's positions are contiguous
@@ -548,7 +582,7 @@ __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const Param
         }
         cp_async_wait<STAGES - 1>();
         if (WG) fence_async_smem();   // the landed tile (and Q) -> wgmma's reads
-        if (WARP_PIPE && tile != t_begin) __syncwarp();   // the warp's own rows
+        if (PRIVATE_PIPE && tile != t_begin) pipe_sync();   // the pipeline's own rows
         else __syncthreads();
         if (tile == t_begin) {
             if constexpr (FP8_DIRECT) {
@@ -592,38 +626,59 @@ __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const Param
             for (int kc = 0; kc < (Q_IN_REGS ? NKC : 0); ++kc) q_frag(kc, qf[kc]);
         }
 
-        const u8* ksm = kv_s + st_rd * 2 * KV_TILE_BYTES;
-        const u8* vsm = ksm + KV_TILE_BYTES;
+        const u8* const vst = kv_s + st_rd * 2 * KV_TILE_BYTES + KV_TILE_BYTES;   // V as landed
+        const u8* ksm = vst - KV_TILE_BYTES;   // the tiles the MMAs read (fp8: converted below)
+        const u8* vsm = vst;
         const int kv_row0 = wn * NW;            // this warp's slice of the tile
+        // fp8 cache, large tiles: the pipeline's rows of K (matrix 0) and / or V (1) -> fp16 rows
+        // after the pipeline (16 fp8 -> 32 bytes per step; exact: every e4m3 value is an fp16
+        // value). All loads go out before the first store: a store might alias a later load, so
+        // the compiler would not hoist them, and each conversion waited out its load's latency
+        // (ncu). The previous round's readers of the converted rows are past its closing barrier.
+        u8* const cv = kv_s + STAGES * 2 * KV_TILE_BYTES;
+        auto convert = [&](int m_first, int m_end) {
+            constexpr int CH = D / 16;                             // 16-byte fp8 chunks per row
+            constexpr int ITEMS = PIPE_ROWS * CH / PIPE_T;
+            static_assert(!FP8_SMEM || PIPE_ROWS * CH % PIPE_T == 0, "conversion shape");
+            uint4 w[2][ITEMS];
+#pragma unroll
+            for (int m = m_first; m < m_end; ++m)
+#pragma unroll
+                for (int k = 0; k < ITEMS; ++k) {
+                    const int i = pt + k * PIPE_T;
+                    const int r = (PRIVATE_PIPE ? wn * NW : 0) + i / CH, c = i % CH;
+                    w[m][k] = *reinterpret_cast<const uint4*>(vst - (1 - m) * KV_TILE_BYTES +
+                                                              r * KV_ROW + c * 16);
+                }
+#pragma unroll
+            for (int m = m_first; m < m_end; ++m)
+#pragma unroll
+                for (int k = 0; k < ITEMS; ++k) {
+                    const int i = pt + k * PIPE_T;
+                    const int r = (PRIVATE_PIPE ? wn * NW : 0) + i / CH, c = i % CH;
+                    uint4 lo, hi;
+                    fp8x4_to_f16x4(w[m][k].x, lo.x, lo.y);
+                    fp8x4_to_f16x4(w[m][k].y, lo.z, lo.w);
+                    fp8x4_to_f16x4(w[m][k].z, hi.x, hi.y);
+                    fp8x4_to_f16x4(w[m][k].w, hi.z, hi.w);
+                    u8* dst = cv + m * CV_TILE_BYTES;              // swizzled rows for wgmma
+                    const int o0 = WG ? swz_chunk(r, 2 * c, TILE) : r * CV_ROW + c * 32;
+                    const int o1 = WG ? swz_chunk(r, 2 * c + 1, TILE) : r * CV_ROW + c * 32 + 16;
+                    *reinterpret_cast<uint4*>(dst + o0) = lo;
+                    *reinterpret_cast<uint4*>(dst + o1) = hi;
+                }
+        };
         if constexpr (FP8_SMEM) {
-            // K and V of the tile -> fp16 rows after the pipeline (16 fp8 -> 32 bytes per step;
-            // exact: every e4m3 value is an fp16 value). The previous round's readers of the
-            // converted tile are past its closing barrier.
-            u8* cv = kv_s + STAGES * 2 * KV_TILE_BYTES;
-            constexpr int CH = D / 16;                       // 16-byte fp8 chunks per row
-            for (int i = tid; i < 2 * TILE * CH; i += NT) {
-                const int m = i / (TILE * CH), rc = i - m * TILE * CH, r = rc / CH, c = rc - r * CH;
-                const uint4 w = *reinterpret_cast<const uint4*>((m ? vsm : ksm) + r * KV_ROW + c * 16);
-                uint4 lo, hi;
-                fp8x4_to_f16x4(w.x, lo.x, lo.y);
-                fp8x4_to_f16x4(w.y, lo.z, lo.w);
-                fp8x4_to_f16x4(w.z, hi.x, hi.y);
-                fp8x4_to_f16x4(w.w, hi.z, hi.w);
-                u8* dst = cv + m * CV_TILE_BYTES;   // swizzled rows for wgmma
-                const int o0 = WG ? swz_chunk(r, 2 * c, TILE) : r * CV_ROW + c * 32;
-                const int o1 = WG ? swz_chunk(r, 2 * c + 1, TILE) : r * CV_ROW + c * 32 + 16;
-                *reinterpret_cast<uint4*>(dst + o0) = lo;
-                *reinterpret_cast<uint4*>(dst + o1) = hi;
-            }
+            convert(0, CV_OVERLAP ? 1 : 2);   // V with K, or while the S MMAs run
             if (WG) fence_async_smem();
-            __syncthreads();
+            pipe_sync();
             ksm = cv;
             vsm = cv + CV_TILE_BYTES;
         }
 
 #ifdef JK_SD_PROBE_LOAD_ONLY
         if (JK_SD_PROBE_LOAD_ONLY) {   // measurement: loads only
-            if (WARP_PIPE) __syncwarp(); else __syncthreads();
+            pipe_sync();
             continue;
         }
 #endif
@@ -634,14 +689,18 @@ __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const Param
         if constexpr (WG) {
             // the warpgroup's 64 rows against its NW positions, k16 steps along the head dim: Q
             // and K column blocks are QT and TILE rows of 128 bytes
-            const u32 qa = smem_u32(q_s) + (wm >> 2) * 64 * 128;
-            const u32 ka = smem_u32(ksm) + kv_row0 * 128;
+            const u64 qd = wg_desc(smem_u32(q_s) + (wm >> 2) * 64 * 128, 16, 1024);
+            const u64 kd = wg_desc(smem_u32(ksm) + kv_row0 * 128, 16, 1024);
             wg_fence();
 #pragma unroll
             for (int kc = 0; kc < NKC; ++kc)
-                wg_ss(s, wg_desc(qa + (kc >> 2) * QT * 128 + (kc & 3) * 32, 16, 1024),
-                      wg_desc(ka + (kc >> 2) * TILE * 128 + (kc & 3) * 32, 16, 1024), kc > 0);
+                wg_ss(s, wg_desc_at(qd, (kc >> 2) * QT * 128 + (kc & 3) * 32),
+                      wg_desc_at(kd, (kc >> 2) * TILE * 128 + (kc & 3) * 32), kc > 0);
             wg_commit();
+            if constexpr (CV_OVERLAP) {   // the stage's V rows, while the MMAs run
+                convert(1, 2);
+                fence_async_smem();
+            }
             wg_wait<0>();
             wg_pin(s);
         }
@@ -672,63 +731,74 @@ __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const Param
             }
         }
 
-        // ---- scale, mask (only where needed), online softmax ----
+        // ---- mask (only on tiles that need it), online softmax ----
+        // The masked form is one branch per tile and branch-free inside (the mask word index is
+        // clamped, so its load needs no guard): per-score branches around the mask loads spread
+        // the tile loop over enough code to miss the instruction cache (ncu: "no instruction").
+        // Scores stay unscaled here: the softmax scale (positive) enters the maxima, which it
+        // keeps exact (rounding is monotonic), and the exponents as one FMA.
         const int pos0 = tile * TILE + kv_row0;
         const bool need_mask = (tile + 1) * TILE > ctx || (window > 0 && tile * TILE < L - window);
-#pragma unroll
-        for (int j = 0; j < NJ; ++j) {
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                float v = s[j][e] * sl2;
-                if (need_mask) {
-                    const int pos = pos0 + 8 * j + 2 * t4 + (e & 1);
-                    const int h = e >> 1;
-                    bool vis = pos < L;
-                    if (pos >= ctx) {
-                        const int jd = pos - ctx;
-                        if (MODE == 1) vis = vis && jd <= tok[h];
-                        if (MODE == 2) vis = vis && ((__ldg(mrow[h] + (jd >> 5)) >> (jd & 31)) & 1u);
-                    }
-                    if (MODE == 1 && window > 0) vis = vis && pos > ctx + tok[h] - window;
-                    if (!vis) v = neg_inf();
-                }
-                s[j][e] = v;
-            }
-        }
-        // Lazy rescaling: a row's running max moves only when a score exceeds it by more than
-        // RESCALE_TAU (log2 units; the first finite score always moves it), so probabilities stay
-        // below 2^TAU (exact in fp32, in range for the 16-bit P) and the O rescale, NDC x 4
-        // multiplies a thread, is skipped by the whole warp on the tiles where no row moved.
-        float alpha[2];
-        bool moved = false;
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            float mx = neg_inf();
-#pragma unroll
-            for (int j = 0; j < NJ; ++j) mx = fmaxf(mx, fmaxf(s[j][2 * h], s[j][2 * h + 1]));
-            mx = warp_max4(mx);
-            alpha[h] = 1.f;
-            if (mx > m_run[h] + RESCALE_TAU) {   // -inf + TAU stays -inf
-                alpha[h] = exp2f(m_run[h] - mx);
-                m_run[h] = mx;
-                moved = true;
-            }
-            const float m_ref = m_run[h] == neg_inf() ? 0.f : m_run[h];   // all masked: p = 0
-            float rs = 0.f;
+        if (need_mask) {
 #pragma unroll
             for (int j = 0; j < NJ; ++j) {
-                s[j][2 * h] = exp2f(s[j][2 * h] - m_ref);
-                s[j][2 * h + 1] = exp2f(s[j][2 * h + 1] - m_ref);
-                rs += s[j][2 * h] + s[j][2 * h + 1];
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int pos = pos0 + 8 * j + 2 * t4 + (e & 1);
+                    const int h = e >> 1;
+                    const int jd = pos - ctx;   // draft index; < 0: the prefix, always visible
+                    bool vis = pos < L;
+                    if (MODE == 1) vis = vis & (jd <= tok[h]);
+                    if (MODE == 2) {   // (a word past the row is never needed where pos < L)
+                        const u32 word = __ldg(mrow[h] + min(max(jd, 0) >> 5, p.mask_words - 1));
+                        vis = vis & ((jd < 0) | (bool)((word >> (jd & 31)) & 1u));
+                    }
+                    if (MODE == 1 && window > 0) vis = vis & (pos > ctx + tok[h] - window);
+                    if (!vis) s[j][e] = neg_inf();
+                }
             }
-            l_run[h] = l_run[h] * alpha[h] + rs;
         }
-        if (__any_sync(0xffffffffu, moved)) {
+        // Lazy rescaling: a row's reference max moves only when a score exceeds it by more than
+        // RESCALE_TAU (log2 units; the first finite score always moves it), so probabilities stay
+        // below 2^TAU (exact in fp32, in range for the 16-bit P). Whether any score of the warp's
+        // rows does is one vote; only then does the warp reduce the rows' maxima across their
+        // quads (two rounds of shuffles, which stalled every tile) and rescale its O accumulators
+        // (NDC x 4 multiplies a thread). The result is the same as reducing on every tile.
+        float alpha[2] = {1.f, 1.f}, tmx[2];
+        bool over = false;
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            tmx[h] = neg_inf();
+#pragma unroll
+            for (int j = 0; j < NJ; ++j) tmx[h] = fmaxf(tmx[h], fmaxf(s[j][2 * h], s[j][2 * h + 1]));
+            over |= tmx[h] * sl2 > m_run[h] + RESCALE_TAU;   // -inf + TAU stays -inf
+        }
+        if (__any_sync(0xffffffffu, over)) {
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const float mx = warp_max4(tmx[h]) * sl2;
+                if (mx > m_run[h] + RESCALE_TAU) {
+                    alpha[h] = exp2f(m_run[h] - mx);
+                    m_run[h] = mx;
+                }
+            }
 #pragma unroll
             for (int i = 0; i < NDC; ++i) {
                 acc[i][0] *= alpha[0]; acc[i][1] *= alpha[0];
                 acc[i][2] *= alpha[1]; acc[i][3] *= alpha[1];
             }
+        }
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const float m_ref = m_run[h] == neg_inf() ? 0.f : m_run[h];   // all masked: p = 0
+            float rs = 0.f;
+#pragma unroll
+            for (int j = 0; j < NJ; ++j) {
+                s[j][2 * h] = exp2f(fmaf(s[j][2 * h], sl2, -m_ref));
+                s[j][2 * h + 1] = exp2f(fmaf(s[j][2 * h + 1], sl2, -m_ref));
+                rs += s[j][2 * h] + s[j][2 * h + 1];
+            }
+            l_run[h] = l_run[h] * alpha[h] + rs;
         }
 
         // ---- O += P V (P rounded to the input type) ----
@@ -743,11 +813,12 @@ __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const Param
                 pa[i][2] = pack_mma2(s[2 * i + 1][0], s[2 * i + 1][1]);
                 pa[i][3] = pack_mma2(s[2 * i + 1][2], s[2 * i + 1][3]);
             }
-            const u32 va = smem_u32(vsm) + kv_row0 * 128;
+            if constexpr (CV_OVERLAP) pipe_sync();   // the warpgroup's converted V rows
+            const u64 vd = wg_desc(smem_u32(vsm) + kv_row0 * 128, TILE * 128, 1024);
             wg_fence();
 #pragma unroll
             for (int i = 0; i < NJ / 2; ++i)
-                wg_rs(acc, pa[i], wg_desc(va + i * 16 * 128, TILE * 128, 1024));
+                wg_rs(acc, pa[i], wg_desc_at(vd, i * 16 * 128));
             wg_commit();
             wg_wait<0>();
             wg_pin(acc);
@@ -795,7 +866,7 @@ __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const Param
             }
         }
         // this stage's buffer is refilled by the next round's issue
-        if (WARP_PIPE) __syncwarp(); else __syncthreads();
+        pipe_sync();
     }
     cp_async_wait<0>();
     __syncthreads();

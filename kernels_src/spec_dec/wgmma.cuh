@@ -47,6 +47,13 @@ __device__ __forceinline__ u64 wg_desc(u32 saddr, u32 lbo, u32 sbo) {
            (1ull << 62);
 }
 
+// The descriptor of `d`'s start address moved by `bytes` (a multiple of 16): the address field
+// is the low 14 bits and shared addresses stay below 2^18, so the add never carries out of it.
+// One add on the low word, where rebuilding the descriptor costs a mask, a shift and an or.
+__device__ __forceinline__ u64 wg_desc_at(u64 d, u32 bytes) {
+    return (d & 0xffffffff00000000ull) | (u32)((u32)d + (bytes >> 4));
+}
+
 __device__ __forceinline__ void wg_fence() {
     JK_SD_WG_ASM("wgmma.fence.sync.aligned;\n" ::: "memory");
 }
