@@ -210,6 +210,11 @@ static_assert(PIPE_T % CPR == 0 && ROWS_PER_PASS_P > 0 && PIPE_ROWS % ROWS_PER_P
 #define JK_SD_CV_OVERLAP 0
 #endif
 constexpr bool CV_OVERLAP = JK_SD_CV_OVERLAP && WG_PIPE && FP8_SMEM;
+// With an fp8 cache converted in shared memory, each thread converts exactly the 16-byte chunks
+// it copied (the conversion walks the loader's rows and chunk), so a landed tile needs no
+// barrier before the conversion, only the thread's own cp.async wait; the barrier after the
+// conversion publishes the fp16 rows. (One barrier and one proxy fence a tile fewer.)
+constexpr bool OWN_ROWS = FP8_SMEM;
 static_assert(D % 32 == 0, "head dim");
 
 // bar.sync on barrier ID (1..15; 0 is __syncthreads) for N threads; immediate operands, so
@@ -581,9 +586,13 @@ __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const Param
             cp_async_commit();
         }
         cp_async_wait<STAGES - 1>();
-        if (WG) fence_async_smem();   // the landed tile (and Q) -> wgmma's reads
-        if (PRIVATE_PIPE && tile != t_begin) pipe_sync();   // the pipeline's own rows
-        else __syncthreads();
+        if (tile == t_begin) {   // Q (every thread's copies) -> all threads, and wgmma
+            if (WG) fence_async_smem();
+            __syncthreads();
+        } else if constexpr (!OWN_ROWS) {
+            if (WG) fence_async_smem();   // the landed tile -> wgmma's reads
+            pipe_sync();                  // the pipeline's rows -> its threads
+        }
         if (tile == t_begin) {
             if constexpr (FP8_DIRECT) {
                 // The K fragments of an fp8 cache take four head-dim values from one 32-bit word:
@@ -637,33 +646,27 @@ __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const Param
         // (ncu). The previous round's readers of the converted rows are past its closing barrier.
         u8* const cv = kv_s + STAGES * 2 * KV_TILE_BYTES;
         auto convert = [&](int m_first, int m_end) {
-            constexpr int CH = D / 16;                             // 16-byte fp8 chunks per row
-            constexpr int ITEMS = PIPE_ROWS * CH / PIPE_T;
-            static_assert(!FP8_SMEM || PIPE_ROWS * CH % PIPE_T == 0, "conversion shape");
-            uint4 w[2][ITEMS];
+            // thread pt converts the chunks it copied: chunk cc of rows r0 + k * RSTEP (OWN_ROWS)
+            uint4 w[2][RCOPY];
 #pragma unroll
             for (int m = m_first; m < m_end; ++m)
 #pragma unroll
-                for (int k = 0; k < ITEMS; ++k) {
-                    const int i = pt + k * PIPE_T;
-                    const int r = (PRIVATE_PIPE ? wn * NW : 0) + i / CH, c = i % CH;
+                for (int k = 0; k < RCOPY; ++k)
                     w[m][k] = *reinterpret_cast<const uint4*>(vst - (1 - m) * KV_TILE_BYTES +
-                                                              r * KV_ROW + c * 16);
-                }
+                                                              (r0 + k * RSTEP) * KV_ROW + cc * 16);
 #pragma unroll
             for (int m = m_first; m < m_end; ++m)
 #pragma unroll
-                for (int k = 0; k < ITEMS; ++k) {
-                    const int i = pt + k * PIPE_T;
-                    const int r = (PRIVATE_PIPE ? wn * NW : 0) + i / CH, c = i % CH;
+                for (int k = 0; k < RCOPY; ++k) {
+                    const int r = r0 + k * RSTEP;
                     uint4 lo, hi;
                     fp8x4_to_f16x4(w[m][k].x, lo.x, lo.y);
                     fp8x4_to_f16x4(w[m][k].y, lo.z, lo.w);
                     fp8x4_to_f16x4(w[m][k].z, hi.x, hi.y);
                     fp8x4_to_f16x4(w[m][k].w, hi.z, hi.w);
                     u8* dst = cv + m * CV_TILE_BYTES;              // swizzled rows for wgmma
-                    const int o0 = WG ? swz_chunk(r, 2 * c, TILE) : r * CV_ROW + c * 32;
-                    const int o1 = WG ? swz_chunk(r, 2 * c + 1, TILE) : r * CV_ROW + c * 32 + 16;
+                    const int o0 = WG ? swz_chunk(r, 2 * cc, TILE) : r * CV_ROW + cc * 32;
+                    const int o1 = WG ? swz_chunk(r, 2 * cc + 1, TILE) : r * CV_ROW + cc * 32 + 16;
                     *reinterpret_cast<uint4*>(dst + o0) = lo;
                     *reinterpret_cast<uint4*>(dst + o1) = hi;
                 }
