@@ -14,8 +14,7 @@ query tiles), JK_SD_FP8_PAIRS 0 (the earlier direct fp8 fragments: one permute o
 value pair), JK_SD_RESCALE_TAU 0 (the O accumulators rescaled whenever a row's max grows),
 JK_SD_TILE_BASE 0 (a 64-bit address per copied K/V row), JK_SD_Q_PERMUTED 0 (fp8: the query's
 A fragments gathered by 64-bit loads), JK_SD_WG_PIPE 0 ("WG CTA pipe": one CTA-wide K/V pipeline
-for 64-row warpgroup tiles), JK_SD_CV_OVERLAP 1 ("V overlapped": fp8 V converted while the S
-MMAs run),
+for 64-row warpgroup tiles),
 kv_stages 3 / 4 and kv_tile 128 (configuration overrides) and
 JK_SD_PROBE_LOAD_ONLY (the tile loop without its arithmetic: the loads' own ceiling), with XQA's
 time on the same inputs when flashinfer imports; each variant that does the arithmetic is also
@@ -237,7 +236,6 @@ def attention(rbw, match=(), only_variants=()):
                     ("Q gathered", {"JK_SD_Q_PERMUTED": 0}, {}),
                     ("both old", {"JK_SD_TILE_BASE": 0, "JK_SD_Q_PERMUTED": 0}, {}),
                     ("WG CTA pipe", {"JK_SD_WG_PIPE": 0}, {}),
-                    ("V overlapped", {"JK_SD_CV_OVERLAP": 1}, {}),
                     ("3 stages", {}, {"kv_stages": 3}), ("4 stages", {}, {"kv_stages": 4}),
                     ("kv_tile 128", {}, {"kv_tile": 128})]
     if only_variants:

@@ -203,13 +203,6 @@ constexpr int PIPE_ROWS = PRIVATE_PIPE ? NW : TILE;           // KV rows of a ti
 constexpr int ROWS_PER_PASS_P = PIPE_T / CPR;
 static_assert(PIPE_T % CPR == 0 && ROWS_PER_PASS_P > 0 && PIPE_ROWS % ROWS_PER_PASS_P == 0,
               "pipeline shape");
-// JK_SD_CV_OVERLAP 1 (probe): with an fp8 cache and a private pipeline, the warpgroup converts
-// its V rows while its S MMAs run (they read only Q and K) instead of with K before them.
-// Measured 8-10% slower on fp8 16-node trees (H200), so off.
-#ifndef JK_SD_CV_OVERLAP
-#define JK_SD_CV_OVERLAP 0
-#endif
-constexpr bool CV_OVERLAP = JK_SD_CV_OVERLAP && WG_PIPE && FP8_SMEM;
 // With an fp8 cache converted in shared memory, each thread converts exactly the 16-byte chunks
 // it copied (the conversion walks the loader's rows and chunk), so a landed tile needs no
 // barrier before the conversion, only the thread's own cp.async wait; the barrier after the
@@ -639,23 +632,25 @@ __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const Param
         const u8* ksm = vst - KV_TILE_BYTES;   // the tiles the MMAs read (fp8: converted below)
         const u8* vsm = vst;
         const int kv_row0 = wn * NW;            // this warp's slice of the tile
-        // fp8 cache, large tiles: the pipeline's rows of K (matrix 0) and / or V (1) -> fp16 rows
-        // after the pipeline (16 fp8 -> 32 bytes per step; exact: every e4m3 value is an fp16
-        // value). All loads go out before the first store: a store might alias a later load, so
-        // the compiler would not hoist them, and each conversion waited out its load's latency
-        // (ncu). The previous round's readers of the converted rows are past its closing barrier.
-        u8* const cv = kv_s + STAGES * 2 * KV_TILE_BYTES;
-        auto convert = [&](int m_first, int m_end) {
-            // thread pt converts the chunks it copied: chunk cc of rows r0 + k * RSTEP (OWN_ROWS)
+        // fp8 cache, large tiles: the pipeline's rows of K (m = 0) and V (1) -> fp16 rows after
+        // the pipeline (16 fp8 -> 32 bytes per step; exact: every e4m3 value is an fp16 value).
+        // Thread pt converts the chunks it copied, chunk cc of rows r0 + k * RSTEP (OWN_ROWS).
+        // All loads go out before the first store: a store might alias a later load, so the
+        // compiler would not hoist them, and each conversion waited out its load's latency (ncu).
+        // The previous round's readers of the converted rows are past its closing barrier.
+        // (Loading the chunks into registers instead, and converting from there with no fp8 copy
+        // in shared memory, measured 11-13% slower on 16-node trees, H200.)
+        if constexpr (FP8_SMEM) {
+            u8* const cv = kv_s + STAGES * 2 * KV_TILE_BYTES;
             uint4 w[2][RCOPY];
 #pragma unroll
-            for (int m = m_first; m < m_end; ++m)
+            for (int m = 0; m < 2; ++m)
 #pragma unroll
                 for (int k = 0; k < RCOPY; ++k)
                     w[m][k] = *reinterpret_cast<const uint4*>(vst - (1 - m) * KV_TILE_BYTES +
                                                               (r0 + k * RSTEP) * KV_ROW + cc * 16);
 #pragma unroll
-            for (int m = m_first; m < m_end; ++m)
+            for (int m = 0; m < 2; ++m)
 #pragma unroll
                 for (int k = 0; k < RCOPY; ++k) {
                     const int r = r0 + k * RSTEP;
@@ -670,9 +665,6 @@ __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const Param
                     *reinterpret_cast<uint4*>(dst + o0) = lo;
                     *reinterpret_cast<uint4*>(dst + o1) = hi;
                 }
-        };
-        if constexpr (FP8_SMEM) {
-            convert(0, CV_OVERLAP ? 1 : 2);   // V with K, or while the S MMAs run
             if (WG) fence_async_smem();
             pipe_sync();
             ksm = cv;
@@ -700,10 +692,6 @@ __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const Param
                 wg_ss(s, wg_desc_at(qd, (kc >> 2) * QT * 128 + (kc & 3) * 32),
                       wg_desc_at(kd, (kc >> 2) * TILE * 128 + (kc & 3) * 32), kc > 0);
             wg_commit();
-            if constexpr (CV_OVERLAP) {   // the stage's V rows, while the MMAs run
-                convert(1, 2);
-                fence_async_smem();
-            }
             wg_wait<0>();
             wg_pin(s);
         }
@@ -816,7 +804,6 @@ __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const Param
                 pa[i][2] = pack_mma2(s[2 * i + 1][0], s[2 * i + 1][1]);
                 pa[i][3] = pack_mma2(s[2 * i + 1][2], s[2 * i + 1][3]);
             }
-            if constexpr (CV_OVERLAP) pipe_sync();   // the warpgroup's converted V rows
             const u64 vd = wg_desc(smem_u32(vsm) + kv_row0 * 128, TILE * 128, 1024);
             wg_fence();
 #pragma unroll
