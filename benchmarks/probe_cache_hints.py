@@ -15,7 +15,7 @@ value pair), JK_SD_RESCALE_TAU 0 (the O accumulators rescaled whenever a row's m
 JK_SD_TILE_BASE 0 (a 64-bit address per copied K/V row), JK_SD_Q_PERMUTED 0 (fp8: the query's
 A fragments gathered by 64-bit loads), JK_SD_WG_PIPE 0 ("WG CTA pipe": one CTA-wide K/V pipeline
 for 64-row warpgroup tiles),
-kv_stages 3 / 4 and kv_tile 128 (configuration overrides) and
+kv_stages 3 / 4 / 5 and kv_tile 128 (configuration overrides) and
 JK_SD_PROBE_LOAD_ONLY (the tile loop without its arithmetic: the loads' own ceiling), with XQA's
 time on the same inputs when flashinfer imports; each variant that does the arithmetic is also
 checked against the default's output. Other spec-dec hooks the kernel keeps: JK_SD_L2_PREFETCH
@@ -237,6 +237,7 @@ def attention(rbw, match=(), only_variants=()):
                     ("both old", {"JK_SD_TILE_BASE": 0, "JK_SD_Q_PERMUTED": 0}, {}),
                     ("WG CTA pipe", {"JK_SD_WG_PIPE": 0}, {}),
                     ("3 stages", {}, {"kv_stages": 3}), ("4 stages", {}, {"kv_stages": 4}),
+                    ("5 stages", {}, {"kv_stages": 5}),
                     ("kv_tile 128", {}, {"kv_tile": 128})]
     if only_variants:
         variants_all = [v for i, v in enumerate(variants_all) if i == 0 or v[0] in only_variants]

@@ -253,6 +253,20 @@ def test_kv_tile_sizes_the_pipeline():
     assert stages(dict(big, kv_dtype="bf16")) == 2                  # 32 KB stages
 
 
+def test_tree_tiles_take_two_stages_but_head_dim_64_takes_three():
+    from jitkern.families.spec_dec_attention import resident_ctas, shared_bytes, stages
+
+    tree = dict(head_dim=128, q_tile=64, kv_dtype="bf16")
+    assert stages(tree) == 2 and stages(dict(tree, kv_dtype="fp8_e4m3")) == 2
+    assert stages(dict(tree, q_tile=128)) == 2
+    d64 = dict(tree, head_dim=64)                     # 8 KB stages of 16-bit K: memory-bound
+    assert stages(d64) == 3 and stages(dict(d64, head_dim=48)) == 3   # padded to 64
+    assert stages(dict(d64, kv_dtype="fp8_e4m3")) == 2 and stages(dict(d64, q_tile=128)) == 2
+    # Q rows, three stages of K and V (64 rows of 144 bytes), the swizzle alignment slack
+    assert shared_bytes(d64) == 64 * 144 + 3 * 2 * 64 * 144 + 1024
+    assert resident_ctas(d64, 228 * 1024) == 2
+
+
 @pytest.mark.parametrize("head_dim,padded", [(16, 64), (48, 64), (80, 128), (96, 128),
                                              (112, 128), (144, 256), (192, 256), (240, 256)])
 def test_padded_head_dims_compile_and_size_like_their_padded_kernel(head_dim, padded):

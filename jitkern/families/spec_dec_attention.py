@@ -87,12 +87,14 @@ def kv_tile(cfg: dict) -> int:
 def stages(cfg: dict) -> int:
     """K/V pipeline depth (mirrors STAGES in the source): ``kv_stages``, or when 0 about 128 KB
     of K/V in flight per SM for memory-bound (small) query tiles, 2 for trees and 32 KB (K)
-    stages."""
+    stages, 3 for 64-row tiles of 8 KB 16-bit stages (head_dim 64 trees)."""
     if cfg.get("kv_stages", 0):
         return cfg["kv_stages"]
-    row = padded_head_dim(cfg["head_dim"]) * (1 if cfg["kv_dtype"] == "fp8_e4m3" else 2)
-    kb = row * kv_tile(cfg) // 1024
-    return 2 if (kb >= 32 or cfg["q_tile"] >= 64) else (5 if kb <= 8 else 3)
+    kvb = 1 if cfg["kv_dtype"] == "fp8_e4m3" else 2
+    kb = padded_head_dim(cfg["head_dim"]) * kvb * kv_tile(cfg) // 1024
+    if cfg["q_tile"] >= 64:
+        return 3 if (cfg["q_tile"] == 64 and kvb == 2 and kb <= 8) else 2
+    return 2 if kb >= 32 else (5 if kb <= 8 else 3)
 
 
 def wgmma_shape(cfg: dict) -> bool:
