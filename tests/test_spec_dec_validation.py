@@ -206,12 +206,18 @@ def test_query_tile_and_split_choices():
     assert mem(8, 8192, fp8=True) == 16 and mem(8, 32768, fp8=True) == 16
     # 100 tiles: 100 // 8 = 12 splits of 9 tiles (no fewer splits give 9 tiles each)
     assert mem(8, 6400) == 12
-    # trees (compute bound): every resident CTA, trimmed (33 -> 32, 4 tiles each)
-    assert pick_num_splits(8, 8192, sms, two, 8 * 64, 128, kv, 64) == 32
+    # trees (compute bound): every resident CTA (264 // 8 = 33), but over a long context a split
+    # does at least 8 units of 64 positions x 64 rows: 128 tiles x 1 // 8 = 16 splits of 8 tiles
+    assert pick_num_splits(8, 8192, sms, two, 8 * 64, 128, kv, 64) == 16
+    # ... and at 4k; a 2k context keeps the fill (33 -> 16 by the tile count, 2 tiles each)
+    assert pick_num_splits(8, 4096, sms, two, 8 * 64, 128, kv, 64) == 8
+    assert pick_num_splits(8, 2048, sms, two, 8 * 64, 128, kv, 64) == 16
+    # 128-row tiles count two units a tile: 16 CTAs of a 64-node tree at 8k fill at 16 splits
+    assert pick_num_splits(16, 8192, sms, two, 64 * 32, 128, kv, 128) == 16
     # many rows (64-node tree, G = 8, one KV head: 4 row tiles): the partials' traffic (4x the
-    # K/V bytes here) does not hold trees back; 264 // 4 = 66 splits, 64 by the tile count
+    # K/V bytes here) does not hold trees back; 264 // 4 = 66 splits, 32 by the split's work
     kv1 = 8192 * 1 * 128 * 2 * 2
-    assert pick_num_splits(4, 8192, sms, two, 64 * 8, 128, kv1, 128) == 64
+    assert pick_num_splits(4, 8192, sms, two, 64 * 8, 128, kv1, 128) == 32
     # 1k context, batch 1 (16 CTAs): 16 splits -> 8 by the tile count (17 tiles), trimmed to the
     # 6 splits that give the same 3 tiles each
     assert pick_num_splits(16, 1088, sms, two, 64 * 32, 128, kv // 8, 128) == 6

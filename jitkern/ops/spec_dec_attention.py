@@ -31,6 +31,8 @@ MIN_TILES_PER_SPLIT = 2          # a split reads at least 128 positions
 SPLIT_TILES_D128 = 8             # memory-bound tiles: a split reads ~512 positions at D = 128
 MEMORY_BOUND_Q_TILE = 32         # query tiles up to this are memory bound (decode, chains)
 SHORT_CONTEXT_TILES = 32         # trees: no split in two below this many KV tiles (2k positions)
+LONG_CONTEXT_TILES = 64          # trees from this many KV tiles (4k positions) on: a split does
+TREE_SPLIT_WORK = 8              # ... at least this many (64-position tile x 64-row) units
 WORKSPACE_CAP_BYTES = 256 << 20  # splits are reduced before the workspace would outgrow this
 # Split partials of 16-row tiles (decode, short chains) are merged inside the attention kernel by
 # the last CTA of each group; larger tiles leave it to a merge kernel, which spreads the rows over
@@ -224,8 +226,13 @@ def pick_num_splits(ctas: int, max_kv_len: int, sm_count: int, per_sm: int, rows
     (measured, H200, 64-node trees at batch 1: the traffic cap held 8/1/128 at 8k to 7 splits,
     52.2 us, against 23.7 us at 32, and 32/8/128 at 1k to 1 split, 45.3 us, against 19.8 at 8);
     but a split in two of a short context is not worth its merge (32/8/128, 1k, batch 8: 44.8
-    us unsplit, 56.3 in two). Always: at least MIN_TILES_PER_SPLIT tiles a split, the workspace
-    capped; then trimmed to the fewest splits with the same tiles each."""
+    us unsplit, 56.3 in two), and over a long context a split does at least TREE_SPLIT_WORK
+    units of 64 positions x 64 query rows (H200, 8k, batch 1, after the tile loop got faster:
+    32/8/128 16-node trees 18.8 us in 16 splits of 8 tiles against 21.1 in 32 of 4; 8/1/128
+    64-node trees, 128-row tiles, 20.0 us in 32 splits against 23.7 in 64; the rows already at
+    8 or more units a split, 64-node trees of 32/8/128, 64/8/128 and 16/16/64, were fastest
+    as they were). Always: at least MIN_TILES_PER_SPLIT tiles a split, the workspace capped;
+    then trimmed to the fewest splits with the same tiles each."""
     tiles = -(-max_kv_len // KV_TILE)
     s = sm_count * per_sm // ctas
     memory_bound = q_tile <= MEMORY_BOUND_Q_TILE
@@ -235,6 +242,8 @@ def pick_num_splits(ctas: int, max_kv_len: int, sm_count: int, per_sm: int, rows
         s = min(s, max(tiles // max(1, SPLIT_TILES_D128 * 128 // head_dim), 8))
     elif s == 2 and tiles < SHORT_CONTEXT_TILES:
         s = 1
+    elif tiles >= LONG_CONTEXT_TILES:
+        s = min(s, max(1, tiles * max(1, q_tile // 64) // TREE_SPLIT_WORK))
     if s <= 1:
         return 1
     by_len = max(1, tiles // MIN_TILES_PER_SPLIT)
