@@ -725,15 +725,19 @@ __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const Param
             }
         }
 
-        // ---- mask (only on tiles that need it), online softmax ----
+        // ---- scale, mask (only on tiles that need it), online softmax ----
         // The masked form is one branch per tile and branch-free inside (the mask word index is
         // clamped, so its load needs no guard): per-score branches around the mask loads spread
         // the tile loop over enough code to miss the instruction cache (ncu: "no instruction").
-        // Scores stay unscaled here: the softmax scale (positive) enters the maxima, which it
-        // keeps exact (rounding is monotonic), and the exponents as one FMA.
+        // (The scale is applied before the maxima: it may be zero or negative.)
         const int pos0 = tile * TILE + kv_row0;
         const bool need_mask = (tile + 1) * TILE > ctx || (window > 0 && tile * TILE < L - window);
-        if (need_mask) {
+        if (!need_mask) {
+#pragma unroll
+            for (int j = 0; j < NJ; ++j)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) s[j][e] *= sl2;
+        } else {
 #pragma unroll
             for (int j = 0; j < NJ; ++j) {
 #pragma unroll
@@ -748,7 +752,7 @@ __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const Param
                         vis = vis & ((jd < 0) | (bool)((word >> (jd & 31)) & 1u));
                     }
                     if (MODE == 1 && window > 0) vis = vis & (pos > ctx + tok[h] - window);
-                    if (!vis) s[j][e] = neg_inf();
+                    s[j][e] = vis ? s[j][e] * sl2 : neg_inf();
                 }
             }
         }
@@ -765,12 +769,12 @@ __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const Param
             tmx[h] = neg_inf();
 #pragma unroll
             for (int j = 0; j < NJ; ++j) tmx[h] = fmaxf(tmx[h], fmaxf(s[j][2 * h], s[j][2 * h + 1]));
-            over |= tmx[h] * sl2 > m_run[h] + RESCALE_TAU;   // -inf + TAU stays -inf
+            over |= tmx[h] > m_run[h] + RESCALE_TAU;   // -inf + TAU stays -inf
         }
         if (__any_sync(0xffffffffu, over)) {
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
-                const float mx = warp_max4(tmx[h]) * sl2;
+                const float mx = warp_max4(tmx[h]);
                 if (mx > m_run[h] + RESCALE_TAU) {
                     alpha[h] = exp2f(m_run[h] - mx);
                     m_run[h] = mx;
@@ -788,8 +792,8 @@ __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const Param
             float rs = 0.f;
 #pragma unroll
             for (int j = 0; j < NJ; ++j) {
-                s[j][2 * h] = exp2f(fmaf(s[j][2 * h], sl2, -m_ref));
-                s[j][2 * h + 1] = exp2f(fmaf(s[j][2 * h + 1], sl2, -m_ref));
+                s[j][2 * h] = exp2f(s[j][2 * h] - m_ref);
+                s[j][2 * h + 1] = exp2f(s[j][2 * h + 1] - m_ref);
                 rs += s[j][2 * h] + s[j][2 * h + 1];
             }
             l_run[h] = l_run[h] * alpha[h] + rs;

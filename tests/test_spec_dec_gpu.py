@@ -177,6 +177,34 @@ def test_empty_prefix_row_without_bits_is_zero():
     assert err < 1e-2
 
 
+@pytest.mark.parametrize("mode,kv", [("decode", torch.bfloat16), ("chain", torch.float8_e4m3fn),
+                                     ("tree", torch.bfloat16), ("tree", torch.float8_e4m3fn)])
+@pytest.mark.parametrize("scale", [-0.09, 0.0])
+@pytest.mark.parametrize("splits", [None, 3])
+def test_negative_and_zero_softmax_scales(mode, kv, scale, splits):
+    """The softmax scale is any finite float: a negative one makes the smallest dot product each
+    row's max (the running max and the skip of the quad reduction must see scaled scores), zero
+    makes every visible position equally likely (masked ones must stay out)."""
+    from jitkern.ops import spec_dec_attention
+
+    g = torch.Generator().manual_seed(29)
+    drafts = {"decode": [1, 1], "chain": [4, 3],
+              "tree": [random_eagle_tree(16, random.Random(5)), random_eagle_tree(9, random.Random(6))]
+              }[mode]
+    # G = 4: decode and chains run 16-row tiles, the trees 64-row (warpgroup) tiles
+    hq, hkv = (8, 2) if mode != "tree" else (16, 4)
+    a = random_paged_inputs([2500, 700], drafts, num_heads=hq, num_kv_heads=hkv, head_dim=128,
+                            page_size=64, kv_dtype=kv, tree=mode == "tree", generator=g,
+                            kv_scale=0.6 if kv == torch.float8_e4m3fn else None)
+    a["scale"] = scale
+    if splits:
+        a["num_kv_splits"] = splits
+    out = torch.full_like(a["q"], float("nan"))
+    spec_dec_attention(**a, out=out)
+    torch.cuda.synchronize()
+    assert _check(a, out, torch.bfloat16) < BOUND[torch.bfloat16]
+
+
 @pytest.mark.parametrize("mode,kv", [("decode", torch.bfloat16), ("tree", torch.bfloat16),
                                      ("chain", torch.float8_e4m3fn), ("tree", torch.float8_e4m3fn)])
 @pytest.mark.parametrize("splits", [None, 3])
