@@ -6,7 +6,8 @@
 //   rows [rt*QT, rt*QT + QT). Every K/V tile it loads serves all of them, so a KV head's cache is
 //   read once for all q_len*G query rows (not once per query head).
 //   The CTA walks its share of the KV positions in tiles of 64, staged through shared memory by
-//   cp.async, STAGES deep (by each warp for its own slice where WARP_PIPE says so). Warps are
+//   cp.async, STAGES deep (by each warp or warpgroup for its own slice where WARP_PIPE or
+//   WG_PIPE says so, synchronizing only those threads). Warps are
 //   laid out WM x WN: WM slabs of 16 query rows (the MMA M), and WN slices of each KV tile
 //   (with warpgroup MMAs, WG below, four consecutive slabs multiply together as one group).
 //   Each warp keeps a private online softmax (m, l, O) over the positions it saw; the epilogue
@@ -16,7 +17,8 @@
 //
 // Numerics: S = Q K^T and O = P V on tensor cores (mma.sync m16n8k16, or wgmma m64nNk16 for 64-
 // and 128-row tiles on sm_90a; fp32 accumulate), softmax in the log2 domain in fp32 with a lazily
-// moved reference max (probabilities up to 2^8; RESCALE_TAU), P rounded to the input type before
+// moved reference max (probabilities up to 2^8; RESCALE_TAU; the quad reduction of the maxima
+// only on tiles where a warp's vote says some score passed it), P rounded to the input type before
 // P V (as XQA does). With an fp8 e4m3 cache the MMAs run in fp16: K/V are
 // converted exactly (in registers, or once per CTA in shared memory for large tiles), Q once in
 // shared memory, P is rounded to fp16; kv_scale is folded into the softmax scale (K) and the
