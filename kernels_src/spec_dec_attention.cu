@@ -168,8 +168,6 @@ constexpr int STAGES = JK_KV_STAGES > 0 ? JK_KV_STAGES
 constexpr int Q_ROW = (D + 8) * 2;
 constexpr int CPR = D * KV_BYTES / 16;         // 16-byte chunks per KV row (padded)
 constexpr int CPR_Q = DQ * KV_BYTES / 16;      // ... of them that exist in memory
-constexpr int ROWS_PER_PASS = NT / CPR;
-constexpr int RPT = TILE / ROWS_PER_PASS;      // KV rows each thread copies per tile (K and V)
 constexpr int NP = PS >= TILE ? 1 : TILE / PS; // pages per KV tile
 constexpr int O_ROW = D + 4;                   // floats per row of the epilogue staging
 constexpr bool Q_IN_REGS = D <= 128 && QT < 64; // else Q fragments are reloaded (register budget)
@@ -181,7 +179,7 @@ constexpr int SMEM_EPI = (WN * QT * O_ROW + 2 * WN * QT) * 4;
 constexpr int SMEM_ALIGN_SLACK = WG_SHAPE ? 1024 : 0;   // swizzled tiles start 1024-aligned
 constexpr int SMEM_BYTES = QT * Q_ROW + (SMEM_PIPE > SMEM_EPI ? SMEM_PIPE : SMEM_EPI) +
                            SMEM_ALIGN_SLACK;
-static_assert(NJ % 2 == 0 && ROWS_PER_PASS >= 1 && TILE % ROWS_PER_PASS == 0, "tile shape");
+static_assert(NJ % 2 == 0, "tile shape");
 // Warp-private pipeline: with one row slab (WM == 1: decode, short chains) each warp reads only
 // its own NW positions of every tile, so it copies them itself and publishes them with
 // __syncwarp; the tile loop then has no CTA-wide barrier (the query rows still need one, once),
@@ -205,14 +203,9 @@ constexpr bool WG_PIPE = JK_SD_WG_PIPE && WG && WN == 2 && NWARPS == 8;
 constexpr bool PRIVATE_PIPE = WARP_PIPE || WG_PIPE;
 constexpr int PIPE_T = WARP_PIPE ? 32 : WG_PIPE ? 128 : NT;   // threads of one pipeline
 constexpr int PIPE_ROWS = PRIVATE_PIPE ? NW : TILE;           // KV rows of a tile it copies
-constexpr int ROWS_PER_PASS_P = PIPE_T / CPR;
-static_assert(PIPE_T % CPR == 0 && ROWS_PER_PASS_P > 0 && PIPE_ROWS % ROWS_PER_PASS_P == 0,
-              "pipeline shape");
-// With an fp8 cache converted in shared memory, each thread converts exactly the 16-byte chunks
-// it copied (the conversion walks the loader's rows and chunk), so a landed tile needs no
-// barrier before the conversion, only the thread's own cp.async wait; the barrier after the
-// conversion publishes the fp16 rows. (One barrier and one proxy fence a tile fewer.)
-constexpr bool OWN_ROWS = FP8_SMEM;
+constexpr int RSTEP = PIPE_T / CPR;            // a thread copies rows r0 + k * RSTEP of a tile,
+constexpr int RCOPY = PIPE_ROWS / RSTEP;       // k < RCOPY (K and V)
+static_assert(PIPE_T % CPR == 0 && RSTEP > 0 && PIPE_ROWS % RSTEP == 0, "pipeline shape");
 static_assert(D % 32 == 0, "head dim");
 
 // bar.sync on barrier ID (1..15; 0 is __syncthreads) for N threads; immediate operands, so
@@ -478,8 +471,6 @@ __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const Param
     // JK_SD_TILE_BASE 0 for the general form): within 1% on decode and chains, 16-node trees
     // 1.3% faster.
     // A private pipeline (warp or warpgroup wn) copies rows wn * NW .. + NW of every tile.
-    constexpr int RCOPY = PIPE_ROWS / ROWS_PER_PASS_P;
-    constexpr int RSTEP = ROWS_PER_PASS_P;
     const int pt = tid % PIPE_T;
     const int cc = pt % CPR;
     const int r0 = (PRIVATE_PIPE ? wn * NW : 0) + pt / CPR;
@@ -591,7 +582,7 @@ __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const Param
         if (tile == t_begin) {   // Q (every thread's copies) -> all threads, and wgmma
             if (WG) fence_async_smem();
             __syncthreads();
-        } else if constexpr (!OWN_ROWS) {
+        } else if constexpr (!FP8_SMEM) {   // (fp8 SMEM: see the conversion below)
             if (WG) fence_async_smem();   // the landed tile -> wgmma's reads
             pipe_sync();                  // the pipeline's rows -> its threads
         }
@@ -643,7 +634,9 @@ __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const Param
         const int kv_row0 = wn * NW;            // this warp's slice of the tile
         // fp8 cache, large tiles: the pipeline's rows of K (m = 0) and V (1) -> fp16 rows after
         // the pipeline (16 fp8 -> 32 bytes per step; exact: every e4m3 value is an fp16 value).
-        // Thread pt converts the chunks it copied, chunk cc of rows r0 + k * RSTEP (OWN_ROWS).
+        // Thread pt converts the chunks it copied, chunk cc of rows r0 + k * RSTEP, so a landed
+        // tile needs no barrier before the conversion, only the thread's own cp.async wait (the
+        // loop top skips it); the barrier after the conversion publishes the fp16 rows.
         // All loads go out before the first store: a store might alias a later load, so the
         // compiler would not hoist them, and each conversion waited out its load's latency (ncu).
         // The previous round's readers of the converted rows are past its closing barrier.
