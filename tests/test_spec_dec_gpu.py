@@ -131,15 +131,22 @@ def _check(a: dict, out: torch.Tensor, dtype) -> float:
     return float(err)
 
 
-@pytest.mark.parametrize("i", range(N_CASES))
-def test_sweep(i):
+def _run(a: dict) -> torch.Tensor:
+    """One call of the op on a poisoned (NaN-filled) output, synchronized: an element the kernel
+    does not write stays NaN, which _check refuses."""
     from jitkern.ops import spec_dec_attention
 
-    c = _case(i)
-    a = _inputs(c)
     out = torch.full_like(a["q"], float("nan"))
     spec_dec_attention(**a, out=out)
     torch.cuda.synchronize()
+    return out
+
+
+@pytest.mark.parametrize("i", range(N_CASES))
+def test_sweep(i):
+    c = _case(i)
+    a = _inputs(c)
+    out = _run(a)
     err = _check(a, out, c["dtype"])
     assert err < BOUND[c["dtype"]], f"case {c}: relative error {err:.3e}"
 
@@ -149,7 +156,6 @@ def test_dynamic_shared_memory_of_exactly_48_kib_launches():
     the kernel's static shared memory counts against the default limit too, so the launcher must
     opt in (it used to compare the dynamic bytes alone and the launch failed)."""
     from jitkern.families.spec_dec_attention import shared_bytes
-    from jitkern.ops import spec_dec_attention
 
     cfg = dict(head_dim=64, kv_dtype="fp8_e4m3", q_tile=64)
     assert shared_bytes(cfg) == 48 * 1024
@@ -158,20 +164,16 @@ def test_dynamic_shared_memory_of_exactly_48_kib_launches():
                                         random_eagle_tree(40, random.Random(2))],
                             num_heads=16, num_kv_heads=16, head_dim=64,
                             kv_dtype=torch.float8_e4m3fn, kv_scale=0.8, generator=g)
-    out = torch.full_like(a["q"], float("nan"))
-    spec_dec_attention(**a, out=out)
+    out = _run(a)
     assert _check(a, out, torch.bfloat16) < BOUND[torch.bfloat16]
 
 
 def test_empty_prefix_row_without_bits_is_zero():
     """L - n == 0 and a mask row with no bit set: that row is zeros, never NaN."""
-    from jitkern.ops import spec_dec_attention
-
     a = random_paged_inputs([0], [[-1, 0, 0, 1]], num_heads=8, num_kv_heads=2, head_dim=128,
                             page_size=16, generator=torch.Generator().manual_seed(3))
     a["tree_mask"][2] = 0
-    out = torch.full_like(a["q"], float("nan"))
-    spec_dec_attention(**a, out=out)
+    out = _run(a)
     assert torch.equal(out[2], torch.zeros_like(out[2]))
     err = _check(a, out, torch.bfloat16)
     assert err < 1e-2
@@ -185,8 +187,6 @@ def test_negative_and_zero_softmax_scales(mode, kv, scale, splits):
     """The softmax scale is any finite float: a negative one makes the smallest dot product each
     row's max (the running max and the skip of the quad reduction must see scaled scores), zero
     makes every visible position equally likely (masked ones must stay out)."""
-    from jitkern.ops import spec_dec_attention
-
     g = torch.Generator().manual_seed(29)
     drafts = {"decode": [1, 1], "chain": [4, 3],
               "tree": [random_eagle_tree(16, random.Random(5)), random_eagle_tree(9, random.Random(6))]
@@ -199,9 +199,7 @@ def test_negative_and_zero_softmax_scales(mode, kv, scale, splits):
     a["scale"] = scale
     if splits:
         a["num_kv_splits"] = splits
-    out = torch.full_like(a["q"], float("nan"))
-    spec_dec_attention(**a, out=out)
-    torch.cuda.synchronize()
+    out = _run(a)
     assert _check(a, out, torch.bfloat16) < BOUND[torch.bfloat16]
 
 
@@ -212,8 +210,6 @@ def test_rising_scores_and_late_jumps(mode, kv, splits):
     """Scores that rise along the context (a row's max grows on most KV tiles) with two jumps far
     past it near the end: the lazily moved reference max (probabilities up to 2^8 between moves,
     then a rescale) must stay within the bound, split or not."""
-    from jitkern.ops import spec_dec_attention
-
     g = torch.Generator().manual_seed(17)
     drafts = {"decode": [1, 1], "chain": [4, 4],
               "tree": [random_eagle_tree(12, random.Random(3))] * 2}[mode]
@@ -238,9 +234,7 @@ def test_rising_scores_and_late_jumps(mode, kv, splits):
     a = {n: (t.cuda() if isinstance(t, torch.Tensor) else t) for n, t in a.items()}
     if splits:
         a["num_kv_splits"] = splits
-    out = torch.full_like(a["q"], float("nan"))
-    spec_dec_attention(**a, out=out)
-    torch.cuda.synchronize()
+    out = _run(a)
     assert _check(a, out, torch.bfloat16) < BOUND[torch.bfloat16]
 
 
@@ -458,14 +452,10 @@ SANITIZER_CASES = (0, 2, 7, 13, 23, 24, 31, 48, 60, 61, 73, 74)   # 23 31 60 61 
 def test_sanitizer_subset(i):
     """Short cases (contexts capped) covering modes, fp8, both layouts and the split path;
     run under compute-sanitizer memcheck."""
-    from jitkern.ops import spec_dec_attention
-
     c = _case(i)
     c["ctx"] = [min(x, 700) for x in c["ctx"]][:3]
     c["drafts"] = c["drafts"][:3]
     c["extra"]["num_kv_splits"] = 3
     a = _inputs(c)
-    out = torch.full_like(a["q"], float("nan"))
-    spec_dec_attention(**a, out=out)
-    torch.cuda.synchronize()
+    out = _run(a)
     assert _check(a, out, c["dtype"]) < BOUND[c["dtype"]]
