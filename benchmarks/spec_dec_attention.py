@@ -6,9 +6,9 @@ through enough copies of the inputs), percent of the read bandwidth measured in 
 it, FlexAttention (tree as ``mask_mod``, dense gathered K/V), SDPA on a gathered dense copy, and
 for trees the percent of the bf16 matmul rate measured with ``torch.matmul``.
 
-    python benchmarks/spec_dec_attention.py [--grid quick|story|sampled|full|padded|small-trees]
+    python benchmarks/spec_dec_attention.py [--grid quick|story|sampled|full|padded|small-trees|misses]
         [--no-flex]
-        [--explore] [--budget SECONDS]
+        [--explore [--explore-trees [--explore-both]]] [--budget SECONDS]
 """
 
 from __future__ import annotations
@@ -179,9 +179,10 @@ SPLIT_SWEEP = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
 STAGE_SWEEP = (2, 3, 4, 5, 6)
 
 
-def explore(sets, outs, qname, batch, label=""):
+def explore(sets, outs, qname, batch, label="", both=False):
     """Time the custom op with other query tiles (trees), split counts, or K/V pipeline depths
-    (decode and chains; each with the split count the op would pick for its occupancy), by
+    (decode and chains; each with the split count the op would pick for its occupancy), or
+    with ``both`` every query tile against every split count (trees), by
     editing the resolved argument tuple of ``prepare`` (indices as in its return statement).
     Small batches sweep the split count; batch 64 tries a few (finer work against the wave
     tail). Each line also gives the variant's relative difference from the op's own output."""
@@ -205,6 +206,12 @@ def explore(sets, outs, qname, batch, label=""):
     if "tree" in qname and batch <= 8:
         sweep = tuple(sp for sp in SPLIT_SWEEP if sp0 // 4 <= sp <= max(sp0 * 2, 64))
     variants += [(f"splits={sp}", qt0, rt0, sp, 0) for sp in sweep if sp != sp0]
+    if "tree" in qname and both:   # every query tile against every split count
+        rows = rt0 * qt0
+        tiles = base[0][TILES]
+        variants += [(f"q_tile={qt} splits={sp}", qt, -(-rows // qt), sp, 0)
+                     for qt in (16, 32, 64, 128) for sp in SPLIT_SWEEP
+                     if qt != qt0 and sp <= tiles]
     if "tree" not in qname:
         kvb = k0.element_size()
         cfg = dict(head_dim=d, q_tile=qt0, kv_dtype="fp8_e4m3" if kvb == 1 else "bf16")
@@ -276,7 +283,20 @@ def grid(kind: str):
                 (main, qspecs[2], 8192, 1, "bf16"), ((8, 1, 128), qspecs[3], 8192, 1, "bf16"),
                 ((8, 1, 128), qspecs[2], 8192, 1, "bf16"),
                 ((64, 8, 128), qspecs[3], 8192, 1, "bf16"),
-                ((16, 16, 64), qspecs[3], 8192, 1, "bf16")):
+                ((16, 16, 64), qspecs[3], 8192, 1, "bf16"),
+                (main, qspecs[2], 32768, 1, "bf16"), (main, qspecs[2], 8192, 8, "bf16"),
+                (main, qspecs[3], 8192, 8, "bf16"), (main, qspecs[2], 32768, 8, "bf16"),
+                (main, qspecs[3], 1024, 1, "fp8"), (main, qspecs[2], 8192, 1, "fp8"),
+                (main, qspecs[2], 1024, 8, "bf16"), (main, qspecs[2], 1024, 8, "fp8")):
+            rows.append((shape, q, c, b, kv))
+        return rows
+    if kind == "misses":   # rows short of a goal in the last story grid (BENCHMARKS.md)
+        for shape, q, c, b, kv in (
+                (main, qspecs[2], 32768, 1, "bf16"), (main, qspecs[3], 1024, 1, "bf16"),
+                ((16, 16, 64), qspecs[3], 8192, 1, "bf16"), (main, qspecs[1], 8192, 8, "fp8"),
+                (main, qspecs[0], 8192, 8, "fp8"), (main, qspecs[2], 8192, 8, "fp8"),
+                (main, qspecs[3], 8192, 8, "fp8"), (main, qspecs[0], 8192, 64, "bf16"),
+                ((16, 16, 64), qspecs[0], 8192, 64, "bf16")):
             rows.append((shape, q, c, b, kv))
         return rows
     if kind == "padded":   # head dims the kernel pads, beside the native size they pad to
@@ -351,7 +371,7 @@ def host_table(bw, have_xqa, page_size):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--grid", choices=("quick", "story", "sampled", "full", "padded",
-                                       "small-trees"),
+                                       "small-trees", "misses"),
                     default="sampled")
     ap.add_argument("--no-flex", action="store_true")
     ap.add_argument("--rows", type=int, default=0, help="run only the first N rows")
@@ -361,6 +381,8 @@ def main():
     ap.add_argument("--explore-min-ctx", type=int, default=0,
                     help="explore only rows with at least this context")
     ap.add_argument("--explore-trees", action="store_true", help="explore tree rows too")
+    ap.add_argument("--explore-both", action="store_true",
+                    help="trees: every query tile against every split count")
     ap.add_argument("--host", action="store_true",
                     help="eager (host-inclusive) calls against XQA at batch 1 and 8, then stop")
     ap.add_argument("--budget", type=float, default=0,
@@ -409,7 +431,8 @@ def main():
         cells = dict(ours=t_ours)
         if (args.explore and ctx >= args.explore_min_ctx
                 and ("tree" not in qname or args.explore_trees)):
-            explore(sets, outs, qname, batch, f"{hq}/{hkv}/{d} {kvn} {ctx // 1024}k ")
+            explore(sets, outs, qname, batch, f"{hq}/{hkv}/{d} {kvn} {ctx // 1024}k ",
+                    args.explore_both)
         xerr = ""
         if have_xqa:
             try:

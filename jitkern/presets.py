@@ -9,7 +9,8 @@ way the ops pick them at run time, so a warmed cache holds what the first reques
 - attention: the ops choose the mode (decode for one uniform query token, chain otherwise, tree
   with a tree mask) and the query tile from ``rows = query tokens * G``, where
   ``G = query heads / KV heads`` on one tensor-parallel rank (KV heads are replicated when the
-  ranks outnumber them). So ``--tp`` changes G and with it the query tiles.
+  ranks outnumber them). So ``--tp`` changes G and with it the query tiles. A 128-row tile
+  brings its 64-row half along (the op halves it on small grids).
 - Mamba2: the tiling comes from (N, state dtype, head_dim); heads, groups and batch are run-time.
 
 This module imports no torch (warm-up must start fast).
@@ -20,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .families.mamba2 import nemotron_config
-from .families.spec_dec_attention import pick_q_tile
+from .families.spec_dec_attention import q_tiles_for
 
 ATTENTION_FAMILY = "spec_dec_attention"
 MAMBA2_FAMILY = "mamba2_mtp_ssm_update"
@@ -132,11 +133,12 @@ class Preset:
     def _attention_configs(self, tp: int) -> list[dict]:
         a = self.attention
         g = a.group(tp)
-        tiles = [("decode", pick_q_tile(g))]
-        tiles += sorted({("chain", pick_q_tile(n * g)) for n in range(1, self.spec.chain + 1)})
+        tiles = sorted({("decode", qt) for qt in q_tiles_for(g)})
+        tiles += sorted({("chain", qt) for n in range(1, self.spec.chain + 1)
+                         for qt in q_tiles_for(n * g)})
         if self.spec.tree is not None:
             lo, hi = self.spec.tree
-            tiles += sorted({("tree", pick_q_tile(n * g)) for n in range(lo, hi + 1)})
+            tiles += sorted({("tree", qt) for n in range(lo, hi + 1) for qt in q_tiles_for(n * g)})
         return [dict(head_dim=a.head_dim, dtype=a.dtype, kv_dtype=kv, kv_layout=a.kv_layout,
                      page_size=ps, mode=mode, q_tile=qt, split_kv=True)
                 for kv in a.kv_dtypes for ps in a.page_sizes for mode, qt in tiles]

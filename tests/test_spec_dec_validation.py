@@ -227,6 +227,34 @@ def test_query_tile_and_split_choices():
     # the workspace cap still applies to trees
     assert pick_num_splits(1, 1 << 20, sms, two, 1, 128, 1 << 40, 64) == MAX_SPLITS
     assert pick_num_splits(133, 8192, sms, two, 64 * 32, 128, 64 * kv, 64) == 1
+    # 64-row tiles at D >= 128 stop at one CTA per SM (32k, batch 1: 16 splits, not 32) unless
+    # each split still reads 64 tiles (32k, batch 8: 64 CTAs x 4 splits of 128 tiles)
+    assert pick_num_splits(8, 32768, sms, two, 16 * 32, 128, 4 * kv, 64) == 16
+    assert pick_num_splits(64, 32768, sms, two, 8 * 16 * 32, 128, 32 * kv, 64) == 4
+    # ... 8k, batch 8: 2 splits; head_dim 64 keeps two CTAs per SM (16 KV heads: 16 splits)
+    assert pick_num_splits(64, 8192, sms, two, 8 * 16 * 32, 128, 8 * kv, 64) == 2
+    assert pick_num_splits(16, 8192, sms, two, 64 * 16, 64, kv, 64) == 16
+
+
+def test_small_grids_halve_128_row_tiles():
+    from jitkern.families.spec_dec_attention import q_tiles_for
+    from jitkern.ops.spec_dec_attention import pick_tiling
+
+    def tiling(rows, bt, hkv, length):   # 132 SMs holding two CTAs each, bf16, D = 128
+        return pick_tiling(rows, bt, hkv, length, bt * hkv * rows, 128, 2, False,
+                           lambda qt: (132, 2))
+    # 64-node tree, G = 4, 1k, batch 1: 16 CTAs x 8 splits = 128 < 132 SMs -> 64-row tiles,
+    # 32 CTAs, one per SM: 4 splits; batch 8: 128 CTAs unsplit -> 256 in 64-row tiles
+    assert tiling(256, 1, 8, 1024) == (64, 4)
+    assert tiling(256, 8, 8, 1024) == (64, 1)
+    # at 8k the 128-row grid reaches the SMs (16 CTAs x 16 splits): kept
+    assert tiling(256, 1, 8, 8192) == (128, 16)
+    # one KV head (8/1/128), 8k, batch 1: 64-node (512 rows) and 16-node (128 rows) trees
+    assert tiling(512, 1, 1, 8192) == (64, 16)
+    assert tiling(128, 1, 1, 8192) == (64, 16)
+    # tiles up to 64 rows are never changed; a 128-row tile's half is in every warm-up set
+    assert tiling(64, 1, 8, 1024)[0] == 64 and tiling(16, 1, 8, 1024)[0] == 16
+    assert q_tiles_for(256) == (128, 64) and q_tiles_for(64) == (64,)
 
 
 def test_resident_ctas_follow_shared_memory_and_launch_bounds():

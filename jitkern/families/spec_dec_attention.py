@@ -66,6 +66,14 @@ def pick_q_tile(rows: int) -> int:
     return Q_TILES[-1]
 
 
+def q_tiles_for(rows: int) -> tuple:
+    """Every query tile the op may run for ``rows`` rows per KV head: pick_q_tile's, and 64
+    beside 128 (the op halves a 128-row tile on grids under one CTA per SM; see
+    jitkern.ops.spec_dec_attention.pick_tiling). Warm-up sets use this."""
+    qt = pick_q_tile(rows)
+    return (qt, qt // 2) if qt == Q_TILES[-1] else (qt,)
+
+
 def padded_head_dim(head_dim: int) -> int:
     """The kernel's head dim for a tensor head_dim (mirrors D in the source): 64, 128 or 256.
     The padded columns are zeros in shared memory; memory traffic stays that of head_dim."""

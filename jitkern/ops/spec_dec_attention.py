@@ -17,8 +17,9 @@ from typing import Optional
 
 import torch
 
-from ..families.spec_dec_attention import (HEAD_DIMS, KV_TILE, PAGE_SIZES, SPEC_DEC_ATTENTION,
-                                           pick_q_tile, resident_ctas, shared_bytes, warps)
+from ..families.spec_dec_attention import (HEAD_DIMS, KV_TILE, PAGE_SIZES, Q_TILES,
+                                           SPEC_DEC_ATTENTION, pick_q_tile, resident_ctas,
+                                           shared_bytes, warps)
 from ..service import get_kernel
 from ..torch_ops import custom_op
 from .signature import PlanCache, tensor_meta as _meta
@@ -33,6 +34,7 @@ MEMORY_BOUND_Q_TILE = 32         # query tiles up to this are memory bound (deco
 SHORT_CONTEXT_TILES = 32         # trees: no split in two below this many KV tiles (2k positions)
 LONG_CONTEXT_TILES = 64          # trees from this many KV tiles (4k positions) on: a split does
 TREE_SPLIT_WORK = 8              # ... at least this many (64-position tile x 64-row) units
+LONG_SPLIT_TILES = 64            # 64-row tree splits this long keep two CTAs per SM (see below)
 WORKSPACE_CAP_BYTES = 256 << 20  # splits are reduced before the workspace would outgrow this
 # Split partials of 16-row tiles (decode, short chains) are merged inside the attention kernel by
 # the last CTA of each group; larger tiles leave it to a merge kernel, which spreads the rows over
@@ -231,8 +233,13 @@ def pick_num_splits(ctas: int, max_kv_len: int, sm_count: int, per_sm: int, rows
     32/8/128 16-node trees 18.8 us in 16 splits of 8 tiles against 21.1 in 32 of 4; 8/1/128
     64-node trees, 128-row tiles, 20.0 us in 32 splits against 23.7 in 64; the rows already at
     8 or more units a split, 64-node trees of 32/8/128, 64/8/128 and 16/16/64, were fastest
-    as they were). Always: at least MIN_TILES_PER_SPLIT tiles a split, the workspace capped;
-    then trimmed to the fewest splits with the same tiles each."""
+    as they were). 64-row tiles at head_dim >= 128 stop at one CTA per SM unless each split
+    would still read LONG_SPLIT_TILES tiles: a second CTA per SM mostly adds partials (H200,
+    32/8/128 16-node trees: 32k batch 1 43.6 us in 16 splits against 47.0 in 32; 1k batch 1,
+    64-node trees in 64-row tiles, 14.2 us in 4 splits against 15.8 in 8; 8k batch 8 the same
+    in 2 or 4; but 32k batch 8, 128 tiles a split, 258.8 us in 4 against 267.6 in 2). Always:
+    at least MIN_TILES_PER_SPLIT tiles a split, the workspace capped; then trimmed to the
+    fewest splits with the same tiles each."""
     tiles = -(-max_kv_len // KV_TILE)
     s = sm_count * per_sm // ctas
     memory_bound = q_tile <= MEMORY_BOUND_Q_TILE
@@ -244,6 +251,8 @@ def pick_num_splits(ctas: int, max_kv_len: int, sm_count: int, per_sm: int, rows
         s = 1
     elif tiles >= LONG_CONTEXT_TILES:
         s = min(s, max(1, tiles * max(1, q_tile // 64) // TREE_SPLIT_WORK))
+    if q_tile == 64 and head_dim >= 128 and tiles < LONG_SPLIT_TILES * s:
+        s = min(s, max(1, sm_count // ctas))
     if s <= 1:
         return 1
     by_len = max(1, tiles // MIN_TILES_PER_SPLIT)
@@ -252,6 +261,29 @@ def pick_num_splits(ctas: int, max_kv_len: int, sm_count: int, per_sm: int, rows
     by_traffic = max(1, kv_bytes // (2 * per_split)) if memory_bound else by_ws
     s = max(1, min(s, by_len, by_traffic, by_ws, MAX_SPLITS))
     return -(-tiles // -(-tiles // s))
+
+
+def pick_tiling(rows: int, bt: int, hkv: int, max_kv_len: int, rows_total: int, head_dim: int,
+                kv_elem_bytes: int, fp8: bool, occupancy) -> tuple:
+    """(query tile, KV splits) for ``rows`` query rows per KV head, ``bt`` sequences and ``hkv``
+    KV heads; ``occupancy(q_tile)`` gives (SMs, CTAs one SM holds). The tile is the shape's
+    (pick_q_tile); a 128-row tile whose grid, split as pick_num_splits allows, stays under one
+    CTA per SM is halved: at such small grids row tiles are cheaper parallelism than splits
+    (they add no partials to merge, and their extra K/V reads hit L2). Measured (H200, batch
+    1-8, 64-row against 128-row tiles, each with its split rule): 32/8/128 64-node trees at 1k
+    batch 1 14.2 us against 16.7, batch 8 31.7 against 34.1; 8/1/128 trees at 8k batch 1:
+    64-node 17.1 against 20.0, 16-node 13.7-14.6 against 19.3; grids of one CTA per SM or more
+    (8k batch 1 of 32/8/128, 64/8/128) were faster in 128-row tiles, so they keep them."""
+    kv_bytes = bt * max_kv_len * hkv * head_dim * 2 * kv_elem_bytes
+    q_tile = pick_q_tile(rows)
+    while True:
+        ctas = bt * hkv * -(-rows // q_tile)
+        sms, per_sm = occupancy(q_tile)
+        splits = pick_num_splits(ctas, max_kv_len, sms, per_sm, rows_total, head_dim, kv_bytes,
+                                 q_tile, fp8)
+        if q_tile != Q_TILES[-1] or ctas * splits >= sms:
+            return q_tile, splits
+        q_tile //= 2
 
 
 # ---- validation --------------------------------------------------------------------------------
@@ -420,14 +452,13 @@ def _plan(q, k_cache, v_cache, block_tables, seq_lens, q_cu_seqlens, tree_mask, 
 
     rows = max(1, longest) * g
     q_tile = pick_q_tile(rows)
-    row_tiles = -(-rows // q_tile)
     if num_kv_splits is None:
-        kv_bytes = bt * max_kv * hkv * d * 2 * k_cache.element_size()
-        sms, per_sm = _occupancy(dev, d, q_tile, k_cache.element_size())
-        splits = pick_num_splits(bt * hkv * row_tiles, max_kv, sms, per_sm, total_q * hq, d,
-                                 kv_bytes, q_tile, fp8)
+        q_tile, splits = pick_tiling(rows, bt, hkv, max_kv, total_q * hq, d,
+                                     k_cache.element_size(), fp8,
+                                     lambda qt: _occupancy(dev, d, qt, k_cache.element_size()))
     else:
         splits = num_kv_splits
+    row_tiles = -(-rows // q_tile)
     need = workspace_floats(total_q, hq, d, splits)
     if workspace is not None and workspace.numel() < need:
         raise ValueError(f"workspace has {workspace.numel()} float32 elements, {need} needed "
