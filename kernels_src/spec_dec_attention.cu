@@ -241,12 +241,14 @@ __device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000u);
 __device__ __forceinline__ u32 lds32(const u8* p) { return *reinterpret_cast<const u32*>(p); }
 
 // One pass of online (max, sum) rescaling over the split partials of one (row, head) and four
-// head-dim elements, MERGE_U splits loaded at once: the merge is a chain of L2 round trips, so it
-// is kept short. Partials are read through L2 (written by other CTAs).
+// head-dim elements, U splits loaded at once: the merge is a chain of L2 round trips, so it is
+// kept short. Partials are read through L2 (written by other CTAs).
 constexpr int MERGE_U = 16;
 
+template <int U = MERGE_U>
 __device__ __forceinline__ void merge_quad(const float* ws_o, const float2* ws_ml, in_t* out,
                                            size_t stride, int num_splits, size_t idx, int d) {
+    constexpr int MERGE_U = U;
     float M = neg_inf(), Ls = 0.f;
     float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
     for (int s0 = 0; s0 < num_splits; s0 += MERGE_U) {
@@ -971,7 +973,15 @@ __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const Param
 #endif
 }
 
-// ---- split-KV merge as its own kernel (large row groups): one warp per (query row, head) ------
+// ---- split-KV merge as its own kernel (large row groups) ---------------------------------------
+// One thread per (query row, head, four head-dim elements), MERGE_KERNEL_U splits per round trip.
+// The grid is latency bound (a few round trips through L2), so it must fit one wave: 8 splits a
+// round keep a thread under 80 registers (six CTAs of 128 threads per SM). Loading 16 at once
+// took 193 registers, two CTAs per SM, and two waves for 2048 rows: 4.3 us against 1 round trip
+// of work (H200, ncu, 64-node tree at 1k, batch 1, 4 splits).
+constexpr int MERGE_KERNEL_U = 8;
+constexpr int MERGE_THREADS = 128;
+
 struct MergeParams {
     const float* ws_o;     // [num_splits, rows, DQ]
     const float2* ws_ml;   // [num_splits, rows]
@@ -980,11 +990,11 @@ struct MergeParams {
     int num_splits;
 };
 
-__global__ void __launch_bounds__(128) spec_dec_merge(const MergeParams p) {
-    const int idx = blockIdx.x * 4 + (threadIdx.x >> 5);
+__global__ void __launch_bounds__(MERGE_THREADS, 6) spec_dec_merge(const MergeParams p) {
+    const int i = blockIdx.x * MERGE_THREADS + threadIdx.x;
+    const int idx = i / (DQ / 4), d = (i - idx * (DQ / 4)) * 4;
     if (idx >= p.rows) return;
-    for (int d = (threadIdx.x & 31) * 4; d < DQ; d += 128)
-        merge_quad(p.ws_o, p.ws_ml, p.out, (size_t)p.rows, p.num_splits, idx, d);
+    merge_quad<MERGE_KERNEL_U>(p.ws_o, p.ws_ml, p.out, (size_t)p.rows, p.num_splits, idx, d);
 }
 
 }  // namespace jk_sd

@@ -40,6 +40,7 @@ WORKSPACE_CAP_BYTES = 256 << 20  # splits are reduced before the workspace would
 # the last CTA of each group; larger tiles leave it to a merge kernel, which spreads the rows over
 # the whole GPU (one CTA merging 64+ rows is a long chain of L2 round trips).
 FUSED_MERGE_Q_TILE = 16
+MERGE_THREADS = 128   # the merge kernel's block: a thread per row and four head-dim elements
 
 
 # ---- launch (the custom op) --------------------------------------------------------------------
@@ -94,7 +95,8 @@ def _launch(q, k_cache, v_cache, block_tables, seq_lens, q_cu_seqlens, tree_mask
                       window, kv_tiles, scale * _LOG2E, kv_scale),
                 shared_mem=smem)
     if split and not fused:
-        kern.launch("merge", grid=((rows + 3) // 4, 1, 1), block=(128, 1, 1),
+        kern.launch("merge", grid=(-(-rows * (d // 4) // MERGE_THREADS), 1, 1),
+                    block=(MERGE_THREADS, 1, 1),
                     args=(workspace, ws_ml, out, rows, num_splits))
 
 
