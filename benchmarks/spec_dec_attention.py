@@ -287,7 +287,8 @@ def grid(kind: str):
                 (main, qspecs[2], 32768, 1, "bf16"), (main, qspecs[2], 8192, 8, "bf16"),
                 (main, qspecs[3], 8192, 8, "bf16"), (main, qspecs[2], 32768, 8, "bf16"),
                 (main, qspecs[3], 1024, 1, "fp8"), (main, qspecs[2], 8192, 1, "fp8"),
-                (main, qspecs[2], 1024, 8, "bf16"), (main, qspecs[2], 1024, 8, "fp8")):
+                (main, qspecs[2], 1024, 8, "bf16"), (main, qspecs[2], 1024, 8, "fp8"),
+                (main, qspecs[2], 32768, 1, "fp8"), (main, qspecs[2], 8192, 8, "fp8")):
             rows.append((shape, q, c, b, kv))
         return rows
     if kind == "misses":   # rows short of a goal in the last story grid (BENCHMARKS.md)

@@ -234,6 +234,11 @@ def test_query_tile_and_split_choices():
     # ... 8k, batch 8: 2 splits; head_dim 64 keeps two CTAs per SM (16 KV heads: 16 splits)
     assert pick_num_splits(64, 8192, sms, two, 8 * 16 * 32, 128, 8 * kv, 64) == 2
     assert pick_num_splits(16, 8192, sms, two, 64 * 16, 64, kv, 64) == 16
+    # an fp8 cache keeps two CTAs per SM from 8 tiles a split (32k batch 1: 32 splits of 16)
+    kv8 = kv // 2
+    assert pick_num_splits(8, 32768, sms, two, 16 * 32, 128, 4 * kv8, 64, fp8=True) == 32
+    assert pick_num_splits(64, 8192, sms, two, 8 * 16 * 32, 128, 8 * kv8, 64, fp8=True) == 4
+    assert pick_num_splits(32, 1024, sms, two, 64 * 32, 128, kv8 // 8, 64, fp8=True) == 4
 
 
 def test_small_grids_halve_128_row_tiles():

@@ -34,7 +34,8 @@ MEMORY_BOUND_Q_TILE = 32         # query tiles up to this are memory bound (deco
 SHORT_CONTEXT_TILES = 32         # trees: no split in two below this many KV tiles (2k positions)
 LONG_CONTEXT_TILES = 64          # trees from this many KV tiles (4k positions) on: a split does
 TREE_SPLIT_WORK = 8              # ... at least this many (64-position tile x 64-row) units
-LONG_SPLIT_TILES = 64            # 64-row tree splits this long keep two CTAs per SM (see below)
+LONG_SPLIT_TILES = 64            # 64-row tree splits this long keep two CTAs per SM (see below),
+FP8_LONG_SPLIT_TILES = 8         # ... with an fp8 cache (more arithmetic a byte) this long
 WORKSPACE_CAP_BYTES = 256 << 20  # splits are reduced before the workspace would outgrow this
 # Split partials of 16-row tiles (decode, short chains) are merged inside the attention kernel by
 # the last CTA of each group; larger tiles leave it to a merge kernel, which spreads the rows over
@@ -239,7 +240,9 @@ def pick_num_splits(ctas: int, max_kv_len: int, sm_count: int, per_sm: int, rows
     would still read LONG_SPLIT_TILES tiles: a second CTA per SM mostly adds partials (H200,
     32/8/128 16-node trees: 32k batch 1 43.6 us in 16 splits against 47.0 in 32; 1k batch 1,
     64-node trees in 64-row tiles, 14.2 us in 4 splits against 15.8 in 8; 8k batch 8 the same
-    in 2 or 4; but 32k batch 8, 128 tiles a split, 258.8 us in 4 against 267.6 in 2). Always:
+    in 2 or 4; but 32k batch 8, 128 tiles a split, 258.8 us in 4 against 267.6 in 2); with an
+    fp8 cache from FP8_LONG_SPLIT_TILES (fp8 16-node trees lost 8-11% in one CTA per SM at 32k
+    batch 1 and 8k batch 8, 15-32 tiles a split; 1k batch 1, 2 tiles, gained 9%). Always:
     at least MIN_TILES_PER_SPLIT tiles a split, the workspace capped; then trimmed to the
     fewest splits with the same tiles each."""
     tiles = -(-max_kv_len // KV_TILE)
@@ -253,7 +256,8 @@ def pick_num_splits(ctas: int, max_kv_len: int, sm_count: int, per_sm: int, rows
         s = 1
     elif tiles >= LONG_CONTEXT_TILES:
         s = min(s, max(1, tiles * max(1, q_tile // 64) // TREE_SPLIT_WORK))
-    if q_tile == 64 and head_dim >= 128 and tiles < LONG_SPLIT_TILES * s:
+    long_split = FP8_LONG_SPLIT_TILES if fp8 else LONG_SPLIT_TILES
+    if not memory_bound and q_tile == 64 and head_dim >= 128 and tiles < long_split * s:
         s = min(s, max(1, sm_count // ctas))
     if s <= 1:
         return 1
