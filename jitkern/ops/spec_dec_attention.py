@@ -17,8 +17,8 @@ from typing import Optional
 
 import torch
 
-from ..families.spec_dec_attention import (HEAD_DIMS, KV_TILE, PAGE_SIZES, Q_TILES,
-                                           SPEC_DEC_ATTENTION, pick_q_tile, resident_ctas,
+from ..families.spec_dec_attention import (HEAD_DIMS, KV_TILE, PAGE_SIZES, SPEC_DEC_ATTENTION,
+                                           pick_q_tile, q_tiles_for, resident_ctas,
                                            shared_bytes, warps)
 from ..service import get_kernel
 from ..torch_ops import custom_op
@@ -273,23 +273,28 @@ def pick_tiling(rows: int, bt: int, hkv: int, max_kv_len: int, rows_total: int, 
                 kv_elem_bytes: int, fp8: bool, occupancy) -> tuple:
     """(query tile, KV splits) for ``rows`` query rows per KV head, ``bt`` sequences and ``hkv``
     KV heads; ``occupancy(q_tile)`` gives (SMs, CTAs one SM holds). The tile is the shape's
-    (pick_q_tile); a 128-row tile whose grid, split as pick_num_splits allows, stays under one
-    CTA per SM is halved: at such small grids row tiles are cheaper parallelism than splits
-    (they add no partials to merge, and their extra K/V reads hit L2). Measured (H200, batch
-    1-8, 64-row against 128-row tiles, each with its split rule): 32/8/128 64-node trees at 1k
-    batch 1 14.2 us against 16.7, batch 8 31.7 against 34.1; 8/1/128 trees at 8k batch 1:
-    64-node 17.1 against 20.0, 16-node 13.7-14.6 against 19.3; grids of one CTA per SM or more
-    (8k batch 1 of 32/8/128, 64/8/128) were faster in 128-row tiles, so they keep them."""
+    (the first of q_tiles_for); a 128-row tile whose grid, split as pick_num_splits allows,
+    stays under one CTA per SM runs as its 64-row half: at such small grids row tiles are
+    cheaper parallelism than splits (they add no partials to merge, and their extra K/V reads
+    hit L2). Measured (H200, batch 1-8, 64-row against 128-row tiles, each with its split
+    rule): 32/8/128 64-node trees at 1k batch 1 14.2 us against 16.7, batch 8 31.7 against
+    34.1; 8/1/128 trees at 8k batch 1: 64-node 17.1 against 20.0, 16-node 13.7-14.6 against
+    19.3; grids of one CTA per SM or more (8k batch 1 of 32/8/128, 64/8/128) were faster in
+    128-row tiles, so they keep them."""
     kv_bytes = bt * max_kv_len * hkv * head_dim * 2 * kv_elem_bytes
-    q_tile = pick_q_tile(rows)
-    while True:
+
+    def split(q_tile):
         ctas = bt * hkv * -(-rows // q_tile)
         sms, per_sm = occupancy(q_tile)
         splits = pick_num_splits(ctas, max_kv_len, sms, per_sm, rows_total, head_dim, kv_bytes,
                                  q_tile, fp8)
-        if q_tile != Q_TILES[-1] or ctas * splits >= sms:
-            return q_tile, splits
-        q_tile //= 2
+        return splits, ctas * splits >= sms
+
+    tiles = q_tiles_for(rows)
+    splits, fills = split(tiles[0])
+    if fills or len(tiles) == 1:
+        return tiles[0], splits
+    return tiles[1], split(tiles[1])[0]
 
 
 # ---- validation --------------------------------------------------------------------------------
@@ -457,13 +462,12 @@ def _plan(q, k_cache, v_cache, block_tables, seq_lens, q_cu_seqlens, tree_mask, 
         raise ValueError(f"q must be on a CUDA device, got {dev}")
 
     rows = max(1, longest) * g
-    q_tile = pick_q_tile(rows)
     if num_kv_splits is None:
         q_tile, splits = pick_tiling(rows, bt, hkv, max_kv, total_q * hq, d,
                                      k_cache.element_size(), fp8,
                                      lambda qt: _occupancy(dev, d, qt, k_cache.element_size()))
-    else:
-        splits = num_kv_splits
+    else:   # forced splits: the shape's tile
+        q_tile, splits = pick_q_tile(rows), num_kv_splits
     row_tiles = -(-rows // q_tile)
     need = workspace_floats(total_q, hq, d, splits)
     if workspace is not None and workspace.numel() < need:
