@@ -962,6 +962,11 @@ __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const Param
         merge_staged(p, kv_s, stride, row0, R, G, q_start, hk);
         return;
     }
+    // Larger tiles: the host never passes counters for them (FUSED_MERGE_Q_TILE), so this loop
+    // does not run. It stays compiled on purpose: without it the 128-row tree kernels ran 9-15%
+    // slower (H200, one machine, 8k batch 1 64-node trees 34.1 -> 38.1 us; same register count;
+    // 64-row tiles unchanged), and with merge_staged here instead about 15% slower: that
+    // kernel's speed follows its code layout in ways not understood yet (BENCHMARKS.md).
     for (int i = tid; i < QT * (D / 4); i += NT) {
         const int r = i / (D / 4), d = (i % (D / 4)) * 4;
         const int gr = row0 + r;
