@@ -248,14 +248,13 @@ constexpr int MERGE_U = 16;
 template <int U = MERGE_U>
 __device__ __forceinline__ void merge_quad(const float* ws_o, const float2* ws_ml, in_t* out,
                                            size_t stride, int num_splits, size_t idx, int d) {
-    constexpr int MERGE_U = U;
     float M = neg_inf(), Ls = 0.f;
     float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
-    for (int s0 = 0; s0 < num_splits; s0 += MERGE_U) {
-        float2 ml[MERGE_U];
-        float4 v[MERGE_U];
+    for (int s0 = 0; s0 < num_splits; s0 += U) {
+        float2 ml[U];
+        float4 v[U];
 #pragma unroll
-        for (int u = 0; u < MERGE_U; ++u) {
+        for (int u = 0; u < U; ++u) {
             const size_t w = (size_t)(s0 + u) * stride + idx;
             if (s0 + u < num_splits) {
                 ml[u] = __ldcg(&ws_ml[w]);
@@ -266,7 +265,7 @@ __device__ __forceinline__ void merge_quad(const float* ws_o, const float2* ws_m
             }
         }
 #pragma unroll
-        for (int u = 0; u < MERGE_U; ++u) {
+        for (int u = 0; u < U; ++u) {
             if (ml[u].x == neg_inf()) continue;   // an empty split (or past the last)
             const float mn = fmaxf(M, ml[u].x);
             const float fa = exp2f(M - mn), fb = exp2f(ml[u].x - mn);
