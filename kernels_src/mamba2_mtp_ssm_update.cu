@@ -67,13 +67,19 @@ constexpr int MAX_T = 16;
 #define JK_MIN_BLOCKS (THREADS >= 256 ? 5 : 0)
 #endif
 constexpr int MIN_BLOCKS = JK_MIN_BLOCKS;
-// B/C staged in 16-byte vectors: 2-byte states only. Measured (H200): 5-11% faster for bf16 state
-// at batch 32 and up to 13% at batch 1; fp32-state kernels, whose rows already take twice the
-// registers, ran 2-3% slower at batch 256 with it and keep the scalar staging.
-constexpr bool VEC_STAGING = sizeof(state_t) == 2;
-// Staging loads in flight per thread (each of B and C). 256-thread blocks with vector staging
-// take fewer, to stay within the 48 registers of five blocks per SM without spilling.
-constexpr bool TIGHT = THREADS >= 256 && VEC_STAGING;
+// The step loop unrolled twice for tree kernels with 2-byte states: two steps' shared-memory
+// reads, reductions and parent checks interleave. Measured (H200, engine mode): bf16 trees 2-6%
+// faster (T = 4 and 8, batch 1 to 256); chain kernels even, fp32 trees 1% slower.
+#ifndef JK_STEP_UNROLL
+#define JK_STEP_UNROLL (JK_TREE && sizeof(state_t) == 2 ? 2 : 1)
+#endif
+constexpr int STEP_UNROLL = JK_STEP_UNROLL;
+// Staging loads in flight per thread (each of B and C; x and z). B/C move in 16-byte vectors
+// whenever their rows are 16-byte aligned (measured, H200: 5-11% faster for bf16 state at batch
+// 32, up to 13% at batch 1; with the one-round-trip prologue below also for fp32 state: 4-9%
+// faster at batch 1, even at batch 32 and 256), else in scalars. 256-thread blocks take fewer,
+// to stay within the 48 registers of five blocks per SM without spilling.
+constexpr bool TIGHT = THREADS >= 256;
 constexpr int STAGE = TIGHT ? 2 : 4;              // scalar loads
 constexpr int STAGE_V = TIGHT ? 1 : 2;            // 16-byte loads
 
@@ -221,170 +227,187 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) mtp_ssm_update(const Upda
 #pragma unroll
     for (int j = 0; j < RPT; ++j) active[j] = p0 + grp + j * GROUPS < prm.P;
 
-    const int slot = prm.state_idx ? prm.state_idx[b] : (int)b;
-    input_t* out_b = prm.out + b * prm.out_sb + (long long)h * prm.out_sh + p0 + grp;
+    // The prologue is one round trip, not a chain of them: at small batches a block's prologue
+    // is on the kernel's critical path (ncu, batch 1, H = 32: six dependent round trips before
+    // the first step, 55% of the samples at T = 8). So every load that does not depend on the
+    // sequence's slot is issued before anything waits on the slot, no load sits behind a branch
+    // (indices are clamped instead; only the stores are predicated), and values stay in their
+    // stored type until they are stored, so no conversion waits on a load before the next one
+    // is issued. The pad / bad-index exit comes after the barrier.
 
-    if (slot == prm.pad_slot_id) {   // padded sequence: zeros out, state untouched
-        if (lane == 0)
-#pragma unroll
-            for (int j = 0; j < RPT; ++j)
-                if (active[j])
-                    for (int t = 0; t < T; ++t)
-                        out_b[t * prm.out_st + j * GROUPS] = from_f<input_t>(0.f);
-        return;
-    }
+    // 1. The slot, then everything that does not depend on it.
+    const int slot = prm.state_idx ? prm.state_idx[b] : (int)b;
 #if JK_INTERMEDIATE
     const int crow = prm.inter_idx ? prm.inter_idx[b] : slot;
+#endif
+    // Per-step scalars: thread t < T loads step t (the others load step T - 1 and drop it).
+    const int ts = min((int)threadIdx.x, T - 1);
+    const dt_t dt_r = prm.dt[b * prm.dt_sb + ts * prm.dt_st + (long long)h * prm.dt_sh];
+    const a_t a_r = prm.A[(long long)h * prm.A_sh];
+#if JK_HAS_DT_BIAS
+    const bias_t bias_r = prm.dt_bias[(long long)h * prm.bias_sh];
+#endif
+#if JK_TREE
+    const int par_r = prm.parent[b * T + ts];
+#endif
+#if JK_HAS_D
+    const d_t D_r = prm.D[(long long)h * prm.D_sh];
+#endif
+
+    // B and C of this group, in 16-byte vectors when their rows allow it, and this block's x
+    // (and z) rows: the first round of each is loaded here (the scalar B/C fallback, for
+    // misaligned rows, loads all its rounds below).
+    const input_t* Bb = prm.B + b * prm.B_sb + (long long)g * prm.B_sg;
+    const input_t* Cb = prm.C + b * prm.C_sb + (long long)g * prm.C_sg;
+    constexpr int RV = N / IVEC;   // 16-byte vectors per B/C row
+    const bool vec_bc =
+        ((reinterpret_cast<unsigned long long>(Bb) | reinterpret_cast<unsigned long long>(Cb)) & 15) == 0 &&
+        prm.B_st % IVEC == 0 && prm.C_st % IVEC == 0;
+    auto load_bc_v = [&](int i0, uint4 (&vb)[STAGE_V], uint4 (&vc)[STAGE_V]) {
+#pragma unroll
+        for (int u = 0; u < STAGE_V; ++u) {
+            const int i = min(i0 + u * THREADS, T * RV - 1), t = i / RV, c = i % RV;
+            vb[u] = __ldg(reinterpret_cast<const uint4*>(Bb + t * prm.B_st + c * IVEC));
+            vc[u] = __ldg(reinterpret_cast<const uint4*>(Cb + t * prm.C_st + c * IVEC));
+        }
+    };
+    auto load_bc_s = [&](int i0, input_t (&vb)[STAGE], input_t (&vc)[STAGE]) {
+#pragma unroll
+        for (int u = 0; u < STAGE; ++u) {
+            const int i = min(i0 + u * THREADS, T * N - 1), t = i / N, n = i % N;
+            vb[u] = __ldg(Bb + t * prm.B_st + n);
+            vc[u] = __ldg(Cb + t * prm.C_st + n);
+        }
+    };
+    auto load_x = [&](int i0, input_t (&vx)[STAGE], input_t (&vz)[STAGE]) {
+#pragma unroll
+        for (int u = 0; u < STAGE; ++u) {
+            const int i = min(i0 + u * THREADS, T * ROWS - 1), t = i / ROWS;
+            const long long p = min(p0 + i % ROWS, prm.P - 1);
+            vx[u] = __ldg(prm.x + b * prm.x_sb + t * prm.x_st + (long long)h * prm.x_sh + p);
+#if JK_HAS_Z
+            vz[u] = __ldg(prm.z + b * prm.z_sb + t * prm.z_st + (long long)h * prm.z_sh + p);
+#endif
+        }
+    };
+    uint4 vb0[STAGE_V], vc0[STAGE_V];
+    input_t vx0[STAGE], vz0[STAGE];
+    if (vec_bc) load_bc_v(threadIdx.x, vb0, vc0);
+    load_x(threadIdx.x, vx0, vz0);
+
+    // 2. The state loads, once the slot is known.
+#if JK_INTERMEDIATE
     const bool bad_index = slot < 0 || slot >= prm.S || crow < 0 || crow >= prm.S2;
 #else
     const bool bad_index = slot < 0 || slot >= prm.S;
 #endif
-    if (bad_index) {   // out-of-range index (not checked on the host: that would sync): NaN out
-        if (lane == 0)
-#pragma unroll
-            for (int j = 0; j < RPT; ++j)
-                if (active[j])
-                    for (int t = 0; t < T; ++t)
-                        out_b[t * prm.out_st + j * GROUPS] =
-                            from_f<input_t>(__int_as_float(0x7fc00000));
-        return;
-    }
-
+    const bool pad = slot == prm.pad_slot_id;   // a pad id may lie outside the pool
+    const bool live = !pad && !bad_index;
     // Row-major [P, N] inside a head: this thread's first element of its first row. Row j is
     // j * GROUPS rows further, chunk k is k * TPR * VEC elements further.
     const long long head_off = ((long long)h * prm.P + p0 + grp) * N + (long long)lane * VEC;
     constexpr int ROW_J = GROUPS * N;   // elements between a thread's consecutive rows
-    state_t* st_row = prm.state + (long long)slot * prm.state_ss + head_off;
+    state_t* st_row = prm.state + (long long)(live ? slot : 0) * prm.state_ss + head_off;
 #if JK_INTERMEDIATE
     const long long step_stride = (long long)prm.H * prm.P * N;   // one node of intermediate
-    state_t* it_row = prm.inter + (long long)crow * prm.inter_ss + head_off;
+    state_t* it_row = prm.inter + (long long)(live ? crow : 0) * prm.inter_ss + head_off;
 #endif
-
-    // 1. Issue the state loads first: their latency overlaps the staging below.
     uint4 raw[RPT][K];
 #pragma unroll
     for (int j = 0; j < RPT; ++j)
 #pragma unroll
         for (int k = 0; k < K; ++k)
-            raw[j][k] = active[j] ? ld_state(st_row + j * ROW_J + k * TPR * VEC)
-                                  : make_uint4(0, 0, 0, 0);
+            raw[j][k] = active[j] && live ? ld_state(st_row + j * ROW_J + k * TPR * VEC)
+                                          : make_uint4(0, 0, 0, 0);
 
-    // The per-step scalars (thread t < T: step t), loaded now and used after the staging below,
-    // so their round trip overlaps it.
-    float dt_raw = 0.f, bias_raw = 0.f, a_raw = 0.f;
-    int par_raw = -1;
-    if (threadIdx.x < T) {
-        const int t = threadIdx.x;
-        dt_raw = to_f(prm.dt[b * prm.dt_sb + t * prm.dt_st + (long long)h * prm.dt_sh]);
-#if JK_HAS_DT_BIAS
-        bias_raw = to_f(prm.dt_bias[(long long)h * prm.bias_sh]);
-#endif
-        a_raw = to_f(prm.A[(long long)h * prm.A_sh]);
-#if JK_TREE
-        par_raw = prm.parent[b * T + t];
-#endif
-    }
-    (void)bias_raw;
-    (void)par_raw;
-
-    // 2. Stage B and C of this group, and the per-step scalars, in shared memory. Every load of
-    //    a thread is issued before its first shared store (STAGE in flight), and B/C move in
-    //    16-byte vectors when their rows allow it: the staging is a block's whole prologue, so at
-    //    small batches it is on the kernel's critical path (scalar loads took four L2 round trips
-    //    at T = 8, vectors one).
+    // 3. Stage B, C, x, z and the per-step scalars in shared memory (further rounds, when T
+    //    needs them, load and store in turn).
     float* sB = smem;
     float* sC = smem + T * N;
-    {
-        const input_t* Bb = prm.B + b * prm.B_sb + (long long)g * prm.B_sg;
-        const input_t* Cb = prm.C + b * prm.C_sb + (long long)g * prm.C_sg;
-        const bool vec_bc = VEC_STAGING &&
-            ((reinterpret_cast<unsigned long long>(Bb) | reinterpret_cast<unsigned long long>(Cb)) & 15) == 0 &&
-            prm.B_st % IVEC == 0 && prm.C_st % IVEC == 0;
-        if (vec_bc) {
-            constexpr int RV = N / IVEC;   // 16-byte vectors per B/C row
-            for (int i0 = threadIdx.x; i0 < T * RV; i0 += THREADS * STAGE_V) {
-                uint4 vb[STAGE_V], vc[STAGE_V];
+    // Round i0's values to shared memory (round 0 from the registers loaded above: it is
+    // stored before the loop over further rounds, so those registers die here).
+    auto store_bc_v = [&](int i0, const uint4 (&vb)[STAGE_V], const uint4 (&vc)[STAGE_V]) {
 #pragma unroll
-                for (int u = 0; u < STAGE_V; ++u) {
-                    const int i = i0 + u * THREADS, t = i / RV, c = i % RV;
-                    if (i < T * RV) {
-                        vb[u] = __ldg(reinterpret_cast<const uint4*>(Bb + t * prm.B_st + c * IVEC));
-                        vc[u] = __ldg(reinterpret_cast<const uint4*>(Cb + t * prm.C_st + c * IVEC));
-                    }
-                }
-#pragma unroll
-                for (int u = 0; u < STAGE_V; ++u) {
-                    const int i = i0 + u * THREADS;
-                    if (i < T * RV) {
-                        // i / RV * N + i % RV * IVEC == i * IVEC: the rows are dense in shared
-                        unpack_in(vb[u], sB + i * IVEC);
-                        unpack_in(vc[u], sC + i * IVEC);
-                    }
-                }
-            }
-        } else {
-            for (int i0 = threadIdx.x; i0 < T * N; i0 += THREADS * STAGE) {
-                float vb[STAGE], vc[STAGE];
-#pragma unroll
-                for (int u = 0; u < STAGE; ++u) {
-                    const int i = i0 + u * THREADS, t = i / N, n = i % N;
-                    if (i < T * N) {
-                        vb[u] = to_f(__ldg(Bb + t * prm.B_st + n));
-                        vc[u] = to_f(__ldg(Cb + t * prm.C_st + n));
-                    }
-                }
-#pragma unroll
-                for (int u = 0; u < STAGE; ++u) {
-                    const int i = i0 + u * THREADS;
-                    if (i < T * N) {
-                        sB[i] = vb[u];
-                        sC[i] = vc[u];
-                    }
-                }
+        for (int u = 0; u < STAGE_V; ++u) {
+            const int i = i0 + u * THREADS;
+            if (i < T * RV) {
+                // i / RV * N + i % RV * IVEC == i * IVEC: the rows are dense in shared
+                unpack_in(vb[u], sB + i * IVEC);
+                unpack_in(vc[u], sC + i * IVEC);
             }
         }
-        for (int i0 = threadIdx.x; i0 < T * ROWS; i0 += THREADS * STAGE) {
-            float vx[STAGE];
-#if JK_HAS_Z
-            float vz[STAGE];
-#endif
+    };
+    auto store_bc_s = [&](int i0, const input_t (&vb)[STAGE], const input_t (&vc)[STAGE]) {
 #pragma unroll
-            for (int u = 0; u < STAGE; ++u) {
-                const int i = i0 + u * THREADS, t = i / ROWS, r = i % ROWS;
-                if (i < T * ROWS && p0 + r < prm.P) {
-                    vx[u] = to_f(prm.x[b * prm.x_sb + t * prm.x_st + (long long)h * prm.x_sh + p0 + r]);
-#if JK_HAS_Z
-                    vz[u] = to_f(prm.z[b * prm.z_sb + t * prm.z_st + (long long)h * prm.z_sh + p0 + r]);
-#endif
-                }
-            }
-#pragma unroll
-            for (int u = 0; u < STAGE; ++u) {
-                const int i = i0 + u * THREADS, t = i / ROWS, r = i % ROWS;
-                if (i < T * ROWS && p0 + r < prm.P) {
-                    s_x[t][r] = vx[u];
-#if JK_HAS_Z
-                    s_z[t][r] = vz[u];
-#endif
-                }
+        for (int u = 0; u < STAGE; ++u) {
+            const int i = i0 + u * THREADS;
+            if (i < T * N) {
+                sB[i] = to_f(vb[u]);
+                sC[i] = to_f(vc[u]);
             }
         }
-        if (threadIdx.x < T) {
-            float d = dt_raw;
-#if JK_HAS_DT_BIAS
-            d += bias_raw;
+    };
+    auto store_x = [&](int i0, const input_t (&vx)[STAGE], const input_t (&vz)[STAGE]) {
+#pragma unroll
+        for (int u = 0; u < STAGE; ++u) {
+            const int i = i0 + u * THREADS, t = i / ROWS, r = i % ROWS;
+            if (i < T * ROWS && p0 + r < prm.P) {
+                s_x[t][r] = to_f(vx[u]);
+#if JK_HAS_Z
+                s_z[t][r] = to_f(vz[u]);
 #endif
-#if JK_DT_SOFTPLUS
-            d = softplus(d);
-#endif
-            s_dt[threadIdx.x] = d;
-            s_dA[threadIdx.x] = expf(a_raw * d);
-#if JK_TREE
-            s_parent[threadIdx.x] = par_raw;
-#endif
+            }
+        }
+        (void)vz;
+    };
+    if (vec_bc) {
+        store_bc_v(threadIdx.x, vb0, vc0);
+        for (int i0 = threadIdx.x + THREADS * STAGE_V; i0 < T * RV; i0 += THREADS * STAGE_V) {
+            uint4 vb[STAGE_V], vc[STAGE_V];
+            load_bc_v(i0, vb, vc);
+            store_bc_v(i0, vb, vc);
+        }
+    } else {
+        for (int i0 = threadIdx.x; i0 < T * N; i0 += THREADS * STAGE) {
+            input_t vb[STAGE], vc[STAGE];
+            load_bc_s(i0, vb, vc);
+            store_bc_s(i0, vb, vc);
         }
     }
+    store_x(threadIdx.x, vx0, vz0);
+    for (int i0 = threadIdx.x + THREADS * STAGE; i0 < T * ROWS; i0 += THREADS * STAGE) {
+        input_t vx[STAGE], vz[STAGE];
+        load_x(i0, vx, vz);
+        store_x(i0, vx, vz);
+    }
+    if (threadIdx.x < T) {
+        float d = to_f(dt_r);
+#if JK_HAS_DT_BIAS
+        d += to_f(bias_r);
+#endif
+#if JK_DT_SOFTPLUS
+        d = softplus(d);
+#endif
+        s_dt[threadIdx.x] = d;
+        s_dA[threadIdx.x] = expf(to_f(a_r) * d);
+#if JK_TREE
+        s_parent[threadIdx.x] = par_r;
+#endif
+    }
     __syncthreads();
+
+    // A padded sequence writes zeros and leaves its state alone; an out-of-range index (not
+    // checked on the host: that would sync) writes NaN. Uniform per block: the whole block
+    // leaves here.
+    if (!live) {
+        const float fill = pad ? 0.f : __int_as_float(0x7fc00000);
+        input_t* out_b = prm.out + b * prm.out_sb + (long long)h * prm.out_sh + p0;
+        for (int i = threadIdx.x; i < T * ROWS; i += THREADS)
+            if (p0 + i % ROWS < prm.P)
+                out_b[i / ROWS * prm.out_st + i % ROWS] = from_f<input_t>(fill);
+        return;
+    }
+    input_t* out_b = prm.out + b * prm.out_sb + (long long)h * prm.out_sh + p0 + grp;
 
     float hs[RPT][K][VEC];   // this thread's parts of its rows, fp32, for all steps
 #pragma unroll
@@ -393,7 +416,7 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) mtp_ssm_update(const Upda
         for (int k = 0; k < K; ++k) unpack(raw[j][k], hs[j][k]);
 
 #if JK_HAS_D
-    const float Dh = to_f(prm.D[(long long)h * prm.D_sh]);
+    const float Dh = to_f(D_r);
 #endif
 #if JK_TREE && JK_TREE_PREFETCH
     // The parent node of the next step, loaded one step ahead so its latency hides behind the
@@ -431,6 +454,7 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) mtp_ssm_update(const Upda
     };
 
     // 3. The T steps.
+#pragma unroll STEP_UNROLL
     for (int t = 0; t < T; ++t) {
 #if JK_TREE && JK_TREE_PREFETCH
         if (t > 0) {
