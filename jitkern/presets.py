@@ -112,8 +112,9 @@ class Preset:
 
     def _mamba2_configs(self) -> list[dict]:
         """The op's choices (jitkern.ops.mamba2): tree kernel only with a parent index and more
-        than one token, tiling from (N, state dtype, P, tree, one token or more), Nemotron dtypes
-        and flags; plus the accepted-state commit's configuration."""
+        than one token, tiling from (N, state dtype, P, tree, one token or more, grid smaller
+        than the GPU or not), Nemotron dtypes and flags; plus the accepted-state commit's
+        configuration."""
         m = self.mamba2
         modes = [(False, False, 1)]                    # (tree, intermediate, T): plain decode
         if self.spec.chain > 1 or self.spec.tree is not None:
@@ -124,8 +125,9 @@ class Preset:
         out = []
         for sd in m.state_dtypes:
             for tree, inter, T in modes:
-                out.append(nemotron_config(sd, tree=tree, intermediate=inter, T=T,
-                                           N=m.d_state, P=m.head_dim))
+                for small in (False, True):   # small grids: batch 1 of a few heads per rank
+                    out.append(nemotron_config(sd, tree=tree, intermediate=inter, T=T,
+                                               N=m.d_state, P=m.head_dim, small_grid=small))
             if len(modes) > 1:  # the accepted-state commit runs this one, whatever N and P are
                 out.append(nemotron_config(sd, tree=False))
         return out

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import jitkern
-from jitkern.families.mamba2 import (MAMBA2, chunks_per_row, nemotron_config, pick_layout,
-                                     pick_tiling)
+from jitkern.families.mamba2 import (MAMBA2, chunks_per_row, grid_blocks, nemotron_config,
+                                     pick_layout, pick_tiling)
 from jitkern.ops import mamba2_commit_accepted_state as commit
 from jitkern.ops import mamba2_mtp_ssm_update as update
 from jitkern.ops.signature import PlanCache
@@ -390,6 +390,33 @@ def test_tiling_is_valid_for_every_shape():
     assert pick_tiling(16, "bf16", 8, tpr=4, rpt=2) == (2, 16, 1)   # masked rows past P
 
 
+def test_small_grid_layout():
+    # 2-byte states with T > 1: twice the threads per row in the same block, half the rows
+    for sd in ("bf16", "fp16"):
+        for tree in (False, True):
+            big, small = (pick_layout(128, sd, 64, tree, 8, small_grid=g) for g in (False, True))
+            assert (big["TPR"], big["ROWS"], big["RPT"]) == (8, 16, 2)
+            assert (small["TPR"], small["ROWS"], small["RPT"]) == (16, 8, 2)
+            assert small["ROWS"] // small["RPT"] * small["TPR"] == 64   # same block size
+            assert grid_blocks(64, small["ROWS"], 32, 1) == 2 * grid_blocks(64, big["ROWS"], 32, 1)
+            for n, p in itertools.product(range(16, 513, 16), range(8, 257, 8)):
+                lay = pick_layout(n, sd, p, tree, 4, small_grid=True)
+                MAMBA2.canonical(dict(nemotron_config(sd, tree=tree), N=n, **lay, state_dtype=sd))
+                assert p % lay["ROWS"] == 0 or lay["ROWS"] * lay["TPR"] // lay["RPT"] == 32
+    # one token, and fp32 states (no gain measured), keep their tiling
+    assert pick_layout(128, "bf16", 64, False, 1, True) == pick_layout(128, "bf16", 64, False, 1)
+    for tree in (False, True):
+        assert pick_layout(128, "fp32", 64, tree, 8, True) == pick_layout(128, "fp32", 64, tree, 8)
+    # the row's 16-byte chunks bound the threads per row: N = 16 bf16 has two chunks
+    assert pick_layout(16, "bf16", 64, False, 8, True)["TPR"] <= 2
+    # the warm-up set carries both layouts of the 2-byte multi-token kernels
+    key = lambda c: tuple(sorted(c.items()))  # noqa: E731
+    warm = set(map(key, MAMBA2.warmup_configs()))
+    for tree in (False, True):
+        assert key(nemotron_config("bf16", tree, small_grid=True)) in warm
+        assert key(nemotron_config("bf16", tree)) in warm
+
+
 @pytest.fixture
 def own_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("JITKERN_CACHE_DIR", str(tmp_path / "cache"))
@@ -405,8 +432,9 @@ def own_cache(tmp_path, monkeypatch):
 def test_warmup_set_compiles_for_hopper(own_cache):
     configs = MAMBA2.warmup_configs()
     # per state dtype: tree, chain, chain with T = 1 and plain decode. bf16's T = 1 has its own
-    # tiling; fp32 uses one tiling for every T, so its chain and T = 1 chain are one entry.
-    assert len(configs) == 7 and len({tuple(sorted(c.items())) for c in configs}) == 7
+    # tiling, and its tree and chain a second (small-grid) one; fp32 uses one tiling for every T
+    # and grid, so its chain and T = 1 chain are one entry.
+    assert len(configs) == 9 and len({tuple(sorted(c.items())) for c in configs}) == 9
     assert sum(c["state_dtype"] == "fp32" for c in configs) == 3
     assert {(c["state_dtype"], c["tree"]) for c in configs} == {
         ("fp32", True), ("fp32", False), ("bf16", True), ("bf16", False)}
