@@ -35,6 +35,7 @@ graph-replayed device time beside them.
     python benchmarks/mamba2_mtp.py --quick         # a subset
     python benchmarks/mamba2_mtp.py --story         # H=128, T 1/4/8, batch 1/32/256
     python benchmarks/mamba2_mtp.py --tune          # tiling sweep (threads per row, block size)
+    python benchmarks/mamba2_mtp.py --tune-small    # finer tilings at batch 1 and 8, both shapes
     python benchmarks/mamba2_mtp.py --variants      # tree-read and tiling variants, T 4/8
     python benchmarks/mamba2_mtp.py --host          # eager (host-inclusive) calls, batch 1 and 8
     python benchmarks/mamba2_mtp.py --update-state  # T > 1 rows also write the state back
@@ -54,7 +55,7 @@ import torch
 sys.path.insert(0, __import__("os").path.dirname(__import__("os").path.dirname(
     __import__("os").path.abspath(__file__))))
 
-from jitkern.families.mamba2 import pick_tiling  # noqa: E402
+from jitkern.families.mamba2 import grid_blocks, pick_layout, pick_tiling  # noqa: E402
 from jitkern.ops import mamba2 as m2  # noqa: E402
 from bench_timing import eager_per_call, event_median_ms, warm_up  # noqa: E402  (this directory)
 
@@ -287,6 +288,8 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--story", action="store_true")
     ap.add_argument("--tune", action="store_true")
+    ap.add_argument("--tune-small", action="store_true",
+                    help="finer tilings at small batches (grids of few blocks), FlashInfer beside")
     ap.add_argument("--variants", action="store_true")
     ap.add_argument("--no-eager", action="store_true")
     ap.add_argument("--no-flashinfer", action="store_true")
@@ -308,6 +311,9 @@ def main():
 
     if args.tune:
         tune(bw)
+        return
+    if args.tune_small:
+        tune_small(bw, fi, args.batches or [1, 8], args.ts or [1, 4, 8])
         return
     if args.variants:
         variants(bw, args.batches, args.ts)
@@ -418,6 +424,111 @@ def tune(bw):
                           f"{100 * pr.bytes / ms / 1e6 / bw:.0f}% |", flush=True)
                 del pr
                 torch.cuda.empty_cache()
+
+
+SMALL = {   # (threads per block, threads per row, rows per thread): finer blocks for small grids
+    "fp32": [(128, 16, 2), (64, 16, 2), (32, 16, 2), (64, 32, 2), (32, 32, 2), (64, 16, 1),
+             (32, 16, 1), (32, 32, 1), (64, 8, 2), (32, 8, 2)],
+    "bf16": [(64, 8, 2), (128, 8, 2), (32, 8, 2), (32, 8, 1), (64, 16, 2), (32, 16, 2),
+             (64, 16, 1), (32, 16, 1), (64, 4, 2), (32, 4, 2)],
+}
+
+
+def _small_cases(shapes, batches, ts):
+    for H, G in shapes:
+        for sd in ("fp32", "bf16"):
+            for T in ts:
+                for tree in ((False,) if T == 1 else (False, True)):
+                    for Bt in batches:
+                        tilings = []
+                        for threads, tpr, rpt in SMALL[sd]:
+                            t = pick_tiling(128, sd, 64, tree, T, threads=threads, tpr=tpr,
+                                            rpt=rpt)
+                            if t not in tilings:
+                                tilings.append(t)
+                        yield H, G, sd, T, tree, Bt, tilings
+
+
+def _precompile_small(shapes, batches, ts):
+    """Compile every candidate of the sweep in parallel (the CLI's warm-up with a manifest)."""
+    import json
+    import os
+    import subprocess
+    import tempfile
+
+    from jitkern.families.mamba2 import nemotron_config
+
+    kernels = []
+    for H, G, sd, T, tree, Bt, tilings in _small_cases(shapes, batches, ts):
+        for tpr, rows, rpt in tilings:
+            cfg = nemotron_config(sd, tree, intermediate=T > 1, T=T)
+            cfg.update(TPR=tpr, ROWS=rows, RPT=rpt)
+            item = dict(family="mamba2_mtp_ssm_update", **cfg)
+            if item not in kernels:
+                kernels.append(item)
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump({"kernel": kernels}, f)
+    t0 = time.time()
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-m", "jitkern.cli", "warmup", "--manifest", f.name, "-q"],
+                       cwd=root, capture_output=True, text=True)
+    os.unlink(f.name)
+    print(f"# {len(kernels)} candidate kernels compiled in {time.time() - t0:.0f} s "
+          f"(exit {r.returncode}{': ' + r.stderr[-500:] if r.returncode else ''})", flush=True)
+
+
+def _op_tiling(sd, T, tree, H, Bt, N=128, P=64):
+    """(TPR, ROWS, RPT) the op picks for this row (its small-grid rule included)."""
+    lay = pick_layout(N, sd, P, tree, T)
+    if grid_blocks(P, lay["ROWS"], H, Bt) < m2._sm_count(torch.device("cuda", 0)):
+        lay = pick_layout(N, sd, P, tree, T, small_grid=True)
+    return lay["TPR"], lay["ROWS"], lay["RPT"]
+
+
+def tune_small(bw, fi, batches, ts):
+    """Finer tilings where the op's grid is small (batch 1 and 8; H=128/G=8 and the TP=4 slice
+    H=32/G=2), beside the op's own choice and FlashInfer (chain rows) in the same run."""
+    shapes = [(128, 8), (32, 2)]
+    _precompile_small(shapes, batches, ts)
+    if fi is not None:
+        prewarm_flashinfer(fi, ["fp32", "bf16"], ts)
+    print("\n## small-grid tiling sweep (P=64, N=128; the op's mode per T, binary tree)")
+    print("| H | state | T | tree | batch | TPR | ROWS | RPT | threads | blocks | us | % copy | "
+          "vs op | FlashInfer us | vs FlashInfer |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for H, G, sd, T, tree, Bt, tilings in _small_cases(shapes, batches, ts):
+        pr = Problem(H, G, 64, 128, T, Bt, DT[sd], tree, **call_mode(T))
+        # every tiling's writes and outputs checked against the op's before any timing (timed
+        # calls that update the state move it on; the check restores it)
+        ref_out, _ = pr.check_writes(pr.jitkern_call(0))
+        for tiling in tilings:
+            out, bad = pr.check_writes(pr.jitkern_call(0, tiling))
+            err = ((out.float() - ref_out.float()).abs().max()
+                   / ref_out.float().abs().max().clamp_min(1e-6)).item()
+            if err > 1e-2 or err != err:
+                bad.append(f"outputs {err:.1e} (relative) from the op's")
+            if bad:
+                print(f"# note: tiling {tiling}: {', '.join(bad)}")
+        base = time_calls([pr.jitkern_call(i) for i in range(pr.R)])
+        fms = None
+        if fi is not None and not tree:
+            try:
+                fms = time_calls([pr.flashinfer_call(fi, i) for i in range(pr.R)])
+            except Exception as err:  # noqa: BLE001
+                print(f"# FlashInfer failed: {type(err).__name__}: {err}")
+        op_tiling = _op_tiling(sd, T, tree, H, Bt)
+        for tiling in [None] + tilings:
+            ms = base if tiling is None else time_calls(
+                [pr.jitkern_call(i, tiling) for i in range(pr.R)])
+            tpr, rows, rpt = op_tiling if tiling is None else tiling
+            f_us = f"{fms * 1e3:.1f}" if fms else "-"
+            f_x = f"{fms / ms:.2f}x" if fms else "-"
+            print(f"| {H} | {sd} | {T} | {'yes' if tree else 'no'} | {Bt} | {tpr} | {rows} | "
+                  f"{rpt} | {rows // rpt * tpr} | {-(-64 // rows) * H * Bt} | {ms * 1e3:.2f}"
+                  f"{' (op)' if tiling is None else ''} | {100 * pr.bytes / ms / 1e6 / bw:.0f}% | "
+                  f"{base / ms:.3f}x | {f_us} | {f_x} |", flush=True)
+        del pr
+        torch.cuda.empty_cache()
 
 
 VARIANTS = {   # state -> tree -> (threads per block, TPR, RPT, tree_prefetch) candidates

@@ -6,9 +6,10 @@
         python benchmarks/profile_row.py mamba2 "bf16 T=4 b=32 chain"
 
 Rows are named as in ``probe_cache_hints.py`` (attention: "Hq/Hkv/D q=N CTXk b=B KV", N = 1,
-4 = chain, 16 / 64 = random trees; Mamba2: "STATE T=N b=B chain|tree" at H = 128, G = 8, P = 64,
-N = 128, in the benchmark's engine mode). ``JK_PROFILE_MACROS="NAME=V,..."`` compiles the family
-with extra macros (a probe variant) instead of the default.
+4 = chain, 16 / 64 = random trees; Mamba2: "STATE T=N b=B chain|tree[ H=32][ tiling=T,R,P]"
+at H = 128, G = 8 (H = 32, G = 2: the TP=4 slice), P = 64, N = 128, in the benchmark's engine
+mode, with the op's tiling or the one given as TPR,ROWS,RPT). ``JK_PROFILE_MACROS="NAME=V,..."``
+compiles the family with extra macros (a probe variant) instead of the default.
 """
 
 from __future__ import annotations
@@ -55,14 +56,18 @@ def attention(name: str):
 
 def mamba2(name: str):
     import mamba2_mtp as mb
-    m = re.fullmatch(r"(fp32|bf16) T=(\d+) b=(\d+) (chain|tree)", name)
+    m = re.fullmatch(r"(fp32|bf16) T=(\d+) b=(\d+) (chain|tree)( H=32)?( tiling=\d+,\d+,\d+)?",
+                     name)
     if not m:
-        raise SystemExit(f"mamba2 row {name!r}: expected 'fp32|bf16 T=N b=B chain|tree'")
+        raise SystemExit(f"mamba2 row {name!r}: expected 'fp32|bf16 T=N b=B chain|tree"
+                         f"[ H=32][ tiling=TPR,ROWS,RPT]'")
     sd = torch.float32 if m.group(1) == "fp32" else torch.bfloat16
     T, Bt, tree = int(m.group(2)), int(m.group(3)), m.group(4) == "tree"
+    H, G = (32, 2) if m.group(5) else (128, 8)
+    tiling = tuple(int(v) for v in m.group(6).split("=")[1].split(",")) if m.group(6) else None
     use_mamba2({}, "profile", macros())
-    p = mb.Problem(128, 8, 64, 128, T, Bt, sd, tree, **mb.call_mode(T))
-    return p.jitkern_call(0)
+    p = mb.Problem(H, G, 64, 128, T, Bt, sd, tree, **mb.call_mode(T))
+    return p.jitkern_call(0, tiling)
 
 
 def main():
