@@ -55,7 +55,8 @@ import torch
 sys.path.insert(0, __import__("os").path.dirname(__import__("os").path.dirname(
     __import__("os").path.abspath(__file__))))
 
-from jitkern.families.mamba2 import grid_blocks, pick_layout, pick_tiling  # noqa: E402
+from jitkern.families.mamba2 import layout_for_grid, pick_tiling  # noqa: E402
+from jitkern.ops.device import sm_count  # noqa: E402
 from jitkern.ops import mamba2 as m2  # noqa: E402
 from bench_timing import eager_per_call, event_median_ms, warm_up  # noqa: E402  (this directory)
 
@@ -232,6 +233,12 @@ class Problem:
         return run
 
 
+def relative_error(out, ref) -> float:
+    """Largest |out - ref| over the largest |ref| (NaN anywhere in out gives NaN)."""
+    return ((out.float() - ref.float()).abs().max()
+            / ref.float().abs().max().clamp_min(1e-6)).item()
+
+
 def graph_of(calls):
     g = torch.cuda.CUDAGraph()
     for c in calls:   # warm: compile, load, autotune outside the capture
@@ -366,8 +373,7 @@ def row(bw, fi, H, G, sd, T, tree, Bt, eager, update_state=False):
         try:
             # the same work as this op: same writes, same outputs (bf16: 2e-2 of the scale)
             fi_out, bad = pr.check_writes(pr.flashinfer_call(fi, 0))
-            err = ((fi_out.float() - jk_out.float()).abs().max()
-                   / jk_out.float().abs().max().clamp_min(1e-6)).item()
+            err = relative_error(fi_out, jk_out)
             if err > 2e-2 or err != err:
                 bad.append(f"gave outputs {err:.1e} (relative) from jitkern's")
             if bad:
@@ -479,9 +485,7 @@ def _precompile_small(shapes, batches, ts):
 
 def _op_tiling(sd, T, tree, H, Bt, N=128, P=64):
     """(TPR, ROWS, RPT) the op picks for this row (its small-grid rule included)."""
-    lay = pick_layout(N, sd, P, tree, T)
-    if grid_blocks(P, lay["ROWS"], H, Bt) < m2._sm_count(torch.device("cuda", 0)):
-        lay = pick_layout(N, sd, P, tree, T, small_grid=True)
+    lay = layout_for_grid(N, sd, P, tree, T, H, Bt, sm_count(torch.device("cuda", 0)))
     return lay["TPR"], lay["ROWS"], lay["RPT"]
 
 
@@ -503,8 +507,7 @@ def tune_small(bw, fi, batches, ts):
         ref_out, _ = pr.check_writes(pr.jitkern_call(0))
         for tiling in tilings:
             out, bad = pr.check_writes(pr.jitkern_call(0, tiling))
-            err = ((out.float() - ref_out.float()).abs().max()
-                   / ref_out.float().abs().max().clamp_min(1e-6)).item()
+            err = relative_error(out, ref_out)
             if err > 1e-2 or err != err:
                 bad.append(f"outputs {err:.1e} (relative) from the op's")
             if bad:

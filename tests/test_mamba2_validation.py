@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import jitkern
-from jitkern.families.mamba2 import (MAMBA2, chunks_per_row, grid_blocks, nemotron_config,
-                                     pick_layout, pick_tiling)
+from jitkern.families.mamba2 import (MAMBA2, chunks_per_row, grid_blocks, layout_for_grid,
+                                     nemotron_config, pick_layout, pick_tiling)
 from jitkern.ops import mamba2_commit_accepted_state as commit
 from jitkern.ops import mamba2_mtp_ssm_update as update
 from jitkern.ops.signature import PlanCache
@@ -403,6 +403,14 @@ def test_small_grid_layout():
                 lay = pick_layout(n, sd, p, tree, 4, small_grid=True)
                 MAMBA2.canonical(dict(nemotron_config(sd, tree=tree), N=n, **lay, state_dtype=sd))
                 assert p % lay["ROWS"] == 0 or lay["ROWS"] * lay["TPR"] // lay["RPT"] == 32
+    # the op's choice: the small-grid layout only when the default grid leaves SMs idle
+    # (H = 32, batch 1: 128 blocks on 132 SMs; H = 128, batch 1: 512 blocks)
+    small = pick_layout(128, "bf16", 64, False, 8, small_grid=True)
+    assert layout_for_grid(128, "bf16", 64, False, 8, 32, 1, 132) == small
+    assert layout_for_grid(128, "bf16", 64, False, 8, 128, 1, 132) == pick_layout(128, "bf16",
+                                                                                   64, False, 8)
+    assert layout_for_grid(128, "fp32", 64, True, 8, 1, 1, 132) == pick_layout(128, "fp32", 64,
+                                                                              True, 8)
     # one token, and fp32 states (no gain measured), keep their tiling
     assert pick_layout(128, "bf16", 64, False, 1, True) == pick_layout(128, "bf16", 64, False, 1)
     for tree in (False, True):

@@ -120,6 +120,16 @@ def grid_blocks(P: int, rows: int, H: int, Bt: int) -> int:
     return -(-P // rows) * H * Bt
 
 
+def layout_for_grid(N: int, state_dtype: str, P: int, tree: bool, T: int, H: int, Bt: int,
+                    sm_count: int) -> dict:
+    """The op's layout for a launch of H heads x Bt sequences on a GPU of ``sm_count`` SMs:
+    pick_layout's, with ``small_grid`` when its grid would leave SMs without a block."""
+    layout = pick_layout(N, state_dtype, P, tree, T)
+    if grid_blocks(P, layout["ROWS"], H, Bt) < sm_count:
+        layout = pick_layout(N, state_dtype, P, tree, T, small_grid=True)
+    return layout
+
+
 def _validate(cfg: dict) -> None:
     if cfg["tree"] and not cfg["intermediate"]:
         raise ValueError("mamba2_mtp_ssm_update: tree=True needs intermediate=True (the parent "

@@ -10,7 +10,7 @@ on torch's current stream there.
 Compile-time (one specialization each): d_state N, the tiling (threads per state row, rows per
 block, rows per thread, and in tree mode how parent nodes are read back; derived from N, the
 state dtype, P, tree mode, T == 1 and whether the grid would leave SMs idle by
-families.mamba2.pick_layout), the dtypes of state /
+families.mamba2.layout_for_grid), the dtypes of state /
 x,B,C,z,out / dt / A / D / dt_bias, and the flags D given, z given, dt_bias given, dt_softplus,
 tree mode, intermediate states given. Run-time: T, Bt, H, P, G, every stride, the index
 tensors, pad_slot_id and disable_state_update. P and T are run-time because they only enter
@@ -30,9 +30,10 @@ from typing import Optional
 import torch
 
 from ..families.mamba2 import (COMMIT_THREADS, COMMIT_UNROLL, ESIZE, MAMBA2, MAX_T,
-                               grid_blocks, nemotron_config, pick_layout)
+                               layout_for_grid, nemotron_config)
 from ..service import get_kernel
 from ..torch_ops import custom_op
+from .device import sm_count
 from .signature import PlanCache, tensor_meta as _meta
 
 _DTYPE_NAME = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -200,17 +201,6 @@ class _Plan:
         self.align = align          # tensors whose data pointer must be 16-byte aligned
 
 
-_SMS: dict = {}   # device -> SM count
-
-
-def _sm_count(device) -> int:
-    n = _SMS.get(device)
-    if n is None:
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        n = _SMS[device] = torch.cuda.get_device_properties(index).multi_processor_count
-    return n
-
-
 def _prepare_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, sbi, pad_slot_id, inter,
                     iidx, parent, disable_state_update, out, tiling=None) -> _Plan:
     """Validate everything that depends on the call signature; load the kernel; build the plan."""
@@ -337,9 +327,7 @@ def _prepare_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, sbi, pad_
     # With one token there is no step t > 0 whose parent could matter: the chain kernel computes
     # the same (and is faster: the tree's prefetch registers cost occupancy).
     tree = parent is not None and T > 1
-    layout = pick_layout(N, state_dt, P, tree, T)
-    if grid_blocks(P, layout["ROWS"], H, Bt) < _sm_count(dev):
-        layout = pick_layout(N, state_dt, P, tree, T, small_grid=True)
+    layout = layout_for_grid(N, state_dt, P, tree, T, H, Bt, sm_count(dev))
     if tiling is not None:   # (TPR, ROWS, RPT[, tree_prefetch]): benchmarks and tests
         layout.update(zip(("TPR", "ROWS", "RPT"), tiling[:3]))
         if len(tiling) > 3:

@@ -22,6 +22,7 @@ from ..families.spec_dec_attention import (HEAD_DIMS, KV_TILE, PAGE_SIZES, SPEC_
                                            shared_bytes, warps)
 from ..service import get_kernel
 from ..torch_ops import custom_op
+from .device import sm_count
 from .signature import PlanCache, tensor_meta as _meta
 
 _IN_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -206,7 +207,7 @@ def _occupancy(device, head_dim: int, q_tile: int, kv_bytes: int) -> tuple:
         import cupy
 
         index = device.index if device.index is not None else torch.cuda.current_device()
-        sms = torch.cuda.get_device_properties(index).multi_processor_count
+        sms = sm_count(device)
         # cudaDevAttrMaxSharedMemoryPerMultiprocessor
         smem = cupy.cuda.runtime.deviceGetAttribute(81, index)
         cfg = dict(head_dim=head_dim, q_tile=q_tile,
