@@ -126,6 +126,30 @@ constexpr bool WG = JK_SD_HAVE_WGMMA && JK_SD_WGMMA && WG_SHAPE;
 // wgmma reads B only from shared memory, so an fp8 cache is converted there for it.
 constexpr bool FP8_SMEM = JK_KV_FP8 && (QT >= 128 || WG);
 constexpr bool FP8_DIRECT = JK_KV_FP8 && !FP8_SMEM;
+// fp8_qk (opt-in: the op's allow_fp8_qk): with an fp8 cache, a bf16 query, warpgroup MMAs and
+// head dim 128 or 256, S = Q K^T runs as e4m3 wgmma on the K tile as it landed (swizzled), so K
+// is never converted. The query is split once into two e4m3 terms, hi + lo, after a per-row
+// power-of-two scale that puts the row's largest magnitude in [128, 256) (undone in the softmax
+// scale, exactly): a bf16 value has 8 significant bits, hi takes 4 and the rounding residual lo
+// the rest, so hi + lo is the bf16 value exactly wherever lo stays in e4m3's normal range (values
+// above 2^-9 of the row's max; below, lo rounds to a multiple of 2^-9, under 2^-16 of the max).
+// Two k32 e4m3 MMAs take the time of one k16 16-bit MMA, so the MMA time is unchanged; what goes
+// is the conversion of K (a quarter of the tile's shared-memory traffic) and half of the K
+// operand's reads. Measured (H200, BENCHMARKS.md): 64-row tiles 1.08-1.24x on fp8 trees;
+// 128-row tiles 0.97-1.00x (their 128-register budget spills a few values a tile), so the op
+// asks for it on 64-row tiles only. V still converts to fp16: 8-bit wgmma takes B only K-major,
+// and V's contraction runs down its rows.
+// Why opt-in: Hopper's e4m3 MMAs add their products with about 13 fraction bits (not fp32), so
+// scores carry errors of roughly 2^-11 of their magnitude, which the softmax turns into
+// probability errors proportional to the logits: measured worst-row output errors 0.6-0.7% at
+// logit std 2, 2.3% at 8, 6-9% at 32 (the fp16 path: 0.2%); Frobenius errors stay within the
+// 1e-2 bound (2.5-2.9e-3, 3.7-4.5e-3, 6.4-8.2e-3; benchmarks/fp8_qk_error.py). Moving the sum to fp32 registers halfway halved those
+// errors but spilled (0.84-0.91x); after every k32 step it still left 10x the fp16 path's: the
+// loss is inside each instruction. fp16 queries (11 significant bits) keep the fp16 path.
+#ifndef JK_FP8_QK
+#define JK_FP8_QK 0
+#endif
+constexpr bool FP8_QK = JK_FP8_QK && WG && JK_KV_FP8 && JK_IN_BF16 && D % 128 == 0;
 // Direct fp8 fragments: 1 converts a K word's two halves as 16-bit registers and builds two V
 // column pairs per byte permute (fp8x4_to_f16x4, fp8_cols2); 0 is the earlier one permute or
 // shift per pair, kept for the probe.
@@ -522,8 +546,10 @@ __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const Param
 #endif
                 src = ok ? elem * KV_BYTES + cc * 16 : 0;
             }
-            // 16-bit tiles for wgmma land swizzled; fp8 ones stay in padded rows (converted)
-            const int so = WG && !JK_KV_FP8 ? swz_chunk(r, cc, TILE) : r * KV_ROW + cc * 16;
+            // 16-bit tiles for wgmma land swizzled, and so do fp8 ones for the e4m3 S MMAs
+            // (FP8_QK; V too, for one offset per row); other fp8 ones stay in padded rows
+            const int so = (WG && !JK_KV_FP8) || FP8_QK ? swz_chunk(r, cc, TILE)
+                                                       : r * KV_ROW + cc * 16;
             cp_async16(smem_u32(ksm + so), p.k_cache + src, ok ? 16 : 0);
             cp_async16(smem_u32(vsm + so), p.v_cache + src, ok ? 16 : 0);
         }
@@ -537,6 +563,67 @@ __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const Param
             load_pages(t_begin + s + 1);
         }
         cp_async_commit();
+    }
+
+    // FP8_QK: 2^-e of each query row's scale, in the Q area's slack (read again every tile: held
+    // in registers they pushed the 128-row tiles past their 128-register budget)
+    const float* qexp = reinterpret_cast<const float*>(q_s + 2 * QT * D);
+    if constexpr (FP8_QK) {
+        cp_async_wait<STAGES - 2>();   // the first group: the query (with the first K/V tile)
+        __syncthreads();
+        // bf16 query -> e4m3 hi and lo terms (see FP8_QK), in place: hi takes the first
+        // D/128 column blocks, lo the next, so row r's terms land in the 128-byte row
+        // slots its bf16 values held. Four lanes of one warp own a row, so a warp barrier
+        // between the loads and the stores is enough.
+        constexpr int CPT = D / 64;   // 16-value e4m3 chunks per thread
+        float* qexp_w = reinterpret_cast<float*>(q_s + 2 * QT * D);
+        for (int rb = 0; rb < QT; rb += NT / 4) {
+            const int r = rb + tid / 4, part = tid % 4;
+            uint4 x[CPT][2];
+            float amax = 0.f;
+#pragma unroll
+            for (int k = 0; k < CPT; ++k)
+#pragma unroll
+                for (int hh = 0; hh < 2; ++hh) {
+                    x[k][hh] = *reinterpret_cast<const uint4*>(
+                        q_s + swz_chunk(r, 2 * (part * CPT + k) + hh, QT));
+                    const u32 w[4] = {x[k][hh].x, x[k][hh].y, x[k][hh].z, x[k][hh].w};
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        const float2 f = bf16x2_to_f2(w[e]);
+                        amax = fmaxf(amax, fmaxf(fabsf(f.x), fabsf(f.y)));
+                    }
+                }
+            amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
+            amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 2));
+            __syncwarp();   // (the row's loads before its in-place stores, formally)
+            int ex;
+            frexpf(amax, &ex);                       // amax in [2^(ex-1), 2^ex)
+            const int e = amax > 0.f ? min(max(8 - ex, -100), 100) : 0;
+            const float up = __int_as_float((127 + e) << 23);
+#pragma unroll
+            for (int k = 0; k < CPT; ++k) {
+                u32 hw[4], lw[4];
+#pragma unroll
+                for (int q = 0; q < 4; ++q) {   // output word q: values 4q .. 4q+3
+                    const uint4& xv = x[k][q >> 1];
+                    const u32 w0 = (q & 1) ? xv.z : xv.x, w1 = (q & 1) ? xv.w : xv.y;
+                    const float2 a = bf16x2_to_f2(w0), b = bf16x2_to_f2(w1);
+                    u32 h0, l0, h1, l1;
+                    split_e4m3x2(a.x * up, a.y * up, h0, l0);
+                    split_e4m3x2(b.x * up, b.y * up, h1, l1);
+                    hw[q] = h0 | (h1 << 16);
+                    lw[q] = l0 | (l1 << 16);
+                }
+                const int o = swz_chunk(r, part * CPT + k, QT);
+                *reinterpret_cast<uint4*>(q_s + o) = make_uint4(hw[0], hw[1], hw[2], hw[3]);
+                *reinterpret_cast<uint4*>(q_s + QT * D + o) =
+                    make_uint4(lw[0], lw[1], lw[2], lw[3]);
+            }
+            if (part == 0) qexp_w[r] = __int_as_float((127 - e) << 23);
+        }
+        fence_async_smem();
+        __syncthreads();
     }
 
     // per-thread rows (g and g+8 of this warp's slab): draft token index and mask row
@@ -613,7 +700,7 @@ __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const Param
                 __syncthreads();
             }
 #if JK_IN_BF16 && !JK_SD_MMA_BF16
-            else {
+            else if constexpr (!FP8_QK) {
                 // fp8 cache with large tiles: the MMAs run in fp16, so the bf16 query is
                 // converted once, in place
                 for (int i = tid; i < QT * (D / 2); i += NT) {
@@ -647,13 +734,14 @@ __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const Param
             u8* const cv = kv_s + STAGES * 2 * KV_TILE_BYTES;
             uint4 w[2][RCOPY];
 #pragma unroll
-            for (int m = 0; m < 2; ++m)
+            for (int m = FP8_QK ? 1 : 0; m < 2; ++m)   // FP8_QK: V only
 #pragma unroll
                 for (int k = 0; k < RCOPY; ++k)
-                    w[m][k] = *reinterpret_cast<const uint4*>(vst - (1 - m) * KV_TILE_BYTES +
-                                                              (r0 + k * RSTEP) * KV_ROW + cc * 16);
+                    w[m][k] = *reinterpret_cast<const uint4*>(
+                        vst - (1 - m) * KV_TILE_BYTES +
+                        (FP8_QK ? swz_chunk(r0 + k * RSTEP, cc, TILE) : (r0 + k * RSTEP) * KV_ROW + cc * 16));
 #pragma unroll
-            for (int m = 0; m < 2; ++m)
+            for (int m = FP8_QK ? 1 : 0; m < 2; ++m)
 #pragma unroll
                 for (int k = 0; k < RCOPY; ++k) {
                     const int r = r0 + k * RSTEP;
@@ -670,7 +758,7 @@ __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const Param
                 }
             if (WG) fence_async_smem();
             pipe_sync();
-            ksm = cv;
+            if constexpr (!FP8_QK) ksm = cv;   // (FP8_QK: K as it landed)
             vsm = cv + CV_TILE_BYTES;
         }
 
@@ -690,10 +778,21 @@ __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const Param
             const u64 qd = wg_desc(smem_u32(q_s) + (wm >> 2) * 64 * 128, 16, 1024);
             const u64 kd = wg_desc(smem_u32(ksm) + kv_row0 * 128, 16, 1024);
             wg_fence();
+            if constexpr (FP8_QK) {
+                // k32 steps of e4m3: the hi and lo query terms against the same K columns
 #pragma unroll
-            for (int kc = 0; kc < NKC; ++kc)
-                wg_ss(s, wg_desc_at(qd, (kc >> 2) * QT * 128 + (kc & 3) * 32),
-                      wg_desc_at(kd, (kc >> 2) * TILE * 128 + (kc & 3) * 32), kc > 0);
+                for (int kc = 0; kc < D / 32; ++kc) {
+                    const u32 qo = (kc >> 2) * QT * 128 + (kc & 3) * 32;
+                    const u64 kk = wg_desc_at(kd, (kc >> 2) * TILE * 128 + (kc & 3) * 32);
+                    wg_ss_f8(s, wg_desc_at(qd, qo), kk, kc > 0);
+                    wg_ss_f8(s, wg_desc_at(qd, QT * D + qo), kk, 1);
+                }
+            } else {
+#pragma unroll
+                for (int kc = 0; kc < NKC; ++kc)
+                    wg_ss(s, wg_desc_at(qd, (kc >> 2) * QT * 128 + (kc & 3) * 32),
+                          wg_desc_at(kd, (kc >> 2) * TILE * 128 + (kc & 3) * 32), kc > 0);
+            }
             wg_commit();
             wg_wait<0>();
             wg_pin(s);
@@ -733,11 +832,18 @@ __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const Param
         // which it keeps exact (rounding is monotonic), and the exponents as one FMA (bf16 64-node
         // trees 4-11% faster than scaling every score first, H200). A zero or negative scale (a
         // negative one turns the smallest product into the max) scales first, with sc = 1.
+        // the score scale (log2 units) of this thread's two rows: sl2, times the rows' query
+        // scales with FP8_QK
+        float sc2[2] = {sl2, sl2};
+        if constexpr (FP8_QK) {
+            sc2[0] = sl2 * qexp[wm * 16 + g];
+            sc2[1] = sl2 * qexp[wm * 16 + g + 8];
+        }
         if (prescale) {
 #pragma unroll
             for (int j = 0; j < NJ; ++j)
 #pragma unroll
-                for (int e = 0; e < 4; ++e) s[j][e] *= sl2;
+                for (int e = 0; e < 4; ++e) s[j][e] *= sc2[e >> 1];
         }
         const int pos0 = tile * TILE + kv_row0;
         const bool need_mask = (tile + 1) * TILE > ctx || (window > 0 && tile * TILE < L - window);
@@ -767,18 +873,19 @@ __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const Param
         // quads (two rounds of shuffles, which stalled every tile) and rescale its O accumulators
         // (NDC x 4 multiplies a thread). The result is the same as reducing on every tile.
         float alpha[2] = {1.f, 1.f}, tmx[2];
+        const float scu[2] = {prescale ? 1.f : sc2[0], prescale ? 1.f : sc2[1]};   // (sc)
         bool over = false;
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
             tmx[h] = neg_inf();
 #pragma unroll
             for (int j = 0; j < NJ; ++j) tmx[h] = fmaxf(tmx[h], fmaxf(s[j][2 * h], s[j][2 * h + 1]));
-            over |= tmx[h] * sc > m_run[h] + RESCALE_TAU;   // -inf + TAU stays -inf
+            over |= tmx[h] * scu[h] > m_run[h] + RESCALE_TAU;   // -inf + TAU stays -inf
         }
         if (__any_sync(0xffffffffu, over)) {
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
-                const float mx = warp_max4(tmx[h]) * sc;
+                const float mx = warp_max4(tmx[h]) * scu[h];
                 if (mx > m_run[h] + RESCALE_TAU) {
                     alpha[h] = exp2f(m_run[h] - mx);
                     m_run[h] = mx;
@@ -796,8 +903,8 @@ __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const Param
             float rs = 0.f;
 #pragma unroll
             for (int j = 0; j < NJ; ++j) {
-                s[j][2 * h] = exp2f(fmaf(s[j][2 * h], sc, -m_ref));
-                s[j][2 * h + 1] = exp2f(fmaf(s[j][2 * h + 1], sc, -m_ref));
+                s[j][2 * h] = exp2f(fmaf(s[j][2 * h], scu[h], -m_ref));
+                s[j][2 * h + 1] = exp2f(fmaf(s[j][2 * h + 1], scu[h], -m_ref));
                 rs += s[j][2 * h] + s[j][2 * h + 1];
             }
             l_run[h] = l_run[h] * alpha[h] + rs;

@@ -78,6 +78,7 @@ def test_valid_cpu_arguments_reach_the_device_check():
     (dict(max_seq_len=0), ValueError, "max_seq_len must be a positive int, got 0"),
     (dict(num_kv_splits=0), ValueError, "num_kv_splits must be an int in 1..1024, got 0"),
     (dict(workspace=torch.empty(10, dtype=torch.float16)), TypeError, "workspace must have dtype float32"),
+    (dict(allow_fp8_qk=1), TypeError, "allow_fp8_qk must be a bool, got 1"),
     (dict(k_cache=torch.empty(6, 16, 2, 128, dtype=torch.bfloat16, device="meta"),
           v_cache=torch.empty(6, 16, 2, 128, dtype=torch.bfloat16, device="meta")),
      ValueError, "k_cache is on meta, q is on cpu: all tensors must be on one device"),
@@ -153,7 +154,8 @@ def test_custom_op_fake_impl_on_meta_tensors():
             torch.empty(2, 3, dtype=torch.int32, **m), torch.empty(2, dtype=torch.int32, **m),
             None, torch.empty(8, 1, dtype=torch.int32, **m), None,
             torch.empty(8, 8, 128, dtype=torch.bfloat16, **m), torch.empty(1, **m),
-            torch.empty(1, dtype=torch.int32, **m), 0.088, 1.0, "NHD", "tree", 64, 16, 4, 1, 1, 0, 1, 0, 0)
+            torch.empty(1, dtype=torch.int32, **m), 0.088, 1.0, "NHD", "tree", 64, 16, 4, 1, 1, 0, 1, 0, 0,
+            False)
     assert op(*args) is None
     mutated = [a.name for a in op._schema.arguments if a.alias_info is not None and a.alias_info.is_write]
     assert mutated == ["out", "workspace", "counters"]
@@ -348,7 +350,8 @@ def test_plan_key_covers_what_validation_checks():
     sl = torch.zeros(2, dtype=torch.int32)
     base = dict(q=q, k_cache=k, v_cache=k, block_tables=bt, seq_lens=sl, q_cu_seqlens=None,
                 tree_mask=None, scale=None, kv_scale=None, kv_layout="NHD", sliding_window=None,
-                out=None, max_q_len=None, max_seq_len=None, num_kv_splits=None, workspace=None)
+                out=None, max_q_len=None, max_seq_len=None, num_kv_splits=None, workspace=None,
+                allow_fp8_qk=False)
     key = mod._call_key(**base)
     assert key == mod._call_key(**dict(base, q=torch.randn(8, 8, 128, dtype=torch.bfloat16)))
     variants = [dict(q=q.half()), dict(q=q.transpose(0, 1).contiguous().transpose(0, 1)),
@@ -356,7 +359,44 @@ def test_plan_key_covers_what_validation_checks():
                 dict(sliding_window=4), dict(max_seq_len=48), dict(num_kv_splits=2),
                 dict(kv_scale=0.5), dict(kv_scale=torch.ones(1)), dict(out=torch.empty_like(q)),
                 dict(block_tables=torch.zeros(2, 4, dtype=torch.int32)),
-                dict(seq_lens=torch.zeros(2, dtype=torch.int64))]
+                dict(seq_lens=torch.zeros(2, dtype=torch.int64)), dict(allow_fp8_qk=True)]
     keys = [mod._call_key(**dict(base, **v)) for v in variants]
     assert key not in keys and len(set(keys)) == len(keys)
     assert mod._call_key(**dict(base, q=[1.0])) is None
+
+
+def test_fp8_qk_is_set_only_where_the_kernel_has_that_path():
+    """allow_fp8_qk becomes the fp8_qk configuration only for an fp8 cache with a bf16 query on a
+    64-row tile with a padded head_dim of 128 or 256; every other call keeps the configuration
+    (and the cached kernel) it has without the flag."""
+    from jitkern.families.spec_dec_attention import fp8_qk_applies
+    from jitkern.ops.spec_dec_attention import kernel_config
+
+    assert fp8_qk_applies("bf16", "fp8_e4m3", 128, 64)
+    assert fp8_qk_applies("bf16", "fp8_e4m3", 256, 64)
+    assert not fp8_qk_applies("bf16", "fp8_e4m3", 128, 128)  # measured no faster
+    assert fp8_qk_applies("bf16", "fp8_e4m3", 80, 64)        # padded to 128
+    assert not fp8_qk_applies("fp16", "fp8_e4m3", 128, 64)   # 11-bit queries: no exact split
+    assert not fp8_qk_applies("bf16", "bf16", 128, 64)
+    assert not fp8_qk_applies("bf16", "fp8_e4m3", 128, 32)   # mma.sync tiles
+    assert not fp8_qk_applies("bf16", "fp8_e4m3", 64, 64)    # 64-byte e4m3 rows
+    base = kernel_config(torch.bfloat16, torch.float8_e4m3fn, 128, "NHD", "tree", 64, 64)
+    assert "fp8_qk" not in dict(base)
+    on = dict(kernel_config(torch.bfloat16, torch.float8_e4m3fn, 128, "NHD", "tree", 64, 64,
+                            fp8_qk=True))
+    assert on == dict(dict(base), fp8_qk=True)
+
+
+@pytest.mark.parametrize("q_tile,head_dim", [(64, 128), (64, 256), (64, 96), (128, 128)])
+def test_fp8_qk_configurations_compile_for_sm90a(q_tile, head_dim):
+    """The e4m3 Q K^T kernels compile with NVRTC for sm_90a (no GPU needed) into a different
+    binary than the default configuration's, with the same entries."""
+    import jitkern
+    from jitkern.families.spec_dec_attention import SPEC_DEC_ATTENTION
+
+    cfg = dict(head_dim=head_dim, dtype="bf16", kv_dtype="fp8_e4m3", kv_layout="NHD",
+               page_size=64, mode="tree", q_tile=q_tile, split_kv=True)
+    on = jitkern.compile(SPEC_DEC_ATTENTION, dict(cfg, fp8_qk=True), arch="sm_90a")
+    off = jitkern.compile(SPEC_DEC_ATTENTION, cfg, arch="sm_90a")
+    assert set(on.lowered_names) == {"attention", "merge"}
+    assert on.cubin != off.cubin

@@ -10,7 +10,9 @@ H100/H200) for those warpgroup MMAs.
 
 ``kv_stages`` (default 0: the source's choice) fixes the K/V pipeline depth instead, and
 ``kv_tile`` (default 0: the source's choice) the KV positions per stage (64 or 128); shared
-memory must stay within 227 KiB.
+memory must stay within 227 KiB. ``fp8_qk`` (default False) computes Q K^T on e4m3 tensor cores
+where ``fp8_qk_applies`` (faster on fp8 trees, less precise: see the kernel source and
+docs/spec_dec_attention.md).
 
 Launch contract (the op keeps it): mode "decode" needs one query token per sequence and no
 q_cu_seqlens; split_kv=False needs num_splits == 1; with num_splits > 1 and q_tile 16 the kernel
@@ -129,6 +131,15 @@ def shared_bytes(cfg: dict) -> int:
     return qt * (d + 8) * 2 + max(pipe, epi) + (1024 if wg_shape else 0)
 
 
+def fp8_qk_applies(dtype: str, kv_dtype: str, head_dim: int, q_tile: int) -> bool:
+    """Whether the op asks for ``fp8_qk``: an fp8 cache with a bf16 query, a padded head_dim of
+    128 or 256 (where FP8_QK in the source changes the kernel on sm_90a) and a 64-row tile (the
+    source also has it for 128-row tiles, measured no faster there: BENCHMARKS.md). Other calls
+    keep the configuration, and the cached kernel, they have without the flag."""
+    return (kv_dtype == "fp8_e4m3" and dtype == "bf16" and q_tile == 64
+            and padded_head_dim(head_dim) in (128, 256))
+
+
 def resident_ctas(cfg: dict, smem_per_sm: int, regs_per_sm: int = 65536) -> int:
     """CTAs of ``cfg`` one SM holds at once, bounded from the source's launch bounds (a CTA
     without a two-CTA bound is assumed to use up to 255 registers a thread) and shared memory
@@ -160,6 +171,9 @@ SPEC_DEC_ATTENTION = register_family(KernelFamily(
         Param("kv_stages", (0, 2, 3, 4, 5, 6), default=0),
         # KV positions per stage, 0: the source's choice (64, see kv_tile()); 128 for measurements
         Param("kv_tile", (0, 64, 128), default=0),
+        # e4m3 MMAs for S = Q K^T (fp8 cache, bf16 query, 64/128-row tiles, padded head_dim 128
+        # or 256 on sm_90a; elsewhere no effect): the op's allow_fp8_qk, see fp8_qk_applies()
+        Param("fp8_qk", (False, True), default=False, macro="JK_FP8_QK"),
     ),
     entries={
         "attention": Entry("jk_sd::spec_dec_attention", signature=ATTN_SIGNATURE, packed=True),

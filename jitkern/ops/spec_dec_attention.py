@@ -18,8 +18,8 @@ from typing import Optional
 import torch
 
 from ..families.spec_dec_attention import (HEAD_DIMS, KV_TILE, PAGE_SIZES, SPEC_DEC_ATTENTION,
-                                           pick_q_tile, q_tiles_for, resident_ctas,
-                                           shared_bytes, warps)
+                                           fp8_qk_applies, pick_q_tile, q_tiles_for,
+                                           resident_ctas, shared_bytes, warps)
 from ..service import get_kernel
 from ..torch_ops import custom_op
 from .device import sm_count
@@ -53,15 +53,17 @@ _LAUNCH: dict = {}
 
 
 def kernel_config(dtype, kv_dtype, head_dim, kv_layout, mode, page_size, q_tile,
-                  kv_stages: int = 0, kv_tile: int = 0) -> tuple:
-    """The family configuration (item tuple) a call runs; ``kv_stages`` and ``kv_tile`` only
-    when they are not the source's default choice (0)."""
+                  kv_stages: int = 0, kv_tile: int = 0, fp8_qk: bool = False) -> tuple:
+    """The family configuration (item tuple) a call runs; ``kv_stages``, ``kv_tile`` and
+    ``fp8_qk`` only when they are not the default (0, 0, False)."""
     cfg = (("dtype", _IN_DTYPES[dtype]), ("head_dim", head_dim), ("kv_dtype", _KV_DTYPES[kv_dtype]),
            ("kv_layout", kv_layout), ("mode", mode), ("page_size", page_size), ("q_tile", q_tile),
            ("split_kv", True))
     if kv_stages:
         cfg += (("kv_stages", kv_stages),)
-    return cfg + (("kv_tile", kv_tile),) if kv_tile else cfg
+    if kv_tile:
+        cfg += (("kv_tile", kv_tile),)
+    return cfg + (("fp8_qk", True),) if fp8_qk else cfg
 
 
 def _launcher(key: tuple):
@@ -75,16 +77,16 @@ def _launcher(key: tuple):
 
 def _launch(q, k_cache, v_cache, block_tables, seq_lens, q_cu_seqlens, tree_mask, kv_scale_t,
             out, workspace, counters, scale, kv_scale, kv_layout, mode, q_tile, page_size, q_len,
-            row_tiles, num_splits, window, kv_tiles, kv_stages, kv_tile) -> None:
+            row_tiles, num_splits, window, kv_tiles, kv_stages, kv_tile, fp8_qk) -> None:
     """Launch only: arguments were validated and resolved by ``spec_dec_attention``
     (``kv_tiles``: 64-position KV tiles of the longest sequence, bounding the split ranges;
     ``kv_stages`` / ``kv_tile``: pipeline depth / positions per stage, 0 = the source's choice,
-    others for measurements)."""
+    others for measurements; ``fp8_qk``: e4m3 Q K^T, set only where it applies)."""
     total_q, hq, d = q.shape
     hkv = k_cache.shape[2] if kv_layout == "NHD" else k_cache.shape[1]
     bt = seq_lens.shape[0]
     kern, smem, threads = _launcher((q.dtype, k_cache.dtype, d, kv_layout, mode, page_size,
-                                     q_tile, kv_stages, kv_tile, q.device.index))
+                                     q_tile, kv_stages, kv_tile, fp8_qk, q.device.index))
     split = num_splits > 1
     fused = split and q_tile == FUSED_MERGE_Q_TILE
     rows = total_q * hq
@@ -111,12 +113,12 @@ def _spec_dec_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            kv_scale: float, kv_layout: str,
                            mode: str, q_tile: int, page_size: int, q_len: int, row_tiles: int,
                            num_splits: int, window: int, kv_tiles: int, kv_stages: int,
-                           kv_tile: int) -> None:
+                           kv_tile: int, fp8_qk: bool) -> None:
     """The launch as a torch custom op (what torch.compile traces; eager calls skip the
     dispatcher and call ``_launch`` directly)."""
     _launch(q, k_cache, v_cache, block_tables, seq_lens, q_cu_seqlens, tree_mask, kv_scale_t, out,
             workspace, counters, scale, kv_scale, kv_layout, mode, q_tile, page_size, q_len,
-            row_tiles, num_splits, window, kv_tiles, kv_stages, kv_tile)
+            row_tiles, num_splits, window, kv_tiles, kv_stages, kv_tile, fp8_qk)
 
 
 # ---- workspace ---------------------------------------------------------------------------------
@@ -322,18 +324,18 @@ def prepare(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
             sliding_window: int | None = None, out: torch.Tensor | None = None, *,
             max_q_len: int | None = None, max_seq_len: int | None = None,
             num_kv_splits: int | None = None, workspace: torch.Tensor | None = None,
-            check_values: bool = False) -> tuple:
+            allow_fp8_qk: bool = False, check_values: bool = False) -> tuple:
     """Validate and resolve the arguments of ``spec_dec_attention`` (which see) into the
     custom op's argument tuple. Raises TypeError/ValueError naming the argument."""
     return _plan(q, k_cache, v_cache, block_tables, seq_lens, q_cu_seqlens, tree_mask, scale,
                  kv_scale, kv_layout, sliding_window, out, max_q_len, max_seq_len, num_kv_splits,
-                 workspace, check_values).bind(q, k_cache, v_cache, block_tables, seq_lens,
+                 workspace, allow_fp8_qk, check_values).bind(q, k_cache, v_cache, block_tables, seq_lens,
                                                q_cu_seqlens, tree_mask, kv_scale, out, workspace)
 
 
 def _plan(q, k_cache, v_cache, block_tables, seq_lens, q_cu_seqlens, tree_mask, scale, kv_scale,
           kv_layout, sliding_window, out, max_q_len, max_seq_len, num_kv_splits, workspace,
-          check_values) -> "_Plan":
+          allow_fp8_qk, check_values) -> "_Plan":
     """The checks and decisions of a call: everything that depends on its signature alone."""
     _tensor("q", q, _IN_DTYPES, 3, "float16 or bfloat16")
     total_q, hq, d = q.shape
@@ -447,6 +449,8 @@ def _plan(q, k_cache, v_cache, block_tables, seq_lens, q_cu_seqlens, tree_mask, 
         raise ValueError(f"num_kv_splits must be an int in 1..1024, got {num_kv_splits!r}")
     if workspace is not None:
         _tensor("workspace", workspace, (torch.float32,), 1, "float32")
+    if not isinstance(allow_fp8_qk, bool):
+        raise TypeError(f"allow_fp8_qk must be a bool, got {allow_fp8_qk!r}")
     if check_values:
         _check_values(q_cu_seqlens, seq_lens, block_tables, total_q, q_len, longest, num_pages,
                       page_size, tree_mask, max_kv)
@@ -475,8 +479,10 @@ def _plan(q, k_cache, v_cache, block_tables, seq_lens, q_cu_seqlens, tree_mask, 
         raise ValueError(f"workspace has {workspace.numel()} float32 elements, {need} needed "
                          f"(workspace_floats)")
     fused = splits > 1 and q_tile == FUSED_MERGE_Q_TILE
+    fp8_qk = allow_fp8_qk and fp8_qk_applies(_IN_DTYPES[q.dtype], _KV_DTYPES[k_cache.dtype],
+                                             d, q_tile)
     static = (float(scale), kv_scale_f, kv_layout, mode, q_tile, page_size, q_len, row_tiles,
-              splits, sliding_window or 0, -(-max_kv // KV_TILE), 0, 0)
+              splits, sliding_window or 0, -(-max_kv // KV_TILE), 0, 0, fp8_qk)
     return _Plan(static, need if splits > 1 else 0, bt * hkv * row_tiles if fused else 0,
                  workspace is not None)
 
@@ -489,7 +495,7 @@ def spec_dec_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
                        sliding_window: int | None = None, out: torch.Tensor | None = None, *,
                        max_q_len: int | None = None, max_seq_len: int | None = None,
                        num_kv_splits: int | None = None, workspace: torch.Tensor | None = None,
-                       check_values: bool = False) -> torch.Tensor:
+                       allow_fp8_qk: bool = False, check_values: bool = False) -> torch.Tensor:
     """Attention of the draft tokens of speculative decoding over a paged KV cache.
 
     Args:
@@ -516,6 +522,13 @@ def spec_dec_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
         num_kv_splits: force the number of KV splits (default: from batch x KV heads vs SMs).
         workspace: float32 CUDA tensor of at least ``workspace_floats(...)`` elements for the
             split path (default: a cached per-device buffer; graph-capture safe once grown).
+        allow_fp8_qk: with an fp8 cache and a bf16 ``q``, allow ``q @ k^T`` on e4m3 tensor cores
+            (``q`` split exactly into two e4m3 terms) where it measured faster: 64-row query
+            tiles (33-64 query rows per KV head, or larger trees on grids under one wave),
+            head_dim 65..256, sm_90a; 1.08-1.24x on such fp8 trees. Hopper's e4m3 MMAs
+            accumulate with about 13 bits, so the scores' error grows with their magnitude
+            (worst-row output errors ~0.7% at logit std 2, ~2.3% at 8; Frobenius within 1e-2;
+            docs/spec_dec_attention.md). Default False: fp16 MMAs everywhere.
         check_values: also check the index tensors' values (reads them back: synchronizes).
 
     Returns:
@@ -523,12 +536,13 @@ def spec_dec_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
     """
     key = None if check_values else _call_key(
         q, k_cache, v_cache, block_tables, seq_lens, q_cu_seqlens, tree_mask, scale, kv_scale,
-        kv_layout, sliding_window, out, max_q_len, max_seq_len, num_kv_splits, workspace)
+        kv_layout, sliding_window, out, max_q_len, max_seq_len, num_kv_splits, workspace,
+        allow_fp8_qk)
     plan = _PLANS.get(key)
     if plan is None:
         plan = _plan(q, k_cache, v_cache, block_tables, seq_lens, q_cu_seqlens, tree_mask, scale,
                      kv_scale, kv_layout, sliding_window, out, max_q_len, max_seq_len,
-                     num_kv_splits, workspace, check_values)
+                     num_kv_splits, workspace, allow_fp8_qk, check_values)
         _PLANS.put(key, plan)
     args = plan.bind(q, k_cache, v_cache, block_tables, seq_lens, q_cu_seqlens, tree_mask,
                      kv_scale, out, workspace)
@@ -547,7 +561,7 @@ _PLANS = PlanCache()   # call signature -> _Plan
 
 def _call_key(q, k_cache, v_cache, block_tables, seq_lens, q_cu_seqlens, tree_mask, scale,
               kv_scale, kv_layout, sliding_window, out, max_q_len, max_seq_len, num_kv_splits,
-              workspace):
+              workspace, allow_fp8_qk):
     """Everything ``prepare`` checks or decides from (shapes, strides, dtypes, devices, the
     scalar arguments with their types); None when an argument has no metadata to key on (the
     full checks then say what is wrong)."""
@@ -562,7 +576,7 @@ def _call_key(q, k_cache, v_cache, block_tables, seq_lens, q_cu_seqlens, tree_ma
                 _meta(q_cu_seqlens), _meta(tree_mask), _meta(out), _meta(workspace), ks,
                 scale.__class__, scale, kv_layout, sliding_window.__class__, sliding_window,
                 max_q_len.__class__, max_q_len, max_seq_len.__class__, max_seq_len,
-                num_kv_splits.__class__, num_kv_splits)
+                num_kv_splits.__class__, num_kv_splits, allow_fp8_qk.__class__, allow_fp8_qk)
     except (AttributeError, TypeError):
         return None
 
@@ -604,7 +618,8 @@ def planned_config(*args, **kwargs) -> dict:
     """The family configuration ``spec_dec_attention(*args, **kwargs)`` would run (validates
     the arguments the same way; used to compile ahead, e.g. in parallel)."""
     a = prepare(*args, **kwargs)
-    return dict(kernel_config(a[0].dtype, a[1].dtype, a[0].shape[2], a[13], a[14], a[16], a[15]))
+    return dict(kernel_config(a[0].dtype, a[1].dtype, a[0].shape[2], a[13], a[14], a[16], a[15],
+                              fp8_qk=a[24]))
 
 
 def _check_values(q_cu, seq_lens, block_tables, total_q, q_len, longest, num_pages, page_size,

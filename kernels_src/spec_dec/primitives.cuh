@@ -133,6 +133,20 @@ __device__ __forceinline__ u32 bf16x2_to_f16x2(u32 v) {
     return *reinterpret_cast<u32*>(&h);
 }
 
+__device__ __forceinline__ float2 bf16x2_to_f2(u32 v) {
+    return __bfloat1622float2(*reinterpret_cast<__nv_bfloat162*>(&v));
+}
+
+// a, b -> their e4m3 roundings hi (two bytes, a in the low one) and the e4m3 roundings of the
+// residuals a - hi, b - hi (lo); see FP8_S in the kernel
+__device__ __forceinline__ void split_e4m3x2(float a, float b, u32& hi, u32& lo) {
+    const __nv_fp8x2_storage_t h = __nv_cvt_float2_to_fp8x2(make_float2(a, b), __NV_SATFINITE, __NV_E4M3);
+    const __half2_raw hr = __nv_cvt_fp8x2_to_halfraw2(h, __NV_E4M3);
+    const float2 hf = __half22float2(*reinterpret_cast<const __half2*>(&hr));
+    hi = h;
+    lo = __nv_cvt_float2_to_fp8x2(make_float2(a - hf.x, b - hf.y), __NV_SATFINITE, __NV_E4M3);
+}
+
 __device__ __forceinline__ float warp_max4(float v) {  // over the 4 lanes of a quad (same row)
     v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
     return fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));

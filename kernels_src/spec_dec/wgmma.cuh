@@ -105,6 +105,29 @@ __device__ __forceinline__ void wg_ss_n64(float (&d)[8][4], u64 da, u64 db, int 
         : "l"(da), "l"(db), "r"(accumulate));
 }
 
+// The same with e4m3 operands, k32 per instruction (both K-major: 8-bit wgmma has no transpose).
+// A k32 step is 32 bytes of a 128-byte swizzled row, as a k16 step of 16-bit operands is.
+__device__ __forceinline__ void wg_ss_f8_n32(float (&d)[4][4], u64 da, u64 db, int accumulate) {
+    JK_SD_WG_ASM(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n32k32.f32.e4m3.e4m3\n"
+        "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15},\n"
+        "%16, %17, p, 1, 1;\n}\n"
+        : JK_SD_ACC(0), JK_SD_ACC(1), JK_SD_ACC(2), JK_SD_ACC(3)
+        : "l"(da), "l"(db), "r"(accumulate));
+}
+
+__device__ __forceinline__ void wg_ss_f8_n64(float (&d)[8][4], u64 da, u64 db, int accumulate) {
+    JK_SD_WG_ASM(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k32.f32.e4m3.e4m3\n"
+        "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,"
+        "%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31},\n"
+        "%32, %33, p, 1, 1;\n}\n"
+        : JK_SD_ACC8(0)
+        : "l"(da), "l"(db), "r"(accumulate));
+}
+
 // O (64 x N) += P (64 x 16, registers) * V (16 x N, shared, N-major)
 __device__ __forceinline__ void wg_rs_n64(float (&d)[8][4], const u32 (&a)[4], u64 db) {
     JK_SD_WG_ASM(
@@ -154,6 +177,12 @@ __device__ __forceinline__ void wg_ss(float (&d)[R][4], u64 da, u64 db, int accu
     static_assert(R == 4 || R == 8, "S tile of 32 or 64 positions");
     if constexpr (R == 4) wg_ss_n32(d, da, db, accumulate);
     else wg_ss_n64(d, da, db, accumulate);
+}
+template <int R>
+__device__ __forceinline__ void wg_ss_f8(float (&d)[R][4], u64 da, u64 db, int accumulate) {
+    static_assert(R == 4 || R == 8, "S tile of 32 or 64 positions");
+    if constexpr (R == 4) wg_ss_f8_n32(d, da, db, accumulate);
+    else wg_ss_f8_n64(d, da, db, accumulate);
 }
 template <int R>
 __device__ __forceinline__ void wg_rs(float (&d)[R][4], const u32 (&a)[4], u64 db) {
