@@ -305,6 +305,9 @@ def main():
                     help="T > 1 rows also write the state back (T + 2 state units)")
     ap.add_argument("--batches", type=lambda v: [int(b) for b in v.split(",")],
                     help="comma-separated batch sizes (default: the mode's)")
+    ap.add_argument("--floor", action="store_true",
+                    help="chain rows at small batches against a copy of the same bytes (default "
+                         "batch 1): how close 1.5x FlashInfer is to the copy's own time")
     ap.add_argument("--ts", type=lambda v: [int(t) for t in v.split(",")],
                     help="comma-separated token counts T for --variants (default 4,8)")
     args = ap.parse_args()
@@ -324,6 +327,9 @@ def main():
         return
     if args.variants:
         variants(bw, args.batches, args.ts)
+        return
+    if args.floor:
+        floor(fi, args.batches or [1])
         return
     if args.host:
         host_breakdown()
@@ -402,6 +408,34 @@ def row(bw, fi, H, G, sd, T, tree, Bt, eager, update_state=False):
     print("| " + " | ".join(str(c) for c in cells) + " |", flush=True)
     del pr
     torch.cuda.empty_cache()
+
+
+def floor(fi, batches):
+    """Chain rows (both shapes and states, T = 1 / 4 / 8) next to a device-to-device copy of the
+    same bytes (read + written), timed the same way (a graph over disjoint replicas, so every
+    call reads cold data). At batch 1 the calls take microseconds, and the copy's time there is
+    the floor a memory-bound kernel of that size meets: launch, first loads, last stores."""
+    print("\n## small batches against a copy of the same bytes (chain rows)")
+    print("| H | state | T | batch | MB moved | jitkern us | FlashInfer us | copy us | "
+          "FlashInfer / 1.5 us | jitkern / copy | FlashInfer / copy |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for H, G in [(128, 8), (32, 2)]:
+        for sd in ("fp32", "bf16"):
+            for T in (1, 4, 8):
+                for Bt in batches:
+                    pr = Problem(H, G, 64, 128, T, Bt, DT[sd], False, **call_mode(T))
+                    ms = time_calls([pr.jitkern_call(i) for i in range(pr.R)])
+                    fms = (time_calls([pr.flashinfer_call(fi, i) for i in range(pr.R)])
+                           if fi is not None else float("nan"))
+                    n = pr.bytes // 8   # floats read, and as many written
+                    pairs = [(torch.randn(n, device="cuda"), torch.empty(n, device="cuda"))
+                             for _ in range(pr.R)]
+                    cms = time_calls([(lambda s=s, d=d: d.copy_(s)) for s, d in pairs])
+                    print(f"| {H} | {sd} | {T} | {Bt} | {pr.bytes / 1e6:.1f} | {ms * 1e3:.1f} | "
+                          f"{fms * 1e3:.1f} | {cms * 1e3:.1f} | {fms * 1e3 / 1.5:.1f} | "
+                          f"{ms / cms:.2f} | {fms / cms:.2f} |", flush=True)
+                    del pr, pairs
+                    torch.cuda.empty_cache()
 
 
 TUNE = {   # (threads per block, threads per row, rows per thread) candidates

@@ -14,7 +14,8 @@ query tiles), JK_SD_FP8_PAIRS 0 (the earlier direct fp8 fragments: one permute o
 value pair), JK_SD_RESCALE_TAU 0 (the O accumulators rescaled whenever a row's max grows),
 JK_SD_TILE_BASE 0 (a 64-bit address per copied K/V row), JK_SD_Q_PERMUTED 0 (fp8: the query's
 A fragments gathered by 64-bit loads), JK_SD_WG_PIPE 0 ("WG CTA pipe": one CTA-wide K/V pipeline
-for 64-row warpgroup tiles),
+for 64-row warpgroup tiles), fp8_qk (the op's allow_fp8_qk: e4m3 Q K^T on fp8 trees; set here for every row, 128-row tiles
+included, which the op leaves out),
 kv_stages 3 / 4 / 5 and kv_tile 128 (configuration overrides) and
 JK_SD_PROBE_LOAD_ONLY (the tile loop without its arithmetic: the loads' own ceiling), with XQA's
 time on the same inputs when flashinfer imports; each variant that does the arithmetic is also
@@ -236,6 +237,7 @@ def attention(rbw, match=(), only_variants=()):
                     ("Q gathered", {"JK_SD_Q_PERMUTED": 0}, {}),
                     ("both old", {"JK_SD_TILE_BASE": 0, "JK_SD_Q_PERMUTED": 0}, {}),
                     ("WG CTA pipe", {"JK_SD_WG_PIPE": 0}, {}),
+                    ("fp8_qk", {}, {"fp8_qk": True}),
                     ("3 stages", {}, {"kv_stages": 3}), ("4 stages", {}, {"kv_stages": 4}),
                     ("5 stages", {}, {"kv_stages": 5}),
                     ("kv_tile 128", {}, {"kv_tile": 128})]
@@ -273,7 +275,11 @@ def attention(rbw, match=(), only_variants=()):
             ((32, 8, 128), 64, 8192, 64, "fp8"), ((32, 8, 128), 16, 8192, 64, "fp8"),
             ((8, 1, 128), 64, 8192, 64, "bf16"), ((16, 16, 64), 64, 8192, 64, "bf16"),
             ((64, 8, 128), 16, 8192, 64, "bf16"), ((8, 4, 256), 64, 8192, 64, "bf16"),
-            ((8, 4, 256), 64, 8192, 1, "bf16"), ((8, 4, 256), 16, 8192, 64, "bf16"))
+            ((8, 4, 256), 64, 8192, 1, "bf16"), ((8, 4, 256), 16, 8192, 64, "bf16"),
+            ((32, 8, 128), 16, 1024, 8, "fp8"), ((32, 8, 128), 16, 8192, 1, "fp8"),
+            ((32, 8, 128), 16, 32768, 8, "fp8"), ((32, 8, 128), 64, 1024, 1, "fp8"),
+            ((32, 8, 128), 64, 8192, 1, "fp8"), ((32, 8, 128), 64, 32768, 8, "fp8"),
+            ((8, 4, 256), 16, 8192, 64, "fp8"), ((8, 4, 256), 64, 8192, 8, "fp8"))
     if match:
         rows = [r for r in rows if any(m == row_name(*r) for m in match)]
     for (hq, hkv, d), n, ctx, batch, kvn, *layout in rows:

@@ -388,6 +388,9 @@ def main():
                     help="eager (host-inclusive) calls against XQA at batch 1 and 8, then stop")
     ap.add_argument("--budget", type=float, default=0,
                     help="start no new row after this many seconds (0: no limit)")
+    ap.add_argument("--fp8-qk", action="store_true",
+                    help="fp8 rows: also time the op with allow_fp8_qk=True (two more columns)")
+    ap.add_argument("--kv", choices=("bf16", "fp8"), help="only the rows of this KV dtype")
     args = ap.parse_args()
     t_start = time.monotonic()
     torch.manual_seed(0)
@@ -406,10 +409,13 @@ def main():
     if args.host:
         host_table(bw, have_xqa, args.page_size)
         return
+    qk_head = " fp8_qk us | fp8_qk vs XQA |" if args.fp8_qk else ""
     print("| Hq/Hkv/D | q | ctx | batch | KV | KV MB | ours us | ours %BW | XQA us | XQA %BW | "
-          "vs XQA | XQA err | Flex us | SDPA us | ours %MMA |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "vs XQA | XQA err | Flex us | SDPA us | ours %MMA |" + qk_head)
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|" + "---|" * (2 * args.fp8_qk))
     rows = grid(args.grid)
+    if args.kv:
+        rows = [r for r in rows if r[4] == args.kv]
     if args.rows:
         rows = rows[:args.rows]
     rng = random.Random(0)
@@ -430,6 +436,10 @@ def main():
         ours_calls = [(lambda s=s, o=o: spec_dec_attention(**s, out=o)) for s, o in zip(sets, outs)]
         t_ours = time_graph(ours_calls)
         cells = dict(ours=t_ours)
+        if args.fp8_qk and kvn == "fp8":   # the opt-in e4m3 Q K^T (same inputs and outputs)
+            cells["qk"] = time_graph([(lambda s=s, o=o: spec_dec_attention(**s, out=o,
+                                                                           allow_fp8_qk=True))
+                                      for s, o in zip(sets, outs)])
         if (args.explore and ctx >= args.explore_min_ctx
                 and ("tree" not in qname or args.explore_trees)):
             explore(sets, outs, qname, batch, f"{hq}/{hkv}/{d} {kvn} {ctx // 1024}k ",
@@ -465,11 +475,16 @@ def main():
         def pct(key):
             return f"{100 * kv_bytes / cells[key] / bw:.0f}%" if key in cells else "-"
         ratio = f"{cells['xqa'] / t_ours:.2f}x" if "xqa" in cells else "-"
+        qk_cells = ""
+        if args.fp8_qk:
+            qk_ratio = (f"{cells['xqa'] / cells['qk']:.2f}x" if "xqa" in cells and "qk" in cells
+                        else "-")
+            qk_cells = f" {us('qk')} | {qk_ratio} |"
         flops = 4 * batch * n * hq * L * d
         mma = f"{100 * flops / t_ours / mm:.1f}%" if "tree" in qname else ""
         print(f"| {hq}/{hkv}/{d} | {qname} | {ctx // 1024}k | {batch} | {kvn} | "
               f"{kv_bytes / 1e6:.1f} | {us('ours')} | {pct('ours')} | {us('xqa')} | {pct('xqa')} | "
-              f"{ratio} | {xerr} | {us('flex')} | {us('sdpa')} | {mma} |", flush=True)
+              f"{ratio} | {xerr} | {us('flex')} | {us('sdpa')} | {mma} |{qk_cells}", flush=True)
         del sets, outs, ours_calls
         torch.cuda.empty_cache()
 
