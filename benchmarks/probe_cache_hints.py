@@ -14,8 +14,8 @@ query tiles), JK_SD_FP8_PAIRS 0 (the earlier direct fp8 fragments: one permute o
 value pair), JK_SD_RESCALE_TAU 0 (the O accumulators rescaled whenever a row's max grows),
 JK_SD_TILE_BASE 0 (a 64-bit address per copied K/V row), JK_SD_Q_PERMUTED 0 (fp8: the query's
 A fragments gathered by 64-bit loads), JK_SD_WG_PIPE 0 ("WG CTA pipe": one CTA-wide K/V pipeline
-for 64-row warpgroup tiles), fp8_qk (the op's allow_fp8_qk: e4m3 Q K^T on fp8 trees; set here for every row, 128-row tiles
-included, which the op leaves out),
+for 64-row warpgroup tiles), fp8_qk (the op's allow_fp8_qk: e4m3 Q K^T on fp8 trees; set here
+for every row, 128-row tiles included, which the op leaves out),
 kv_stages 3 / 4 / 5 and kv_tile 128 (configuration overrides) and
 JK_SD_PROBE_LOAD_ONLY (the tile loop without its arithmetic: the loads' own ceiling), with XQA's
 time on the same inputs when flashinfer imports; each variant that does the arithmetic is also
@@ -298,6 +298,7 @@ def attention(rbw, match=(), only_variants=()):
                     for s, o in zip(sets, outs)],
            sb.time_graph, kv_bytes, rbw)
         # every variant that does the arithmetic must give the default's output, bit for bit
+        # (fp8_qk: within its e4m3 accumulation error; the difference is printed either way)
         ref = None
         for tag, use in variants:
             if "load-only" in tag:

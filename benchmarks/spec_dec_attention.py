@@ -412,7 +412,7 @@ def main():
     qk_head = " fp8_qk us | fp8_qk vs XQA |" if args.fp8_qk else ""
     print("| Hq/Hkv/D | q | ctx | batch | KV | KV MB | ours us | ours %BW | XQA us | XQA %BW | "
           "vs XQA | XQA err | Flex us | SDPA us | ours %MMA |" + qk_head)
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|" + "---|" * (2 * args.fp8_qk))
+    print("|" + "---|" * (15 + 2 * args.fp8_qk))
     rows = grid(args.grid)
     if args.kv:
         rows = [r for r in rows if r[4] == args.kv]

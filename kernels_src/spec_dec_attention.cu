@@ -469,7 +469,6 @@ __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const Param
     // the softmax scale: folded into the maxima and exponents when positive, else applied to
     // the scores first (see the tile loop)
     const bool prescale = !(sl2 > 0.f);
-    const float sc = prescale ? 1.f : sl2;
 
     // ---- Q rows -> shared (zero rows past the end, so padded MMA rows stay finite) ----------
     for (int i = tid; i < QT * (D / 8); i += NT) {
@@ -565,9 +564,9 @@ __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const Param
         cp_async_commit();
     }
 
-    // FP8_QK: 2^-e of each query row's scale, in the Q area's slack (read again every tile: held
-    // in registers they pushed the 128-row tiles past their 128-register budget)
-    const float* qexp = reinterpret_cast<const float*>(q_s + 2 * QT * D);
+    // FP8_QK: 2^-e of each query row's scale, in the Q area's slack, read where the softmax
+    // needs it (two shared loads a tile; holding them in registers instead was not timed)
+    float* qexp = reinterpret_cast<float*>(q_s + 2 * QT * D);
     if constexpr (FP8_QK) {
         cp_async_wait<STAGES - 2>();   // the first group: the query (with the first K/V tile)
         __syncthreads();
@@ -576,7 +575,6 @@ __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const Param
         // slots its bf16 values held. Four lanes of one warp own a row, so a warp barrier
         // between the loads and the stores is enough.
         constexpr int CPT = D / 64;   // 16-value e4m3 chunks per thread
-        float* qexp_w = reinterpret_cast<float*>(q_s + 2 * QT * D);
         for (int rb = 0; rb < QT; rb += NT / 4) {
             const int r = rb + tid / 4, part = tid % 4;
             uint4 x[CPT][2];
@@ -620,7 +618,7 @@ __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const Param
                 *reinterpret_cast<uint4*>(q_s + QT * D + o) =
                     make_uint4(lw[0], lw[1], lw[2], lw[3]);
             }
-            if (part == 0) qexp_w[r] = __int_as_float((127 - e) << 23);
+            if (part == 0) qexp[r] = __int_as_float((127 - e) << 23);
         }
         fence_async_smem();
         __syncthreads();
@@ -831,7 +829,8 @@ __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const Param
         // With a positive softmax scale the scores stay unscaled: the scale enters the maxima,
         // which it keeps exact (rounding is monotonic), and the exponents as one FMA (bf16 64-node
         // trees 4-11% faster than scaling every score first, H200). A zero or negative scale (a
-        // negative one turns the smallest product into the max) scales first, with sc = 1.
+        // negative one turns the smallest product into the max) scales first, and the softmax
+        // then uses 1 (scu).
         // the score scale (log2 units) of this thread's two rows: sl2, times the rows' query
         // scales with FP8_QK
         float sc2[2] = {sl2, sl2};
@@ -873,7 +872,7 @@ __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const Param
         // quads (two rounds of shuffles, which stalled every tile) and rescale its O accumulators
         // (NDC x 4 multiplies a thread). The result is the same as reducing on every tile.
         float alpha[2] = {1.f, 1.f}, tmx[2];
-        const float scu[2] = {prescale ? 1.f : sc2[0], prescale ? 1.f : sc2[1]};   // (sc)
+        const float scu[2] = {prescale ? 1.f : sc2[0], prescale ? 1.f : sc2[1]};
         bool over = false;
 #pragma unroll
         for (int h = 0; h < 2; ++h) {

@@ -327,10 +327,11 @@ def prepare(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
             allow_fp8_qk: bool = False, check_values: bool = False) -> tuple:
     """Validate and resolve the arguments of ``spec_dec_attention`` (which see) into the
     custom op's argument tuple. Raises TypeError/ValueError naming the argument."""
-    return _plan(q, k_cache, v_cache, block_tables, seq_lens, q_cu_seqlens, tree_mask, scale,
+    plan = _plan(q, k_cache, v_cache, block_tables, seq_lens, q_cu_seqlens, tree_mask, scale,
                  kv_scale, kv_layout, sliding_window, out, max_q_len, max_seq_len, num_kv_splits,
-                 workspace, allow_fp8_qk, check_values).bind(q, k_cache, v_cache, block_tables, seq_lens,
-                                               q_cu_seqlens, tree_mask, kv_scale, out, workspace)
+                 workspace, allow_fp8_qk, check_values)
+    return plan.bind(q, k_cache, v_cache, block_tables, seq_lens, q_cu_seqlens, tree_mask,
+                     kv_scale, out, workspace)
 
 
 def _plan(q, k_cache, v_cache, block_tables, seq_lens, q_cu_seqlens, tree_mask, scale, kv_scale,

@@ -127,14 +127,13 @@ __device__ __forceinline__ void fp8_cols2(u32 w0, u32 w1, u32& c0, u32& c1) {
 }
 
 // bf16x2 -> fp16x2 (the query of an fp8-cache call enters the fp16 MMAs)
-__device__ __forceinline__ u32 bf16x2_to_f16x2(u32 v) {
-    const float2 f = __bfloat1622float2(*reinterpret_cast<__nv_bfloat162*>(&v));
-    __half2 h = __floats2half2_rn(f.x, f.y);
-    return *reinterpret_cast<u32*>(&h);
-}
-
 __device__ __forceinline__ float2 bf16x2_to_f2(u32 v) {
     return __bfloat1622float2(*reinterpret_cast<__nv_bfloat162*>(&v));
+}
+__device__ __forceinline__ u32 bf16x2_to_f16x2(u32 v) {
+    const float2 f = bf16x2_to_f2(v);
+    __half2 h = __floats2half2_rn(f.x, f.y);
+    return *reinterpret_cast<u32*>(&h);
 }
 
 // a, b -> their e4m3 roundings hi (two bytes, a in the low one) and the e4m3 roundings of the
