@@ -240,13 +240,18 @@ def attention(rbw, match=(), only_variants=()):
                     ("fp8_qk", {}, {"fp8_qk": True}),
                     ("3 stages", {}, {"kv_stages": 3}), ("4 stages", {}, {"kv_stages": 4}),
                     ("5 stages", {}, {"kv_stages": 5}),
-                    ("kv_tile 128", {}, {"kv_tile": 128})]
+                    ("kv_tile 128", {}, {"kv_tile": 128}),
+                    ("no PDL", {}, {"merge_pdl": False}),
+                    ("no PDL trigger", {"JK_SD_PDL": 0}, {"merge_pdl": False}),
+                    ("PDL at start", {"JK_SD_PDL": 1}, {})]
     if only_variants:
         variants_all = [v for i, v in enumerate(variants_all) if i == 0 or v[0] in only_variants]
     fams = {}
 
     def user(tag, mac, over):
         fam = base if not mac else fams.setdefault(tag, derived(base, tag.replace(" ", "_"), mac))
+        over = dict(over)
+        pdl = over.pop("merge_pdl", True)   # the merge kernel's programmatic launch (op switch)
 
         def config(*a, **k):
             return tuple(dict(base_config(*a, **k), **over).items())
@@ -254,6 +259,7 @@ def attention(rbw, match=(), only_variants=()):
         def use():
             sda.SPEC_DEC_ATTENTION = fam
             sda.kernel_config = config
+            sda.MERGE_PDL = pdl
             sda._LAUNCH.clear()
         return use
 
@@ -279,7 +285,12 @@ def attention(rbw, match=(), only_variants=()):
             ((32, 8, 128), 16, 1024, 8, "fp8"), ((32, 8, 128), 16, 8192, 1, "fp8"),
             ((32, 8, 128), 16, 32768, 8, "fp8"), ((32, 8, 128), 64, 1024, 1, "fp8"),
             ((32, 8, 128), 64, 8192, 1, "fp8"), ((32, 8, 128), 64, 32768, 8, "fp8"),
-            ((8, 4, 256), 16, 8192, 64, "fp8"), ((8, 4, 256), 64, 8192, 8, "fp8"))
+            ((8, 4, 256), 16, 8192, 64, "fp8"), ((8, 4, 256), 64, 8192, 8, "fp8"),
+            ((32, 8, 128), 64, 1024, 1, "bf16"), ((32, 8, 128), 64, 1024, 8, "bf16"),
+            ((16, 16, 64), 64, 8192, 1, "bf16"), ((8, 1, 128), 64, 8192, 1, "bf16"),
+            ((8, 1, 128), 16, 8192, 1, "bf16"), ((32, 8, 128), 16, 32768, 1, "bf16"),
+            ((64, 8, 128), 64, 8192, 1, "bf16"),
+            ((32, 8, 128), 16, 1024, 1, "bf16"))
     if match:
         rows = [r for r in rows if any(m == row_name(*r) for m in match)]
     for (hq, hkv, d), n, ctx, batch, kvn, *layout in rows:
@@ -319,7 +330,7 @@ def attention(rbw, match=(), only_variants=()):
                   flush=True)
         sets = outs = calls = None
         torch.cuda.empty_cache()
-    sda.SPEC_DEC_ATTENTION, sda.kernel_config = base, base_config
+    sda.SPEC_DEC_ATTENTION, sda.kernel_config, sda.MERGE_PDL = base, base_config, True
     sda._LAUNCH.clear()
 
 

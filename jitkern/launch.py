@@ -5,6 +5,12 @@ the signature, written by one precompiled ``struct.pack_into`` per call), so eve
 the kernel with its exact C type (a Python float is never passed as a double by accident, an
 out-of-range integer is an error rather than a wrapped value), and the launch goes straight to
 ``cuLaunchKernel`` through CuPy's driver binding.
+
+A launch may ask for programmatic dependent launch (``pdl=True``, sm_90 and later): the kernel
+may then start while the previous kernel on the stream is still running, once that kernel has
+executed ``griddepcontrol.launch_dependents`` in every CTA, and must execute
+``griddepcontrol.wait`` before it reads anything that kernel writes. CuPy's binding has no
+``cuLaunchKernelEx``, so these launches call the driver through ctypes.
 """
 
 from __future__ import annotations
@@ -24,6 +30,35 @@ _ATTRS = {"max_threads_per_block": 0, "static_shared_bytes": 1, "const_bytes": 2
           "local_bytes": 3, "registers": 4, "ptx_version": 5, "binary_version": 6}
 _MAX_DYNAMIC_SHARED = 8
 _DEFAULT_DYNAMIC_SHARED = 48 * 1024
+
+
+# cuLaunchKernelEx's configuration (cuda.h): CUlaunchConfig and one CUlaunchAttribute.
+_ATTR_PROGRAMMATIC_STREAM_SERIALIZATION = 6   # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+
+
+class _LaunchAttribute(ctypes.Structure):
+    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_int * 16)]
+
+
+# CUlaunchConfig: grid (3 x u32), block (3 x u32), shared bytes (u32), stream, attribute array,
+# attribute count (u32); written with one pack_into per launch
+_LAUNCH_CONFIG = struct.Struct("=7I4xQQI4x")
+
+
+_LIBCUDA = None
+
+
+def _libcuda():
+    """The driver library for cuLaunchKernelEx (loaded on first use: only GPU launches need it)."""
+    global _LIBCUDA
+    if _LIBCUDA is None:
+        lib = ctypes.CDLL("libcuda.so.1")
+        lib.cuLaunchKernelEx.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                                         ctypes.c_void_p]
+        lib.cuLaunchKernelEx.restype = ctypes.c_int
+        lib.cuGetErrorName.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_char_p)]
+        _LIBCUDA = lib
+    return _LIBCUDA
 
 
 def _driver():
@@ -113,7 +148,12 @@ class Function:
             params = (ctypes.c_void_p * 1)(base)
         else:
             params = (ctypes.c_void_p * max(1, self._nargs))(*[base + o for o in self._offsets])
-        buf = (s, params, ctypes.addressof(params))
+        # the programmatic launch's configuration, filled per call (grid, block, stream)
+        attr = _LaunchAttribute(id=_ATTR_PROGRAMMATIC_STREAM_SERIALIZATION)
+        attr.value[0] = 1
+        conf = ctypes.create_string_buffer(_LAUNCH_CONFIG.size)
+        buf = (s, params, ctypes.addressof(params), conf, ctypes.addressof(attr),
+               ctypes.addressof(conf), attr)
         self._tls.buf = buf
         return buf
 
@@ -121,10 +161,13 @@ class Function:
         _driver().funcSetAttribute(self.ptr, _MAX_DYNAMIC_SHARED, int(nbytes))
         self._dyn_limit = int(nbytes)
 
-    def launch(self, grid, block, args, shared_mem: int = 0, stream: int | None = None) -> None:
+    def launch(self, grid, block, args, shared_mem: int = 0, stream: int | None = None,
+               pdl: bool = False) -> None:
         """Launch on ``stream`` (a raw cudaStream_t; default: torch's current stream of the device).
 
-        ``grid``/``block``: 3-tuples (or shorter). ``args``: one value per signature field."""
+        ``grid``/``block``: 3-tuples (or shorter). ``args``: one value per signature field.
+        ``pdl``: programmatic dependent launch (see the module docstring); the caller checks that
+        the device supports it (compute capability 9.0 or later) and that the kernel waits."""
         if len(args) != self._nargs:
             raise TypeError(f"{self.label}: expected {self._nargs} arguments "
                             f"({', '.join(n for n, _ in self.signature)}), got {len(args)}")
@@ -141,7 +184,20 @@ class Function:
         b = block if len(block) == 3 else tuple(block) + (1,) * (3 - len(block))
         if g[0] * g[1] * g[2] == 0:
             return  # nothing to do (empty batch); CUDA rejects a zero grid
+        if pdl:
+            self._launch_programmatic(buf, g, b, shared_mem, stream)
+            return
         self._launch_kernel(self.ptr, g[0], g[1], g[2], b[0], b[1], b[2], shared_mem, stream, buf[2], 0)
+
+    def _launch_programmatic(self, buf, g, b, shared_mem: int, stream: int) -> None:
+        _LAUNCH_CONFIG.pack_into(buf[3], 0, *g, *b, shared_mem, stream, buf[4], 1)
+        lib = _libcuda()
+        rc = lib.cuLaunchKernelEx(buf[5], self.ptr, buf[2], None)
+        if rc:
+            name = ctypes.c_char_p()
+            lib.cuGetErrorName(rc, ctypes.byref(name))
+            raise RuntimeError(f"{self.label}: cuLaunchKernelEx failed: "
+                               f"{(name.value or b'?').decode()} ({rc})")
 
 
 def _current_stream(index: int) -> int:
@@ -171,7 +227,8 @@ class LoadedKernel:
     def function(self, name: str) -> Function:
         return self.functions[name]
 
-    def launch(self, name: str, grid, block, args, shared_mem: int = 0, stream: int | None = None) -> None:
+    def launch(self, name: str, grid, block, args, shared_mem: int = 0, stream: int | None = None,
+               pdl: bool = False) -> None:
         """Launch entry ``name`` (see ``Function.launch``), on the kernel's device, leaving the
         caller's current device unchanged."""
         fn = self.functions[name]
@@ -179,9 +236,9 @@ class LoadedKernel:
             import torch
 
             with torch.cuda.device(self.device_index):
-                fn.launch(grid, block, args, shared_mem, stream)
+                fn.launch(grid, block, args, shared_mem, stream, pdl)
         else:
-            fn.launch(grid, block, args, shared_mem, stream)
+            fn.launch(grid, block, args, shared_mem, stream, pdl)
 
 
 def _current_device() -> int:

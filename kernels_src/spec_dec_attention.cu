@@ -401,6 +401,19 @@ __device__ __forceinline__ void merge_staged(const Params& p, u8* area, size_t s
     }
 }
 
+// The merge kernel after a split launch of a large tile is a programmatic dependent launch (the
+// host's MERGE_PDL): once every CTA here has executed griddepcontrol.launch_dependents (or
+// exited), its CTAs may take SM slots instead of waiting for this grid to drain; they wait for
+// its completion before reading a partial. Where the trigger sits: 2 after the tile loop (the
+// default), 1 at the start, 0 nowhere (measurements). At the start, merge CTAs waited on the SMs
+// through the whole tile loop, and 16/16/64 64-node trees at 8k batch 1 ran 4% slower than
+// without the programmatic launch; after the loop the launch still hides most of the merge's
+// start (H200: 7% faster there, 0-5% on the other batch-1 trees; BENCHMARKS.md). Without such a
+// launch after it, the trigger does nothing.
+#ifndef JK_SD_PDL
+#define JK_SD_PDL 2
+#endif
+
 __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const Params p) {
     extern __shared__ __align__(128) u8 smem_raw[];
     // Swizzled (wgmma) tiles must start 1024-byte aligned; every region size below is a multiple
@@ -409,6 +422,9 @@ __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const Param
     u8* q_s = smem;
     u8* kv_s = smem + QT * Q_ROW;
 
+#if JK_SPLIT_KV && JK_SD_PDL == 1 && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;");   // see JK_SD_PDL
+#endif
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int wm = warp % WM, wn = warp / WM;
     const int g = lane >> 2, t4 = lane & 3;
@@ -978,6 +994,10 @@ __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const Param
     cp_async_wait<0>();
     __syncthreads();
 
+#if JK_SPLIT_KV && JK_SD_PDL == 2 && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;");   // see JK_SD_PDL
+#endif
+
     // ---- epilogue: merge the WN warps of each row slab, then write ----
     float* o_s = reinterpret_cast<float*>(kv_s);      // [WN][QT][O_ROW] (reuses the pipeline)
     float* m_s = o_s + WN * QT * O_ROW;                // [WN][QT]
@@ -1104,6 +1124,11 @@ __global__ void __launch_bounds__(MERGE_THREADS, 6) spec_dec_merge(const MergePa
     const int i = blockIdx.x * MERGE_THREADS + threadIdx.x;
     const int idx = i / (DQ / 4), d = (i - idx * (DQ / 4)) * 4;
     if (idx >= p.rows) return;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    // launched as a programmatic dependent of the attention grid: its partials are complete and
+    // visible only after this (returns at once after an ordinary launch)
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
     merge_quad<MERGE_KERNEL_U>(p.ws_o, p.ws_ml, p.out, (size_t)p.rows, p.num_splits, idx, d);
 }
 

@@ -82,11 +82,21 @@ def test_graph_capture_and_replay():
 PROBE = (-2**31, 2**32 - 1, -2**62 - 12345, 2**64 - 3, 1.1, 1.1, 255)
 
 
+def needs_sm90():
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("programmatic dependent launch needs compute capability 9.0")
+
+
+@pytest.mark.parametrize("pdl", [False, True])
 @pytest.mark.parametrize("entry", ["probe", "probe_packed"])
-def test_every_c_type_arrives_exactly(entry):
+def test_every_c_type_arrives_exactly(entry, pdl):
+    """Both launch paths (cuLaunchKernel, and cuLaunchKernelEx for programmatic launches) pass
+    every argument with its exact C type, as separate parameters and as one packed struct."""
+    if pdl:
+        needs_sm90()
     k = get_kernel(SELFTEST, {"dtype": "fp32"}, torch.device("cuda"))
     out = torch.full((8,), float("nan"), device="cuda", dtype=torch.float64)
-    k.launch(entry, (1,), (32,), (out, *PROBE))
+    k.launch(entry, (1,), (32,), (out, *PROBE), pdl=pdl)
     torch.cuda.synchronize()
     got = out.cpu()
     assert got[0].item() == -2**31
@@ -97,6 +107,46 @@ def test_every_c_type_arrives_exactly(entry):
     assert got[5].item() == 1.1                       # a double
     assert got[6].item() == 255
     assert got.view(torch.int64)[7].item() == (2**64 - 3) - 2**64  # exact u64 bits
+
+
+def test_programmatic_launch_runs_in_stream_order_and_in_graphs():
+    """A programmatic launch of a kernel that never waits still follows the previous kernel
+    (no early trigger there), on a side stream and when captured and replayed."""
+    needs_sm90()
+    k = get_kernel(SELFTEST, {"dtype": "fp32"}, torch.device("cuda"))
+    n = 1 << 20
+    x, src = torch.randn(n, device="cuda"), torch.randn(n, device="cuda")
+    y = torch.full((n,), float("nan"), device="cuda")
+
+    def step():
+        y.copy_(src)
+        k.launch("axpy", grid=(1024,), block=(256,), args=(y, x, np.float32(2.0), n), pdl=True)
+
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(20_000_000)
+        step()
+    side.synchronize()
+    assert torch.equal(y, 2.0 * x + src)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(side):
+        with torch.cuda.graph(g, stream=side):
+            step()
+    for _ in range(2):
+        x.copy_(torch.randn(n, device="cuda"))
+        src.copy_(torch.randn(n, device="cuda"))
+        y.fill_(float("nan"))
+        g.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(y, 2.0 * x + src)
+
+
+def test_a_failed_programmatic_launch_names_the_driver_error():
+    needs_sm90()
+    k = get_kernel(SELFTEST, {"dtype": "fp32"}, torch.device("cuda"))
+    y = torch.zeros(8, device="cuda")
+    with pytest.raises(RuntimeError, match=r"axpy: cuLaunchKernelEx failed: CUDA_ERROR_INVALID_VALUE"):
+        k.launch("axpy", (1,), (4096,), (y, y, np.float32(1), 8), pdl=True)
 
 
 def test_wrong_argument_count_is_a_clear_error():

@@ -96,3 +96,28 @@ def test_a_float_for_an_integer_field_is_a_type_error():
 def test_every_kind_has_a_struct_code():
     for kind in _CTYPES:
         arg_layout(((kind, kind),))
+
+
+def test_programmatic_launch_config_has_cuda_h_layout():
+    """cuLaunchKernelEx reads CUlaunchConfig (cuda.h) from the bytes launch.py packs: grid and
+    block dims, shared bytes, then the stream, attribute array and count at 8-byte alignment."""
+    import ctypes
+
+    from jitkern.launch import _LAUNCH_CONFIG, _LaunchAttribute
+
+    class CUlaunchConfig(ctypes.Structure):
+        _fields_ = [("gridDimX", ctypes.c_uint), ("gridDimY", ctypes.c_uint),
+                    ("gridDimZ", ctypes.c_uint), ("blockDimX", ctypes.c_uint),
+                    ("blockDimY", ctypes.c_uint), ("blockDimZ", ctypes.c_uint),
+                    ("sharedMemBytes", ctypes.c_uint), ("hStream", ctypes.c_void_p),
+                    ("attrs", ctypes.c_void_p), ("numAttrs", ctypes.c_uint)]
+
+    assert _LAUNCH_CONFIG.size == ctypes.sizeof(CUlaunchConfig) == 56
+    buf = ctypes.create_string_buffer(_LAUNCH_CONFIG.size)
+    _LAUNCH_CONFIG.pack_into(buf, 0, 7, 8, 9, 128, 2, 1, 4096, 0xDEADBEEF00, 0x1234560, 1)
+    c = CUlaunchConfig.from_buffer_copy(buf.raw)
+    assert (c.gridDimX, c.gridDimY, c.gridDimZ, c.blockDimX, c.blockDimY, c.blockDimZ) == \
+        (7, 8, 9, 128, 2, 1)
+    assert (c.sharedMemBytes, c.hStream, c.attrs, c.numAttrs) == (4096, 0xDEADBEEF00, 0x1234560, 1)
+    # CUlaunchAttribute: a 4-byte id, 4 bytes of padding, a 64-byte value union
+    assert ctypes.sizeof(_LaunchAttribute) == 72 and _LaunchAttribute.value.offset == 8

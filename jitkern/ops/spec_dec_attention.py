@@ -43,12 +43,18 @@ WORKSPACE_CAP_BYTES = 256 << 20  # splits are reduced before the workspace would
 # the whole GPU (one CTA merging 64+ rows is a long chain of L2 round trips).
 FUSED_MERGE_Q_TILE = 16
 MERGE_THREADS = 128   # the merge kernel's block: a thread per row and four head-dim elements
+# The merge kernel is a programmatic dependent launch (compute capability 9.0 and later): the
+# attention CTAs trigger it after their tile loop, its CTAs take SM slots while the attention grid
+# finishes and wait for it in the kernel, which hides most of the merge's launch (JK_SD_PDL in
+# the source). A switch for measurements (benchmarks/probe_cache_hints.py).
+MERGE_PDL = True
 
 
 # ---- launch (the custom op) --------------------------------------------------------------------
 
-# (dtype, kv dtype, head_dim, layout, mode, page, q_tile, stages, tile, device index) -> (kernel,
-# smem bytes, threads): keyed on the raw values, so a launch builds no configuration
+# (dtype, kv dtype, head_dim, layout, mode, page, q_tile, stages, tile, fp8_qk, device index) ->
+# (kernel, smem bytes, threads, merge as a programmatic launch): keyed on the raw values, so a
+# launch builds no configuration
 _LAUNCH: dict = {}
 
 
@@ -71,7 +77,8 @@ def _launcher(key: tuple):
     if hit is None:
         conf = dict(kernel_config(*key[:-1]))
         kern = get_kernel(SPEC_DEC_ATTENTION, conf, key[-1])
-        hit = _LAUNCH[key] = (kern, shared_bytes(conf), 32 * warps(conf["q_tile"]))
+        pdl = MERGE_PDL and torch.cuda.get_device_capability(key[-1]) >= (9, 0)
+        hit = _LAUNCH[key] = (kern, shared_bytes(conf), 32 * warps(conf["q_tile"]), pdl)
     return hit
 
 
@@ -85,7 +92,7 @@ def _launch(q, k_cache, v_cache, block_tables, seq_lens, q_cu_seqlens, tree_mask
     total_q, hq, d = q.shape
     hkv = k_cache.shape[2] if kv_layout == "NHD" else k_cache.shape[1]
     bt = seq_lens.shape[0]
-    kern, smem, threads = _launcher((q.dtype, k_cache.dtype, d, kv_layout, mode, page_size,
+    kern, smem, threads, merge_pdl = _launcher((q.dtype, k_cache.dtype, d, kv_layout, mode, page_size,
                                      q_tile, kv_stages, kv_tile, fp8_qk, q.device.index))
     split = num_splits > 1
     fused = split and q_tile == FUSED_MERGE_Q_TILE
@@ -101,7 +108,7 @@ def _launch(q, k_cache, v_cache, block_tables, seq_lens, q_cu_seqlens, tree_mask
     if split and not fused:
         kern.launch("merge", grid=(-(-rows * (d // 4) // MERGE_THREADS), 1, 1),
                     block=(MERGE_THREADS, 1, 1),
-                    args=(workspace, ws_ml, out, rows, num_splits))
+                    args=(workspace, ws_ml, out, rows, num_splits), pdl=merge_pdl)
 
 
 @custom_op("jitkern::spec_dec_attention", mutates_args=("out", "workspace", "counters"))
