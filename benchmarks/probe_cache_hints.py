@@ -324,10 +324,11 @@ def attention(rbw, match=(), only_variants=()):
                 print(f"<!-- {name} {tag}: max |diff| vs default {diff:.3g}, "
                       f"nan {bool(o.isnan().any())} -->", flush=True)
         if have_xqa:
-            calls = [sb.xqa_thunk(s, n, hkv, 64)[0] for s in sets]
-            t = sb.time_graph(calls)
-            print(f"| {name} | XQA | {t * 1e6:.1f} | {100 * kv_bytes / t / rbw:.1f}% | |",
-                  flush=True)
+            for tag, pdl in (("XQA", None), ("XQA no PDL", False)):
+                calls = [sb.xqa_thunk(s, n, hkv, 64, enable_pdl=pdl)[0] for s in sets]
+                t = sb.time_graph(calls)
+                print(f"| {name} | {tag} | {t * 1e6:.1f} | {100 * kv_bytes / t / rbw:.1f}% | |",
+                      flush=True)
         sets = outs = calls = None
         torch.cuda.empty_cache()
     sda.SPEC_DEC_ATTENTION, sda.kernel_config, sda.MERGE_PDL = base, base_config, True

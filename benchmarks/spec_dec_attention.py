@@ -7,7 +7,7 @@ it, FlexAttention (tree as ``mask_mod``, dense gathered K/V), SDPA on a gathered
 for trees the percent of the bf16 matmul rate measured with ``torch.matmul``.
 
     python benchmarks/spec_dec_attention.py [--grid quick|story|sampled|full|padded|small-trees|misses]
-        [--no-flex]
+        [--no-flex] [--fp8-qk] [--kv bf16|fp8] [--xqa-no-pdl]
         [--explore [--explore-trees [--explore-both]]] [--budget SECONDS]
 """
 
@@ -115,7 +115,9 @@ def gathered(a, d):
 
 # ---- peers -------------------------------------------------------------------------------------
 
-def xqa_thunk(a, n, hkv, page_size):
+def xqa_thunk(a, n, hkv, page_size, enable_pdl=None):
+    """XQA on ``a``'s inputs; ``enable_pdl`` as flashinfer.xqa takes it (None: its default, a
+    programmatic dependent launch where the device supports one)."""
     import flashinfer
 
     q = a["q"]
@@ -135,7 +137,8 @@ def xqa_thunk(a, n, hkv, page_size):
 
     def call():
         flashinfer.xqa(qv, a["k_cache"], a["v_cache"], a["block_tables"], sl, out, ws, sem, hkv,
-                       page_size, kv_scale=ks, kv_layout=a["kv_layout"], q_seq_len=n, mask=m)
+                       page_size, kv_scale=ks, kv_layout=a["kv_layout"], q_seq_len=n, mask=m,
+                       enable_pdl=enable_pdl)
     return call, out
 
 
@@ -391,6 +394,9 @@ def main():
     ap.add_argument("--fp8-qk", action="store_true",
                     help="fp8 rows: also time the op with allow_fp8_qk=True (two more columns)")
     ap.add_argument("--kv", choices=("bf16", "fp8"), help="only the rows of this KV dtype")
+    ap.add_argument("--xqa-no-pdl", action="store_true",
+                    help="also time XQA with enable_pdl=False (its default launches each call as "
+                         "a programmatic dependent of the previous kernel; two more columns)")
     args = ap.parse_args()
     t_start = time.monotonic()
     torch.manual_seed(0)
@@ -410,9 +416,10 @@ def main():
         host_table(bw, have_xqa, args.page_size)
         return
     qk_head = " fp8_qk us | fp8_qk vs XQA |" if args.fp8_qk else ""
+    qk_head += " XQA no-PDL us | vs XQA no-PDL |" if args.xqa_no_pdl else ""
     print("| Hq/Hkv/D | q | ctx | batch | KV | KV MB | ours us | ours %BW | XQA us | XQA %BW | "
           "vs XQA | XQA err | Flex us | SDPA us | ours %MMA |" + qk_head)
-    print("|" + "---|" * (15 + 2 * args.fp8_qk))
+    print("|" + "---|" * (15 + 2 * args.fp8_qk + 2 * args.xqa_no_pdl))
     rows = grid(args.grid)
     if args.kv:
         rows = [r for r in rows if r[4] == args.kv]
@@ -454,6 +461,9 @@ def main():
                 xerr = f"{float((xo - outs[0].float()).norm() / outs[0].float().norm()):.1e}"
             except Exception as e:   # noqa: BLE001
                 xerr = f"fail: {type(e).__name__}"
+            if args.xqa_no_pdl:
+                cells["xqa_np"] = time_graph([xqa_thunk(s, n, hkv, ps, enable_pdl=False)[0]
+                                              for s in sets])
         vis = None
         try:
             if kv_bytes > DENSE_MAX_BYTES:
@@ -480,6 +490,9 @@ def main():
             qk_ratio = (f"{cells['xqa'] / cells['qk']:.2f}x" if "xqa" in cells and "qk" in cells
                         else "-")
             qk_cells = f" {us('qk')} | {qk_ratio} |"
+        if args.xqa_no_pdl:
+            np_ratio = f"{cells['xqa_np'] / t_ours:.2f}x" if "xqa_np" in cells else "-"
+            qk_cells += f" {us('xqa_np')} | {np_ratio} |"
         flops = 4 * batch * n * hq * L * d
         mma = f"{100 * flops / t_ours / mm:.1f}%" if "tree" in qname else ""
         print(f"| {hq}/{hkv}/{d} | {qname} | {ctx // 1024}k | {batch} | {kvn} | "
