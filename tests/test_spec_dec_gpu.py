@@ -357,15 +357,19 @@ def test_graph_replay_identical(kind):
         assert _check(a, out, torch.bfloat16) < 1e-2
 
 
-@pytest.mark.parametrize("shape,nodes,kv", [((32, 8, 128), 64, torch.bfloat16),
-                                             ((16, 16, 64), 64, torch.bfloat16),
-                                             ((32, 8, 128), 16, torch.float8_e4m3fn),
-                                             ((8, 4, 256), 64, torch.bfloat16)])
-def test_merge_kernel_as_programmatic_launch(shape, nodes, kv, monkeypatch):
+@pytest.mark.parametrize("shape,nodes,kv,batch,splits", [
+    ((32, 8, 128), 64, torch.bfloat16, 3, 12),
+    ((16, 16, 64), 64, torch.bfloat16, 3, 12),
+    ((32, 8, 128), 16, torch.float8_e4m3fn, 3, 12),
+    ((8, 4, 256), 64, torch.bfloat16, 3, 40),      # 8 splits a round: five rounds
+    ((8, 2, 80), 33, torch.float16, 2, 8),         # padded head dim
+    ((32, 8, 128), 64, torch.bfloat16, 12, 12),    # a merge grid of several waves
+])
+def test_merge_kernel_as_programmatic_launch(shape, nodes, kv, batch, splits, monkeypatch):
     """Split trees of 64- and 128-row tiles merge in a second kernel launched as a programmatic
-    dependent (its CTAs start while the attention grid runs, and wait in the kernel): the output
-    equals an ordinary launch's, bit for bit, and the reference's within the bound, eager and
-    graph-replayed."""
+    dependent (its CTAs start while the attention grid finishes, and wait in the kernel): the
+    output equals an ordinary launch's, bit for bit, and the reference's within the bound, eager
+    and graph-replayed."""
     import importlib
 
     from jitkern.ops import spec_dec_attention
@@ -373,26 +377,30 @@ def test_merge_kernel_as_programmatic_launch(shape, nodes, kv, monkeypatch):
     sda = importlib.import_module("jitkern.ops.spec_dec_attention")
     hq, hkv, d = shape
     rng = random.Random(nodes)
-    a = random_paged_inputs([5000, 1200, 7000], [random_eagle_tree(nodes, rng) for _ in range(3)],
-                            num_heads=hq, num_kv_heads=hkv, head_dim=d, kv_dtype=kv,
-                            page_size=64, tree=True, kv_scale=0.6 if kv != torch.bfloat16 else None,
+    ctx = [5000, 1200, 7000, 300, 2500, 64, 4000, 900, 3100, 20, 6000, 1500][:batch]
+    dtype = torch.float16 if kv == torch.float16 else torch.bfloat16
+    a = random_paged_inputs(ctx, [random_eagle_tree(nodes, rng) for _ in range(batch)],
+                            num_heads=hq, num_kv_heads=hkv, head_dim=d, kv_dtype=kv, dtype=dtype,
+                            page_size=64, tree=True,
+                            kv_scale=0.6 if kv == torch.float8_e4m3fn else None,
                             generator=torch.Generator().manual_seed(nodes + d))
-    assert sda.planned_config(**a, num_kv_splits=12)["q_tile"] >= 64   # the merge kernel's tiles
+    a["num_kv_splits"] = splits
+    assert sda.planned_config(**a)["q_tile"] >= 64   # the merge kernel's tiles
     outs = {}
     for pdl in (False, True):
         monkeypatch.setattr(sda, "MERGE_PDL", pdl)
         sda._LAUNCH.clear()
-        outs[pdl] = _run(dict(a, num_kv_splits=12))
+        outs[pdl] = _run(a)
     sda._LAUNCH.clear()
     assert torch.equal(outs[True], outs[False])
-    assert _check(a, outs[True], torch.bfloat16) < 1e-2
+    assert _check(a, outs[True], dtype) < BOUND[dtype]
     out = torch.full_like(a["q"], float("nan"))
     g = torch.cuda.CUDAGraph()
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
         with torch.cuda.graph(g, stream=s):
-            spec_dec_attention(**a, out=out, num_kv_splits=12)
+            spec_dec_attention(**a, out=out)
     torch.cuda.current_stream().wait_stream(s)
     g.replay()
     torch.cuda.synchronize()
