@@ -238,6 +238,7 @@ def attention(rbw, match=(), only_variants=()):
                     ("both old", {"JK_SD_TILE_BASE": 0, "JK_SD_Q_PERMUTED": 0}, {}),
                     ("WG CTA pipe", {"JK_SD_WG_PIPE": 0}, {}),
                     ("fp8_qk", {}, {"fp8_qk": True}),
+                    ("2 stages", {}, {"kv_stages": 2}),
                     ("3 stages", {}, {"kv_stages": 3}), ("4 stages", {}, {"kv_stages": 4}),
                     ("5 stages", {}, {"kv_stages": 5}),
                     ("kv_tile 128", {}, {"kv_tile": 128}),
@@ -291,7 +292,7 @@ def attention(rbw, match=(), only_variants=()):
             ((8, 1, 128), 16, 8192, 1, "bf16"), ((32, 8, 128), 16, 32768, 1, "bf16"),
             ((64, 8, 128), 64, 8192, 1, "bf16"),
             ((32, 8, 128), 16, 1024, 1, "bf16"), ((32, 8, 128), 16, 8192, 1, "bf16"),
-            ((32, 8, 128), 16, 32768, 1, "fp8"))
+            ((32, 8, 128), 16, 32768, 1, "fp8"), ((32, 8, 128), 16, 1024, 8, "bf16"))
     if match:
         rows = [r for r in rows if any(m == row_name(*r) for m in match)]
     for (hq, hkv, d), n, ctx, batch, kvn, *layout in rows:

@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .families.mamba2 import nemotron_config
-from .families.spec_dec_attention import q_tiles_for
+from .families.spec_dec_attention import q_tiles_for, stage_variants
 
 ATTENTION_FAMILY = "spec_dec_attention"
 MAMBA2_FAMILY = "mamba2_mtp_ssm_update"
@@ -141,9 +141,10 @@ class Preset:
         if self.spec.tree is not None:
             lo, hi = self.spec.tree
             tiles += sorted({("tree", qt) for n in range(lo, hi + 1) for qt in q_tiles_for(n * g)})
-        return [dict(head_dim=a.head_dim, dtype=a.dtype, kv_dtype=kv, kv_layout=a.kv_layout,
-                     page_size=ps, mode=mode, q_tile=qt, split_kv=True)
-                for kv in a.kv_dtypes for ps in a.page_sizes for mode, qt in tiles]
+        return [c for kv in a.kv_dtypes for ps in a.page_sizes for mode, qt in tiles
+                for c in stage_variants(dict(head_dim=a.head_dim, dtype=a.dtype, kv_dtype=kv,
+                                             kv_layout=a.kv_layout, page_size=ps, mode=mode,
+                                             q_tile=qt, split_kv=True))]
 
     def describe(self, tp: int | None = None) -> dict:
         """The preset's shapes and choices as plain data (for ``jitkern presets``)."""

@@ -364,12 +364,14 @@ def test_graph_replay_identical(kind):
     ((8, 4, 256), 64, torch.bfloat16, 3, 40),      # 8 splits a round: five rounds
     ((8, 2, 80), 33, torch.float16, 2, 8),         # padded head dim
     ((32, 8, 128), 64, torch.bfloat16, 12, 12),    # a merge grid of several waves
+    ((8, 1, 128), 0, torch.bfloat16, 5, 9),        # ragged trees of 1..64 nodes (q_cu_seqlens)
+    ((32, 8, 128), 0, torch.float8_e4m3fn, 4, 16),
 ])
 def test_merge_kernel_as_programmatic_launch(shape, nodes, kv, batch, splits, monkeypatch):
     """Split trees of 64- and 128-row tiles merge in a second kernel launched as a programmatic
     dependent (its CTAs start while the attention grid finishes, and wait in the kernel): the
     output equals an ordinary launch's, bit for bit, and the reference's within the bound, eager
-    and graph-replayed."""
+    and graph-replayed (nodes 0: ragged trees)."""
     import importlib
 
     from jitkern.ops import spec_dec_attention
@@ -379,7 +381,8 @@ def test_merge_kernel_as_programmatic_launch(shape, nodes, kv, batch, splits, mo
     rng = random.Random(nodes)
     ctx = [5000, 1200, 7000, 300, 2500, 64, 4000, 900, 3100, 20, 6000, 1500][:batch]
     dtype = torch.float16 if kv == torch.float16 else torch.bfloat16
-    a = random_paged_inputs(ctx, [random_eagle_tree(nodes, rng) for _ in range(batch)],
+    sizes = [nodes] * batch if nodes else [64, 1, 37, 16, 50][:batch]
+    a = random_paged_inputs(ctx, [random_eagle_tree(m, rng) for m in sizes],
                             num_heads=hq, num_kv_heads=hkv, head_dim=d, kv_dtype=kv, dtype=dtype,
                             page_size=64, tree=True,
                             kv_scale=0.6 if kv == torch.float8_e4m3fn else None,
@@ -402,9 +405,11 @@ def test_merge_kernel_as_programmatic_launch(shape, nodes, kv, batch, splits, mo
         with torch.cuda.graph(g, stream=s):
             spec_dec_attention(**a, out=out)
     torch.cuda.current_stream().wait_stream(s)
-    g.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(out, outs[True])
+    for _ in range(2):
+        out.fill_(float("nan"))
+        g.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, outs[True])
 
 
 @pytest.mark.parametrize("drafts", [[1, 1, 1], [3, 2, 4]])

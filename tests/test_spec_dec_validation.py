@@ -264,6 +264,33 @@ def test_small_grids_halve_128_row_tiles():
     assert q_tiles_for(256) == (128, 64) and q_tiles_for(64) == (64,)
 
 
+def test_small_grids_of_64_row_16_bit_tiles_run_three_stages():
+    from jitkern.families.spec_dec_attention import (SPEC_DEC_ATTENTION, shared_bytes,
+                                                     small_grid_stages, stage_variants, stages)
+
+    # 16-node tree, G = 4, 8k: batch 1 (8 heads x 16 splits) and batch 8 (8 x 8 x 4) on 132 SMs
+    assert small_grid_stages("bf16", 128, 64, 128, 132) == 3
+    assert small_grid_stages("fp16", 112, 64, 256, 132) == 3      # padded to 128
+    # more than two CTAs per SM (batch 64), other tiles, head dims and an fp8 cache: the default
+    assert small_grid_stages("bf16", 128, 64, 265, 132) == 0
+    assert small_grid_stages("bf16", 128, 128, 16, 132) == 0
+    assert small_grid_stages("bf16", 128, 32, 16, 132) == 0
+    assert small_grid_stages("bf16", 64, 64, 16, 132) == 0
+    assert small_grid_stages("bf16", 256, 64, 16, 132) == 0
+    assert small_grid_stages("fp8_e4m3", 128, 64, 16, 132) == 0
+    cfg = dict(head_dim=128, dtype="bf16", kv_dtype="bf16", kv_layout="NHD", page_size=64,
+               mode="tree", q_tile=64, split_kv=True)
+    deep = dict(cfg, kv_stages=3)
+    assert stage_variants(cfg) == [cfg, deep]
+    assert stages(cfg) == 2 and stages(deep) == 3 and shared_bytes(deep) <= 227 * 1024
+    assert stage_variants(dict(cfg, q_tile=128)) == [dict(cfg, q_tile=128)]
+    # the warm-up set holds the deep variant beside each 64-row 16-bit tree tile
+    warm = SPEC_DEC_ATTENTION.warmup_configs()
+    assert sum(1 for c in warm if c.get("kv_stages") == 3) == 2
+    assert all(dict(c, kv_stages=0) in [dict(w, kv_stages=0) for w in warm if w != c]
+               for c in warm if c.get("kv_stages") == 3)
+
+
 def test_resident_ctas_follow_shared_memory_and_launch_bounds():
     from jitkern.families.spec_dec_attention import resident_ctas, shared_bytes
 

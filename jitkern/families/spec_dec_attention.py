@@ -76,6 +76,33 @@ def q_tiles_for(rows: int) -> tuple:
     return (qt, qt // 2) if qt == Q_TILES[-1] else (qt,)
 
 
+# 64-row tiles of a 16-bit cache at a padded head_dim of 128 run 3 K/V stages instead of the
+# source's 2 on grids of up to SMALL_GRID_CTAS_PER_SM CTAs per SM (the op's choice, see
+# small_grid_stages): one CTA per SM then holds the deeper pipeline (122 KB of shared memory)
+# where the second CTA slot was not needed.
+SMALL_GRID_STAGES = 3
+SMALL_GRID_CTAS_PER_SM = 2
+
+
+def small_grid_stages(kv_dtype: str, head_dim: int, q_tile: int, ctas: int, sms: int) -> int:
+    """``kv_stages`` for a launch of ``ctas`` CTAs on ``sms`` SMs (0: the source's choice).
+    Measured (H200, 16-node trees, 32/8/128): 8k batch 1 4.9% faster, 32k batch 1 4.2%, 8k batch
+    8 3.7%; at batch 64 (more CTAs) 1% slower, so not there; 128-row tiles 25-32% slower and fp8
+    caches no faster (BENCHMARKS.md)."""
+    if (q_tile == 64 and kv_dtype != "fp8_e4m3" and padded_head_dim(head_dim) == 128
+            and ctas <= SMALL_GRID_CTAS_PER_SM * sms):
+        return SMALL_GRID_STAGES
+    return 0
+
+
+def stage_variants(cfg: dict) -> list:
+    """``cfg`` and, where small_grid_stages may pick it, the same with SMALL_GRID_STAGES stages
+    (warm-up sets hold both)."""
+    if small_grid_stages(cfg["kv_dtype"], cfg["head_dim"], cfg["q_tile"], 0, 1):
+        return [cfg, dict(cfg, kv_stages=SMALL_GRID_STAGES)]
+    return [cfg]
+
+
 def padded_head_dim(head_dim: int) -> int:
     """The kernel's head dim for a tensor head_dim (mirrors D in the source): 64, 128 or 256.
     The padded columns are zeros in shared memory; memory traffic stays that of head_dim."""
@@ -183,13 +210,14 @@ SPEC_DEC_ATTENTION = register_family(KernelFamily(
     arch_specific=True,   # sm_90a: warpgroup MMAs for the large query tiles (wgmma_shape)
     validate=_validate,
     warmup=tuple(
-        dict(head_dim=128, dtype="bf16", kv_dtype=kv, kv_layout="NHD", page_size=ps, mode=mode,
-             q_tile=qt, split_kv=True)
+        c
         for kv in ("bf16", "fp8_e4m3")
         for ps in (16, 64)
         # Llama-3-8B (G=4) and 70B-TP8 (G=8), the query tiles the op picks (rows = q_len * G):
         # decode 4/8 rows -> 16; a 4-chain 16/32 rows -> 16/32; 16-node trees 64/128 -> 64/128;
         # 64-node trees 256/512 -> 128
         for mode, qt in (("decode", 16), ("chain", 16), ("chain", 32), ("tree", 64), ("tree", 128))
+        for c in stage_variants(dict(head_dim=128, dtype="bf16", kv_dtype=kv, kv_layout="NHD",
+                                     page_size=ps, mode=mode, q_tile=qt, split_kv=True))
     ),
 ))

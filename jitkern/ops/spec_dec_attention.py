@@ -19,7 +19,8 @@ import torch
 
 from ..families.spec_dec_attention import (HEAD_DIMS, KV_TILE, PAGE_SIZES, SPEC_DEC_ATTENTION,
                                            fp8_qk_applies, pick_q_tile, q_tiles_for,
-                                           resident_ctas, shared_bytes, warps)
+                                           resident_ctas, shared_bytes, small_grid_stages,
+                                           warps)
 from ..service import get_kernel
 from ..torch_ops import custom_op
 from .device import sm_count
@@ -489,8 +490,10 @@ def _plan(q, k_cache, v_cache, block_tables, seq_lens, q_cu_seqlens, tree_mask, 
     fused = splits > 1 and q_tile == FUSED_MERGE_Q_TILE
     fp8_qk = allow_fp8_qk and fp8_qk_applies(_IN_DTYPES[q.dtype], _KV_DTYPES[k_cache.dtype],
                                              d, q_tile)
+    stages = small_grid_stages(_KV_DTYPES[k_cache.dtype], d, q_tile, bt * hkv * row_tiles * splits,
+                               sm_count(dev))
     static = (float(scale), kv_scale_f, kv_layout, mode, q_tile, page_size, q_len, row_tiles,
-              splits, sliding_window or 0, -(-max_kv // KV_TILE), 0, 0, fp8_qk)
+              splits, sliding_window or 0, -(-max_kv // KV_TILE), stages, 0, fp8_qk)
     return _Plan(static, need if splits > 1 else 0, bt * hkv * row_tiles if fused else 0,
                  workspace is not None)
 
@@ -627,7 +630,7 @@ def planned_config(*args, **kwargs) -> dict:
     the arguments the same way; used to compile ahead, e.g. in parallel)."""
     a = prepare(*args, **kwargs)
     return dict(kernel_config(a[0].dtype, a[1].dtype, a[0].shape[2], a[13], a[14], a[16], a[15],
-                              fp8_qk=a[24]))
+                              kv_stages=a[22], kv_tile=a[23], fp8_qk=a[24]))
 
 
 def _check_values(q_cu, seq_lens, block_tables, total_q, q_len, longest, num_pages, page_size,
