@@ -268,16 +268,20 @@ def test_small_grids_of_64_row_16_bit_tiles_run_three_stages():
     from jitkern.families.spec_dec_attention import (SPEC_DEC_ATTENTION, shared_bytes,
                                                      small_grid_stages, stage_variants, stages)
 
-    # 16-node tree, G = 4, 8k: batch 1 (8 heads x 16 splits) and batch 8 (8 x 8 x 4) on 132 SMs
-    assert small_grid_stages("bf16", 128, 64, 128, 132) == 3
-    assert small_grid_stages("fp16", 112, 64, 256, 132) == 3      # padded to 128
-    # more than two CTAs per SM (batch 64), other tiles, head dims and an fp8 cache: the default
-    assert small_grid_stages("bf16", 128, 64, 265, 132) == 0
-    assert small_grid_stages("bf16", 128, 128, 16, 132) == 0
-    assert small_grid_stages("bf16", 128, 32, 16, 132) == 0
-    assert small_grid_stages("bf16", 64, 64, 16, 132) == 0
-    assert small_grid_stages("bf16", 256, 64, 16, 132) == 0
-    assert small_grid_stages("fp8_e4m3", 128, 64, 16, 132) == 0
+    # 16-node tree, G = 4, on 132 SMs: 8k batch 1 (8 heads x 16 splits), 1k batch 8 (8 x 8,
+    # unsplit), 8k batch 8 (8 x 8 x 4 splits: two CTAs per SM of a split grid)
+    assert small_grid_stages("bf16", 128, 64, 128, 16, 132) == 3
+    assert small_grid_stages("bf16", 128, 64, 64, 1, 132) == 3
+    assert small_grid_stages("fp16", 112, 64, 256, 4, 132) == 3     # padded to 128
+    # two CTAs per SM unsplit (64-node tree, 1k batch 8: 8 x 8 x 4 row tiles), more than two
+    # (batch 64), other tiles, head dims and an fp8 cache: the default
+    assert small_grid_stages("bf16", 128, 64, 256, 1, 132) == 0
+    assert small_grid_stages("bf16", 128, 64, 265, 4, 132) == 0
+    assert small_grid_stages("bf16", 128, 128, 16, 4, 132) == 0
+    assert small_grid_stages("bf16", 128, 32, 16, 4, 132) == 0
+    assert small_grid_stages("bf16", 64, 64, 16, 4, 132) == 0
+    assert small_grid_stages("bf16", 256, 64, 16, 4, 132) == 0
+    assert small_grid_stages("fp8_e4m3", 128, 64, 16, 4, 132) == 0
     cfg = dict(head_dim=128, dtype="bf16", kv_dtype="bf16", kv_layout="NHD", page_size=64,
                mode="tree", q_tile=64, split_kv=True)
     deep = dict(cfg, kv_stages=3)

@@ -77,20 +77,22 @@ def q_tiles_for(rows: int) -> tuple:
 
 
 # 64-row tiles of a 16-bit cache at a padded head_dim of 128 run 3 K/V stages instead of the
-# source's 2 on grids of up to SMALL_GRID_CTAS_PER_SM CTAs per SM (the op's choice, see
-# small_grid_stages): one CTA per SM then holds the deeper pipeline (122 KB of shared memory)
-# where the second CTA slot was not needed.
+# source's 2 on small grids (the op's choice, see small_grid_stages): one CTA per SM then holds
+# the deeper pipeline (122 KB of shared memory).
 SMALL_GRID_STAGES = 3
-SMALL_GRID_CTAS_PER_SM = 2
 
 
-def small_grid_stages(kv_dtype: str, head_dim: int, q_tile: int, ctas: int, sms: int) -> int:
-    """``kv_stages`` for a launch of ``ctas`` CTAs on ``sms`` SMs (0: the source's choice).
-    Measured (H200, 16-node trees, 32/8/128): 8k batch 1 4.9% faster, 32k batch 1 4.2%, 8k batch
-    8 3.7%; at batch 64 (more CTAs) 1% slower, so not there; 128-row tiles 25-32% slower and fp8
-    caches no faster (BENCHMARKS.md)."""
+def small_grid_stages(kv_dtype: str, head_dim: int, q_tile: int, ctas: int, splits: int,
+                      sms: int) -> int:
+    """``kv_stages`` for a launch of ``ctas`` CTAs in ``splits`` KV splits on ``sms`` SMs (0: the
+    source's choice): 3 for 64-row tiles of a 16-bit cache at a padded head_dim of 128 where the
+    grid is at most one CTA per SM, or at most two of a split (memory-bound) grid. Measured
+    (H200, 32/8/128 trees): 16-node trees 8k batch 1 4.9% faster, 32k batch 1 4.2%, 1k batch 8
+    3.3%, 8k batch 8 (two CTAs per SM, 4 splits) 3.7%; 64-node trees at 1k batch 8 (two CTAs per
+    SM, unsplit: the compute-heavy case) 19% slower and 16-node trees at batch 64 1% slower, so not
+    there; 128-row tiles 25-32% slower and fp8 caches no faster (BENCHMARKS.md)."""
     if (q_tile == 64 and kv_dtype != "fp8_e4m3" and padded_head_dim(head_dim) == 128
-            and ctas <= SMALL_GRID_CTAS_PER_SM * sms):
+            and (ctas <= sms or (splits > 1 and ctas <= 2 * sms))):
         return SMALL_GRID_STAGES
     return 0
 
@@ -98,7 +100,7 @@ def small_grid_stages(kv_dtype: str, head_dim: int, q_tile: int, ctas: int, sms:
 def stage_variants(cfg: dict) -> list:
     """``cfg`` and, where small_grid_stages may pick it, the same with SMALL_GRID_STAGES stages
     (warm-up sets hold both)."""
-    if small_grid_stages(cfg["kv_dtype"], cfg["head_dim"], cfg["q_tile"], 0, 1):
+    if small_grid_stages(cfg["kv_dtype"], cfg["head_dim"], cfg["q_tile"], 1, 1, 1):
         return [cfg, dict(cfg, kv_stages=SMALL_GRID_STAGES)]
     return [cfg]
 

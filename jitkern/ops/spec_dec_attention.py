@@ -491,7 +491,7 @@ def _plan(q, k_cache, v_cache, block_tables, seq_lens, q_cu_seqlens, tree_mask, 
     fp8_qk = allow_fp8_qk and fp8_qk_applies(_IN_DTYPES[q.dtype], _KV_DTYPES[k_cache.dtype],
                                              d, q_tile)
     stages = small_grid_stages(_KV_DTYPES[k_cache.dtype], d, q_tile, bt * hkv * row_tiles * splits,
-                               sm_count(dev))
+                               splits, sm_count(dev))
     static = (float(scale), kv_scale_f, kv_layout, mode, q_tile, page_size, q_len, row_tiles,
               splits, sliding_window or 0, -(-max_kv // KV_TILE), stages, 0, fp8_qk)
     return _Plan(static, need if splits > 1 else 0, bt * hkv * row_tiles if fused else 0,
