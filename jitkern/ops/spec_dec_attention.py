@@ -93,8 +93,9 @@ def _launch(q, k_cache, v_cache, block_tables, seq_lens, q_cu_seqlens, tree_mask
     total_q, hq, d = q.shape
     hkv = k_cache.shape[2] if kv_layout == "NHD" else k_cache.shape[1]
     bt = seq_lens.shape[0]
-    kern, smem, threads, merge_pdl = _launcher((q.dtype, k_cache.dtype, d, kv_layout, mode, page_size,
-                                     q_tile, kv_stages, kv_tile, fp8_qk, q.device.index))
+    kern, smem, threads, merge_pdl = _launcher((q.dtype, k_cache.dtype, d, kv_layout, mode,
+                                                page_size, q_tile, kv_stages, kv_tile, fp8_qk,
+                                                q.device.index))
     split = num_splits > 1
     fused = split and q_tile == FUSED_MERGE_Q_TILE
     rows = total_q * hq
