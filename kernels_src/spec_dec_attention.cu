@@ -408,8 +408,8 @@ __device__ __forceinline__ void merge_staged(const Params& p, u8* area, size_t s
 // default), 1 at the start, 0 nowhere (measurements). At the start, merge CTAs waited on the SMs
 // through the whole tile loop, and 16/16/64 64-node trees at 8k batch 1 ran 4% slower than
 // without the programmatic launch; after the loop the launch still hides most of the merge's
-// start (H200: 7% faster there, 0-5% on the other batch-1 trees; BENCHMARKS.md). Without such a
-// launch after it, the trigger does nothing.
+// start (H200: 3.5% faster there than without it, 2-6% on most other batch-1 trees;
+// BENCHMARKS.md). Without such a launch after it, the trigger does nothing.
 #ifndef JK_SD_PDL
 #define JK_SD_PDL 2
 #endif
