@@ -415,10 +415,10 @@ def main():
     if args.host:
         host_table(bw, have_xqa, args.page_size)
         return
-    qk_head = " fp8_qk us | fp8_qk vs XQA |" if args.fp8_qk else ""
-    qk_head += " XQA no-PDL us | vs XQA no-PDL |" if args.xqa_no_pdl else ""
+    extra_head = " fp8_qk us | fp8_qk vs XQA |" if args.fp8_qk else ""
+    extra_head += " XQA no-PDL us | vs XQA no-PDL |" if args.xqa_no_pdl else ""
     print("| Hq/Hkv/D | q | ctx | batch | KV | KV MB | ours us | ours %BW | XQA us | XQA %BW | "
-          "vs XQA | XQA err | Flex us | SDPA us | ours %MMA |" + qk_head)
+          "vs XQA | XQA err | Flex us | SDPA us | ours %MMA |" + extra_head)
     print("|" + "---|" * (15 + 2 * args.fp8_qk + 2 * args.xqa_no_pdl))
     rows = grid(args.grid)
     if args.kv:
@@ -459,11 +459,11 @@ def main():
                 cells["xqa"] = t_x
                 xo = xs[0][1].reshape(outs[0].shape).float()
                 xerr = f"{float((xo - outs[0].float()).norm() / outs[0].float().norm()):.1e}"
+                if args.xqa_no_pdl:
+                    cells["xqa_np"] = time_graph([xqa_thunk(s, n, hkv, ps, enable_pdl=False)[0]
+                                                  for s in sets])
             except Exception as e:   # noqa: BLE001
                 xerr = f"fail: {type(e).__name__}"
-            if args.xqa_no_pdl:
-                cells["xqa_np"] = time_graph([xqa_thunk(s, n, hkv, ps, enable_pdl=False)[0]
-                                              for s in sets])
         vis = None
         try:
             if kv_bytes > DENSE_MAX_BYTES:
@@ -485,19 +485,19 @@ def main():
         def pct(key):
             return f"{100 * kv_bytes / cells[key] / bw:.0f}%" if key in cells else "-"
         ratio = f"{cells['xqa'] / t_ours:.2f}x" if "xqa" in cells else "-"
-        qk_cells = ""
+        extra_cells = ""
         if args.fp8_qk:
             qk_ratio = (f"{cells['xqa'] / cells['qk']:.2f}x" if "xqa" in cells and "qk" in cells
                         else "-")
-            qk_cells = f" {us('qk')} | {qk_ratio} |"
+            extra_cells += f" {us('qk')} | {qk_ratio} |"
         if args.xqa_no_pdl:
             np_ratio = f"{cells['xqa_np'] / t_ours:.2f}x" if "xqa_np" in cells else "-"
-            qk_cells += f" {us('xqa_np')} | {np_ratio} |"
+            extra_cells += f" {us('xqa_np')} | {np_ratio} |"
         flops = 4 * batch * n * hq * L * d
         mma = f"{100 * flops / t_ours / mm:.1f}%" if "tree" in qname else ""
         print(f"| {hq}/{hkv}/{d} | {qname} | {ctx // 1024}k | {batch} | {kvn} | "
               f"{kv_bytes / 1e6:.1f} | {us('ours')} | {pct('ours')} | {us('xqa')} | {pct('xqa')} | "
-              f"{ratio} | {xerr} | {us('flex')} | {us('sdpa')} | {mma} |{qk_cells}", flush=True)
+              f"{ratio} | {xerr} | {us('flex')} | {us('sdpa')} | {mma} |{extra_cells}", flush=True)
         del sets, outs, ours_calls
         torch.cuda.empty_cache()
 

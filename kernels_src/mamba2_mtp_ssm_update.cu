@@ -453,7 +453,7 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) mtp_ssm_update(const Upda
         }
     };
 
-    // 3. The T steps.
+    // 4. The T steps.
 #pragma unroll STEP_UNROLL
     for (int t = 0; t < T; ++t) {
 #if JK_TREE && JK_TREE_PREFETCH
@@ -566,7 +566,7 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) mtp_ssm_update(const Upda
         finish_step(t, xv, y);
     }
 
-    // 4. The state after the last step.
+    // 5. The state after the last step.
     if (!prm.disable_state_update) {
 #pragma unroll
         for (int j = 0; j < RPT; ++j)

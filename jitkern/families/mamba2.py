@@ -115,9 +115,15 @@ def pick_layout(N: int, state_dtype: str, P: int, tree: bool = False,
     return dict(TPR=tpr, ROWS=rows, RPT=rpt, tree_prefetch=False)
 
 
+def update_grid(P: int, rows: int, H: int, Bt: int) -> tuple:
+    """The update launch's grid: a block per (row slice of ``rows`` rows, head, sequence)."""
+    return (-(-P // rows), H, Bt)
+
+
 def grid_blocks(P: int, rows: int, H: int, Bt: int) -> int:
-    """Thread blocks of an update launch: one per (row slice of ``rows`` rows, head, sequence)."""
-    return -(-P // rows) * H * Bt
+    """Thread blocks of an update launch (update_grid's product)."""
+    x, y, z = update_grid(P, rows, H, Bt)
+    return x * y * z
 
 
 def layout_for_grid(N: int, state_dtype: str, P: int, tree: bool, T: int, H: int, Bt: int,

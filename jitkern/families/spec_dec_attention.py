@@ -91,16 +91,21 @@ def small_grid_stages(kv_dtype: str, head_dim: int, q_tile: int, ctas: int, spli
     3.3%, 8k batch 8 (two CTAs per SM, 4 splits) 3.7%; 64-node trees at 1k batch 8 (two CTAs per
     SM, unsplit: the compute-heavy case) 19% slower and 16-node trees at batch 64 1% slower, so not
     there; 128-row tiles 25-32% slower and fp8 caches no faster (BENCHMARKS.md)."""
-    if (q_tile == 64 and kv_dtype != "fp8_e4m3" and padded_head_dim(head_dim) == 128
+    if (_has_small_grid_stages(kv_dtype, head_dim, q_tile)
             and (ctas <= sms or (splits > 1 and ctas <= 2 * sms))):
         return SMALL_GRID_STAGES
     return 0
 
 
+def _has_small_grid_stages(kv_dtype: str, head_dim: int, q_tile: int) -> bool:
+    """The tiles small_grid_stages deepens: 64 rows of a 16-bit cache at padded head_dim 128."""
+    return q_tile == 64 and kv_dtype != "fp8_e4m3" and padded_head_dim(head_dim) == 128
+
+
 def stage_variants(cfg: dict) -> list:
     """``cfg`` and, where small_grid_stages may pick it, the same with SMALL_GRID_STAGES stages
     (warm-up sets hold both)."""
-    if small_grid_stages(cfg["kv_dtype"], cfg["head_dim"], cfg["q_tile"], 1, 1, 1):
+    if _has_small_grid_stages(cfg["kv_dtype"], cfg["head_dim"], cfg["q_tile"]):
         return [cfg, dict(cfg, kv_stages=SMALL_GRID_STAGES)]
     return [cfg]
 

@@ -30,7 +30,7 @@ from typing import Optional
 import torch
 
 from ..families.mamba2 import (COMMIT_THREADS, COMMIT_UNROLL, ESIZE, MAMBA2, MAX_T,
-                               layout_for_grid, nemotron_config)
+                               layout_for_grid, nemotron_config, update_grid)
 from ..service import get_kernel
 from ..torch_ops import custom_op
 from .device import sm_count
@@ -353,7 +353,7 @@ def _prepare_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, sbi, pad_
     static = ((state.stride(0), inter.stride(0) if inter is not None else 0)
               + s3(x, squeeze) + dt3 + s3(B, squeeze) + s3(C, squeeze) + s3(z, squeeze) + out_s
               + (A_sh, D_sh, bias_sh, T, H, P, H // G, S, S2))
-    grid = (-(-P // rows), H, Bt)   # grid_blocks(P, rows, H, Bt) blocks
+    grid = update_grid(P, rows, H, Bt)
     smem = 2 * T * N * 4
     align = tuple(n for n, t in (("state", state), ("intermediate_states", inter)) if t is not None)
     return _Plan(kernel, grid, (rows // rpt * tpr, 1, 1), smem, static, align)

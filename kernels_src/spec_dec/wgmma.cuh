@@ -83,49 +83,41 @@ __device__ __forceinline__ void wg_pin(float (&d)[R][4]) {
 #define JK_SD_ACC8(j) JK_SD_ACC(j), JK_SD_ACC(j + 1), JK_SD_ACC(j + 2), JK_SD_ACC(j + 3), \
                       JK_SD_ACC(j + 4), JK_SD_ACC(j + 5), JK_SD_ACC(j + 6), JK_SD_ACC(j + 7)
 
-// S (64 x N) = A (64 x 16, shared, K-major) * B (N x 16, shared, K-major)^T (+ S if accumulate)
+// S (64 x N) = A (64 x K, shared, K-major) * B (N x K, shared, K-major)^T (+ S if accumulate),
+// one wgmma of N = 32 or 64 columns. INSTR names the instruction (shape and operand types);
+// TAIL carries the immediates after the scale ones (the 16-bit forms' two transpose flags,
+// none for 8-bit operands, which have no transpose).
+#define JK_SD_WG_SS_N32(INSTR, TAIL)                                                          \
+    JK_SD_WG_ASM("{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n" INSTR "\n"                     \
+                 "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15},\n"                 \
+                 "%16, %17, p, 1, 1" TAIL ";\n}\n"                                           \
+                 : JK_SD_ACC(0), JK_SD_ACC(1), JK_SD_ACC(2), JK_SD_ACC(3)                    \
+                 : "l"(da), "l"(db), "r"(accumulate))
+#define JK_SD_WG_SS_N64(INSTR, TAIL)                                                          \
+    JK_SD_WG_ASM("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n" INSTR "\n"                     \
+                 "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,"                    \
+                 "%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31},\n"       \
+                 "%32, %33, p, 1, 1" TAIL ";\n}\n"                                           \
+                 : JK_SD_ACC8(0)                                                             \
+                 : "l"(da), "l"(db), "r"(accumulate))
+
+// 16-bit operands, k16 per instruction
 __device__ __forceinline__ void wg_ss_n32(float (&d)[4][4], u64 da, u64 db, int accumulate) {
-    JK_SD_WG_ASM(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n32k16.f32." JK_SD_MMA_TYPE "." JK_SD_MMA_TYPE "\n"
-        "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15},\n"
-        "%16, %17, p, 1, 1, 0, 0;\n}\n"
-        : JK_SD_ACC(0), JK_SD_ACC(1), JK_SD_ACC(2), JK_SD_ACC(3)
-        : "l"(da), "l"(db), "r"(accumulate));
+    JK_SD_WG_SS_N32("wgmma.mma_async.sync.aligned.m64n32k16.f32." JK_SD_MMA_TYPE "." JK_SD_MMA_TYPE,
+                    ", 0, 0");
 }
-
 __device__ __forceinline__ void wg_ss_n64(float (&d)[8][4], u64 da, u64 db, int accumulate) {
-    JK_SD_WG_ASM(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32." JK_SD_MMA_TYPE "." JK_SD_MMA_TYPE "\n"
-        "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,"
-        "%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31},\n"
-        "%32, %33, p, 1, 1, 0, 0;\n}\n"
-        : JK_SD_ACC8(0)
-        : "l"(da), "l"(db), "r"(accumulate));
+    JK_SD_WG_SS_N64("wgmma.mma_async.sync.aligned.m64n64k16.f32." JK_SD_MMA_TYPE "." JK_SD_MMA_TYPE,
+                    ", 0, 0");
 }
 
-// The same with e4m3 operands, k32 per instruction (both K-major: 8-bit wgmma has no transpose).
-// A k32 step is 32 bytes of a 128-byte swizzled row, as a k16 step of 16-bit operands is.
+// e4m3 operands, k32 per instruction (both K-major: 8-bit wgmma has no transpose). A k32 step
+// is 32 bytes of a 128-byte swizzled row, as a k16 step of 16-bit operands is.
 __device__ __forceinline__ void wg_ss_f8_n32(float (&d)[4][4], u64 da, u64 db, int accumulate) {
-    JK_SD_WG_ASM(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n32k32.f32.e4m3.e4m3\n"
-        "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15},\n"
-        "%16, %17, p, 1, 1;\n}\n"
-        : JK_SD_ACC(0), JK_SD_ACC(1), JK_SD_ACC(2), JK_SD_ACC(3)
-        : "l"(da), "l"(db), "r"(accumulate));
+    JK_SD_WG_SS_N32("wgmma.mma_async.sync.aligned.m64n32k32.f32.e4m3.e4m3", "");
 }
-
 __device__ __forceinline__ void wg_ss_f8_n64(float (&d)[8][4], u64 da, u64 db, int accumulate) {
-    JK_SD_WG_ASM(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n64k32.f32.e4m3.e4m3\n"
-        "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,"
-        "%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31},\n"
-        "%32, %33, p, 1, 1;\n}\n"
-        : JK_SD_ACC8(0)
-        : "l"(da), "l"(db), "r"(accumulate));
+    JK_SD_WG_SS_N64("wgmma.mma_async.sync.aligned.m64n64k32.f32.e4m3.e4m3", "");
 }
 
 // O (64 x N) += P (64 x 16, registers) * V (16 x N, shared, N-major)
