@@ -16,7 +16,8 @@ JK_SD_TILE_BASE 0 (a 64-bit address per copied K/V row), JK_SD_Q_PERMUTED 0 (fp8
 A fragments gathered by 64-bit loads), JK_SD_WG_PIPE 0 ("WG CTA pipe": one CTA-wide K/V pipeline
 for 64-row warpgroup tiles), fp8_qk (the op's allow_fp8_qk: e4m3 Q K^T on fp8 trees; set here
 for every row, 128-row tiles included, which the op leaves out),
-kv_stages 3 / 4 / 5 and kv_tile 128 (configuration overrides) and
+kv_stages 3 / 4 / 5 / 6 and kv_tile 128 (configuration overrides), 2 / 3 / 4 splits (the op's
+num_kv_splits), "no TMA" (the cp.async K/V copies where the op uses tensor maps) and
 JK_SD_PROBE_LOAD_ONLY (the tile loop without its arithmetic: the loads' own ceiling), with XQA's
 time on the same inputs when flashinfer imports; each variant that does the arithmetic is also
 checked against the default's output. Other spec-dec hooks the kernel keeps: JK_SD_L2_PREFETCH
@@ -24,6 +25,7 @@ checked against the default's output. Other spec-dec hooks the kernel keeps: JK_
 
     python benchmarks/probe_cache_hints.py [--only mamba|attention] [--tree-only] [--engine]
         [--row "32/8/128 q=1 8k b=64 bf16" ...] [--variant mma.sync ...]
+        (--variant "load-only+2 splits": variants combined)
 """
 
 from __future__ import annotations
@@ -244,15 +246,26 @@ def attention(rbw, match=(), only_variants=()):
                     ("kv_tile 128", {}, {"kv_tile": 128}),
                     ("no PDL", {}, {"merge_pdl": False}),
                     ("no PDL trigger", {"JK_SD_PDL": 0}, {"merge_pdl": False}),
-                    ("PDL at start", {"JK_SD_PDL": 1}, {})]
+                    ("PDL at start", {"JK_SD_PDL": 1}, {}),
+                    ("2 splits", {}, {"num_kv_splits": 2}), ("3 splits", {}, {"num_kv_splits": 3}),
+                    ("4 splits", {}, {"num_kv_splits": 4}), ("6 stages", {}, {"kv_stages": 6}),
+                    ("no TMA", {}, {"kv_tma": False})]
     if only_variants:
-        variants_all = [v for i, v in enumerate(variants_all) if i == 0 or v[0] in only_variants]
+        named = {v[0]: v for v in variants_all}
+        # "a+b": the variants a and b together (their macros and overrides merged)
+        variants_all = [variants_all[0]] + [
+            (want, {k: v for part in want.split("+") for k, v in named[part][1].items()},
+             {k: v for part in want.split("+") for k, v in named[part][2].items()})
+            for want in only_variants]
     fams = {}
+    call_kw = {}   # op keyword arguments of the current variant (num_kv_splits)
 
     def user(tag, mac, over):
         fam = base if not mac else fams.setdefault(tag, derived(base, tag.replace(" ", "_"), mac))
         over = dict(over)
         pdl = over.pop("merge_pdl", True)   # the merge kernel's programmatic launch (op switch)
+        tma = over.pop("kv_tma", True)      # tensor-map K/V loads where they apply (op switch)
+        kw = {k: over.pop(k) for k in ("num_kv_splits",) if k in over}
 
         def config(*a, **k):
             return tuple(dict(base_config(*a, **k), **over).items())
@@ -261,7 +274,11 @@ def attention(rbw, match=(), only_variants=()):
             sda.SPEC_DEC_ATTENTION = fam
             sda.kernel_config = config
             sda.MERGE_PDL = pdl
+            sda.KV_TMA = tma
             sda._LAUNCH.clear()
+            sda._PLANS.clear()   # (the plan holds the kv_tma choice)
+            call_kw.clear()
+            call_kw.update(kw)
         return use
 
     have_xqa = importlib.util.find_spec("flashinfer") is not None   # the XQA line of each row
@@ -309,7 +326,7 @@ def attention(rbw, match=(), only_variants=()):
         outs = [torch.empty_like(s["q"]) for s in sets]
         name = row_name((hq, hkv, d), n, ctx, batch, kvn, layout)
         ab(name, variants,
-           lambda: [(lambda s=s, o=o: sda.spec_dec_attention(**s, out=o))
+           lambda: [(lambda s=s, o=o: sda.spec_dec_attention(**s, out=o, **call_kw))
                     for s, o in zip(sets, outs)],
            sb.time_graph, kv_bytes, rbw)
         # every variant that does the arithmetic must give the default's output, bit for bit
@@ -320,7 +337,7 @@ def attention(rbw, match=(), only_variants=()):
                 continue
             use()
             o = torch.full_like(sets[0]["q"], float("nan"))
-            sda.spec_dec_attention(**sets[0], out=o)
+            sda.spec_dec_attention(**sets[0], out=o, **call_kw)
             if ref is None:
                 ref = o
             else:
@@ -336,7 +353,9 @@ def attention(rbw, match=(), only_variants=()):
         sets = outs = calls = None
         torch.cuda.empty_cache()
     sda.SPEC_DEC_ATTENTION, sda.kernel_config, sda.MERGE_PDL = base, base_config, True
+    sda.KV_TMA = True
     sda._LAUNCH.clear()
+    sda._PLANS.clear()
 
 
 def main():

@@ -15,7 +15,8 @@ from typing import Any, Callable, Iterable, Mapping
 
 from . import sources
 
-SIGNATURE_TYPES = ("ptr", "i32", "u32", "i64", "u64", "f32", "f64", "u8")
+# "tmap": a CUtensorMap (128 bytes, 64-byte aligned), passed as 128 bytes or None (zeros)
+SIGNATURE_TYPES = ("ptr", "i32", "u32", "i64", "u64", "f32", "f64", "u8", "tmap")
 
 
 @dataclass(frozen=True)

@@ -22,8 +22,10 @@ import threading
 _CTYPES = {
     "ptr": ctypes.c_void_p, "i32": ctypes.c_int32, "u32": ctypes.c_uint32,
     "i64": ctypes.c_int64, "u64": ctypes.c_uint64, "f32": ctypes.c_float,
-    "f64": ctypes.c_double, "u8": ctypes.c_uint8,
+    "f64": ctypes.c_double, "u8": ctypes.c_uint8, "tmap": ctypes.c_uint8 * 128,
 }
+_TMAP_ALIGN = 64   # a CUtensorMap's alignment (cuda.h: CU_TENSOR_MAP_NUM_QWORDS 16, aligned 64)
+_TMAP_ZERO = bytes(128)
 
 # CUfunction_attribute values
 _ATTRS = {"max_threads_per_block": 0, "static_shared_bytes": 1, "const_bytes": 2,
@@ -68,13 +70,30 @@ def _driver():
 
 
 _STRUCT_CODES = {"ptr": "Q", "i32": "i", "u32": "I", "i64": "q", "u64": "Q", "f32": "f",
-                 "f64": "d", "u8": "B"}
+                 "f64": "d", "u8": "B", "tmap": "128s"}
 
 
 def arg_layout(signature):
     """(ctypes Structure type, struct.Struct) with the C layout of ``signature``'s fields: the
-    struct format reproduces ctypes' offsets and tail padding with explicit pad bytes."""
-    fields = [(f"f{i}", _CTYPES[k]) for i, (_, k) in enumerate(signature)]
+    struct format reproduces ctypes' offsets and tail padding with explicit pad bytes. A "tmap"
+    field (128 bytes) is aligned to 64 bytes, and a struct holding one is padded to a multiple of
+    64, as a C struct with an ``alignas(64)`` member is (ctypes has no such alignment, so the
+    padding is written as fields of its own)."""
+    fields, pos = [], 0
+    tmaps = any(k == "tmap" for _, k in signature)
+    for i, (_, k) in enumerate(signature):
+        t = _CTYPES[k]
+        align = _TMAP_ALIGN if k == "tmap" else ctypes.alignment(t)
+        if pos % align:
+            if k == "tmap":
+                fields.append((f"_pad{i}", ctypes.c_uint8 * (align - pos % align)))
+            pos += align - pos % align
+        fields.append((f"f{i}", t))
+        pos += ctypes.sizeof(t)
+    if tmaps:
+        st = type("Args", (ctypes.Structure,), {"_fields_": fields})
+        if ctypes.sizeof(st) % _TMAP_ALIGN:
+            fields.append(("_tail", ctypes.c_uint8 * (_TMAP_ALIGN - ctypes.sizeof(st) % _TMAP_ALIGN)))
     st = type("Args", (ctypes.Structure,), {"_fields_": fields})
     fmt, pos = "=", 0
     for i, (_, kind) in enumerate(signature):
@@ -90,7 +109,8 @@ def arg_layout(signature):
 
 def make_packer(signature, packer: struct.Struct):
     """Build ``fill(buffer, args)`` once per entry: one ``pack_into`` of all fields; pointer
-    fields accept a tensor (its data_ptr()), an int or None."""
+    fields accept a tensor (its data_ptr()), an int or None; tensor-map fields 128 bytes or None
+    (zeros)."""
     vals = []
     lines = ["def fill(buf, a):"]
     for i, (_, kind) in enumerate(signature):
@@ -98,17 +118,36 @@ def make_packer(signature, packer: struct.Struct):
             lines.append(f"    v{i} = a[{i}]")
             vals.append(f"0 if v{i} is None else v{i} if v{i}.__class__ is int else "
                         f"v{i}.data_ptr()")
+        elif kind == "tmap":
+            lines.append(f"    v{i} = tmap_bytes(a[{i}])")
+            vals.append(f"v{i}")
         else:
             vals.append(f"a[{i}]")
     lines.append("    pack_into(buf, 0" + "".join(f", ({v})" for v in vals) + ")")
-    ns: dict = {"pack_into": packer.pack_into}
+    ns: dict = {"pack_into": packer.pack_into, "tmap_bytes": _tmap_bytes}
     exec("\n".join(lines), ns)  # noqa: S102 - generated from a fixed signature, once per entry
     return ns["fill"]
+
+
+def _tmap_bytes(v) -> bytes:
+    """A tensor-map field's bytes: exactly 128 (struct's "128s" would pad or cut silently)."""
+    if v is None:
+        return _TMAP_ZERO
+    if v.__class__ is not bytes or len(v) != 128:
+        raise TypeError(f"a tensor map is 128 bytes, got {type(v).__name__}"
+                        + (f" of {len(v)}" if isinstance(v, (bytes, bytearray)) else ""))
+    return v
 
 
 def _pack_error(label: str, signature, args, err: Exception) -> Exception:
     """The field that could not be packed, named (the slow path of a failed launch)."""
     for (name, kind), v in zip(signature, args):
+        if kind == "tmap":
+            try:
+                _tmap_bytes(v)
+            except TypeError as e:
+                return TypeError(f"{label}: argument {name!r} (tmap) cannot take {v!r:.40}: {e}")
+            continue
         if kind == "ptr" and (v is None or v.__class__ is int or hasattr(v, "data_ptr")):
             v = 0 if v is None else v if v.__class__ is int else v.data_ptr()
         try:

@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .families.mamba2 import nemotron_config
-from .families.spec_dec_attention import q_tiles_for, stage_variants
+from .families.spec_dec_attention import op_configs, q_tiles_for
 
 ATTENTION_FAMILY = "spec_dec_attention"
 MAMBA2_FAMILY = "mamba2_mtp_ssm_update"
@@ -142,7 +142,7 @@ class Preset:
             lo, hi = self.spec.tree
             tiles += sorted({("tree", qt) for n in range(lo, hi + 1) for qt in q_tiles_for(n * g)})
         return [c for kv in a.kv_dtypes for ps in a.page_sizes for mode, qt in tiles
-                for c in stage_variants(dict(head_dim=a.head_dim, dtype=a.dtype, kv_dtype=kv,
+                for c in op_configs(dict(head_dim=a.head_dim, dtype=a.dtype, kv_dtype=kv,
                                              kv_layout=a.kv_layout, page_size=ps, mode=mode,
                                              q_tile=qt, split_kv=True))]
 

@@ -30,6 +30,7 @@
 //   A row that sees nothing produces zeros (m stays -inf, l = 0).
 #include "spec_dec/primitives.cuh"
 #include "spec_dec/wgmma.cuh"
+#include "spec_dec/tma.cuh"
 
 #ifndef JK_HEAD_DIM
 #define JK_HEAD_DIM 128
@@ -99,10 +100,29 @@ constexpr int NW = TILE / WN;                  // KV positions per warp per tile
 constexpr int NJ = NW / 8;                     // S column chunks (n8) per warp
 constexpr int NKC = D / 16;                    // k16 chunks over the head dim
 constexpr int NDC = D / 8;                     // n8 chunks of the output
+// Tensor-map (TMA) K/V loads for the memory-bound tiles (16 and 32 query rows) of a 16-bit cache
+// whose head_dim is a multiple of 64, on sm_90 and later (the host passes the two tensor maps,
+// jitkern/ops/tensor_map.py; the op's kv_tma). One thread copies a whole K or V page box with one
+// cp.async.bulk.tensor per 64 head-dim columns, completing on the stage's mbarrier; the tile lands
+// in the 128-byte swizzle (dense 128-byte rows, chunk c of row r at c ^ (r % 8): conflict-free
+// ldmatrix), and nothing else of the CTA issues copies. Measured (H200, benchmarks/
+// kv_load_probe.py, load-only kernels of this shape, 8k, batch 64): TMA 104-106% of the read
+// bandwidth (a torch sum) against 97-100% with the 16-byte cp.async copies, D = 64 and 128, both
+// layouts; a padded box (8 columns past the head dim, zero-filled by the unit) lost it (91%).
+#ifndef JK_SD_TMA
+#define JK_SD_TMA 0
+#endif
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+constexpr bool TMA = false;   // no TMA there: kv_tma changes nothing (the host sizes shared memory
+                              // for either layout, shared_bytes)
+#else
+constexpr bool TMA = JK_SD_TMA && !JK_KV_FP8 && QT <= 32 && DQ % 64 == 0;
+#endif
 // Shared rows are padded by 16 bytes: consecutive rows then start 4 banks apart, which makes the
-// ldmatrix (16-bit KV) and the 32-bit fragment loads (fp8 KV) below conflict-free.
+// ldmatrix (16-bit KV) and the 32-bit fragment loads (fp8 KV) below conflict-free. TMA tiles are
+// dense and swizzled instead.
 constexpr int KV_ROW = D * KV_BYTES + 16;
-constexpr int KV_TILE_BYTES = TILE * KV_ROW;
+constexpr int KV_TILE_BYTES = TMA ? TILE * D * KV_BYTES : TILE * KV_ROW;
 // fp8 cache with 128-row query tiles (64-node trees): once a K/V tile has landed, the CTA converts
 // it to fp16 in shared memory together (each element once), and the warps run the 16-bit ldmatrix
 // path on the copy. Converting in registers instead (FP8_DIRECT) repeats the conversion in every
@@ -200,8 +220,10 @@ constexpr bool Q_IN_REGS = D <= 128 && QT < 64; // else Q fragments are reloaded
 constexpr int MIN_BLOCKS = (NT >= 256 && D <= 128) ? 2 : (QT == 16 && D <= 128) ? 3 : 1;
 constexpr int SMEM_PIPE = STAGES * 2 * KV_TILE_BYTES + 2 * CV_TILE_BYTES;
 constexpr int SMEM_EPI = (WN * QT * O_ROW + 2 * WN * QT) * 4;
-constexpr int SMEM_ALIGN_SLACK = WG_SHAPE ? 1024 : 0;   // swizzled tiles start 1024-aligned
-constexpr int SMEM_BYTES = QT * Q_ROW + (SMEM_PIPE > SMEM_EPI ? SMEM_PIPE : SMEM_EPI) +
+constexpr int SMEM_ALIGN_SLACK = WG_SHAPE || TMA ? 1024 : 0;   // swizzled tiles start 1024-aligned
+// the K/V pipeline's offset: after the query rows (1024-aligned for TMA's swizzled tiles)
+constexpr int KV_OFF = TMA ? (QT * Q_ROW + 1023) / 1024 * 1024 : QT * Q_ROW;
+constexpr int SMEM_BYTES = KV_OFF + (SMEM_PIPE > SMEM_EPI ? SMEM_PIPE : SMEM_EPI) +
                            SMEM_ALIGN_SLACK;
 static_assert(NJ % 2 == 0, "tile shape");
 // Warp-private pipeline: with one row slab (WM == 1: decode, short chains) each warp reads only
@@ -212,7 +234,7 @@ static_assert(NJ % 2 == 0, "tile shape");
 // conversions, 5-8% faster; 16-bit decode at D >= 128 0.4-1.3%; 16-bit 4-chains at 32k 2%
 // slower and 16-bit at D = 64 up to 2% slower, so not there. JK_SD_WARP_PIPE 0 restores the
 // CTA-wide pipeline for the probe.
-constexpr bool WARP_PIPE = JK_SD_WARP_PIPE && WM == 1 && !FP8_SMEM &&
+constexpr bool WARP_PIPE = JK_SD_WARP_PIPE && WM == 1 && !FP8_SMEM && !TMA &&
                            (JK_KV_FP8 || (MODE == 0 && D >= 128));
 // Warpgroup-private pipeline, the same idea one level up: a 64-row tile with warpgroup MMAs runs
 // two warpgroups over the two halves of every KV tile (WN == 2), so each warpgroup copies its
@@ -258,6 +280,7 @@ struct Params {
                                 // sizes the splits
     float scale_log2;           // softmax scale * log2(e)
     float kv_scale;
+    TensorMap k_map, v_map;     // TMA: 3-D views of the caches (zeros when TMA is off)
 };
 
 __device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000u); }
@@ -313,7 +336,7 @@ __device__ __forceinline__ void merge_quad(const float* ws_o, const float2* ws_m
 // running (M, L) is rescaled by the chunk's maxima (one thread per row), then every thread folds
 // its quads of four head-dim elements. Partials already carry the fp8 V scale.
 constexpr int MERGE_ITEMS = (QT * D / 4 + NT - 1) / NT;   // quads per thread
-constexpr int MERGE_AREA = SMEM_BYTES - SMEM_ALIGN_SLACK - QT * Q_ROW;   // the freed pipeline
+constexpr int MERGE_AREA = SMEM_BYTES - SMEM_ALIGN_SLACK - KV_OFF;   // the freed pipeline
 
 __device__ __forceinline__ void merge_staged(const Params& p, u8* area, size_t stride, int row0,
                                              int R, int G, int q_start, int hk) {
@@ -414,13 +437,15 @@ __device__ __forceinline__ void merge_staged(const Params& p, u8* area, size_t s
 #define JK_SD_PDL 2
 #endif
 
-__global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const Params p) {
+// (__grid_constant__: the TMA copies address the tensor maps in the parameter space)
+__global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const __grid_constant__ Params p) {
     extern __shared__ __align__(128) u8 smem_raw[];
-    // Swizzled (wgmma) tiles must start 1024-byte aligned; every region size below is a multiple
-    // of 1024 there, so aligning the base is enough (the host adds the slack).
-    u8* smem = smem_raw + (WG_SHAPE ? (1024 - (smem_u32(smem_raw) & 1023)) & 1023 : 0);
+    // Swizzled (wgmma, TMA) tiles must start 1024-byte aligned; every region size below is a
+    // multiple of 1024 there, so aligning the base is enough (the host adds the slack).
+    u8* smem = smem_raw + (SMEM_ALIGN_SLACK ? (1024 - (smem_u32(smem_raw) & 1023)) & 1023 : 0);
     u8* q_s = smem;
-    u8* kv_s = smem + QT * Q_ROW;
+    u8* kv_s = smem + KV_OFF;
+    __shared__ __align__(8) unsigned long long kv_full[TMA ? STAGES : 1];   // TMA: a stage landed
 
 #if JK_SPLIT_KV && JK_SD_PDL == 1 && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.launch_dependents;");   // see JK_SD_PDL
@@ -430,6 +455,11 @@ __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const Param
     const int g = lane >> 2, t4 = lane & 3;
     const int rt = blockIdx.x % p.row_tiles, hk = blockIdx.x / p.row_tiles;
     const int split = blockIdx.y, b = blockIdx.z;
+    if (TMA && tid == 0) {   // one arrival (the issuing thread's) plus the copies' bytes a phase
+#pragma unroll
+        for (int s = 0; s < STAGES; ++s) mbar_init(smem_u32(&kv_full[s]), 1);
+        mbar_init_fence();
+    }
     auto pipe_sync = [&]() {   // the threads of one K/V pipeline (see PRIVATE_PIPE)
         if constexpr (WARP_PIPE) __syncwarp();
         else if constexpr (WG_PIPE) { if (wn == 0) named_bar<1, 128>(); else named_bar<2, 128>(); }
@@ -525,6 +555,31 @@ __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const Param
     auto issue = [&](int tile, int stage) {
         u8* ksm = kv_s + stage * 2 * KV_TILE_BYTES;
         u8* vsm = ksm + KV_TILE_BYTES;
+        if constexpr (TMA) {
+            // thread 0 (the caller) copies the whole tile: per page of it and 64 head-dim
+            // columns, one box of K and one of V. A page id past the table (-1) or any other
+            // out-of-range coordinate reads nothing and lands zeros (the unit bounds-checks);
+            // rows past the sequence end land whatever the pool holds there (see the tail below).
+            constexpr int BOX_ROWS = PS < TILE ? PS : TILE;
+            const u32 bar = smem_u32(&kv_full[stage]);
+            mbar_expect_tx(bar, 2 * KV_TILE_BYTES);
+#pragma unroll
+            for (int k = 0; k < NP; ++k) {
+                const int tpos = PS >= TILE ? (tile * TILE) % PS : 0;
+#if JK_KV_HND
+                const int c1 = tpos, c2 = pg[k] * p.hkv + hk;
+#else
+                const int c1 = hk, c2 = pg[k] * PS + tpos;
+#endif
+#pragma unroll
+                for (int cb = 0; cb < D / 64; ++cb) {
+                    const int o = cb * TILE * 128 + k * BOX_ROWS * 128;
+                    tma_load_3d(smem_u32(ksm + o), &p.k_map, cb * 64, c1, c2, bar);
+                    tma_load_3d(smem_u32(vsm + o), &p.v_map, cb * 64, c1, c2, bar);
+                }
+            }
+            return;
+        }
         constexpr bool ONE_PAGE = NP == 1 && TILE_BASE;
         size_t base = 0;   // whole-page tile: byte offset of its first row; the rows that exist
         int rows = 0;
@@ -571,14 +626,16 @@ __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const Param
     };
 
     // prologue: STAGES-1 tiles in flight (the Q copies ride in the first group)
+    if (TMA) __syncthreads();   // the barriers' initialization -> every waiting thread
 #pragma unroll
     for (int s = 0; s < STAGES - 1; ++s) {
-        if (t_begin + s < t_end) {
+        if (t_begin + s < t_end && (!TMA || tid == 0)) {
             issue(t_begin + s, s);
             load_pages(t_begin + s + 1);
         }
         cp_async_commit();
     }
+    u32 phase = 0;   // TMA: bit s = the parity of stage s's next phase
 
     // FP8_QK: 2^-e of each query row's scale, in the Q area's slack, read where the softmax
     // needs it (two shared loads a tile; holding them in registers instead was not timed)
@@ -668,25 +725,54 @@ __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const Param
         ldsm_x4(a, smem_u32(base + (lane & 15) * Q_ROW + (16 * kc + 8 * (lane >> 4)) * 2));
     };
 
+    // byte offset of 16-byte chunk c of row r in a K/V tile the 16-bit mma.sync path reads
+    auto kv_at = [](int r, int c) {
+        return TMA ? swz_chunk(r, c, TILE) : r * ROW16 + c * 16;
+    };
+
     // the pipeline stage read this round, and the one refilled (read the round before)
     int st_rd = 0, st_wr = STAGES - 1;
     for (int tile = t_begin; tile < t_end;
          ++tile, st_wr = st_rd, st_rd = st_rd + 1 == STAGES ? 0 : st_rd + 1) {
         {   // keep STAGES-1 tiles in flight: issue tile+STAGES-1 into the buffer freed last round
             const int nt = tile + STAGES - 1;
-            if (nt < t_end) {
+            if (nt < t_end && (!TMA || tid == 0)) {
                 issue(nt, st_wr);
                 load_pages(nt + 1);
             }
             cp_async_commit();
         }
-        cp_async_wait<STAGES - 1>();
-        if (tile == t_begin) {   // Q (every thread's copies) -> all threads, and wgmma
-            if (WG) fence_async_smem();
-            __syncthreads();
-        } else if constexpr (!FP8_SMEM) {   // (fp8 SMEM: see the conversion below)
-            if (WG) fence_async_smem();   // the landed tile -> wgmma's reads
-            pipe_sync();                  // the pipeline's rows -> its threads
+        if constexpr (TMA) {
+            // each thread waits for the stage itself (no barrier: the mbarrier's phase makes the
+            // bytes visible); the query's cp.async copies ride in the first group
+            if (tile == t_begin) cp_async_wait<0>();
+            mbar_wait(smem_u32(&kv_full[st_rd]), (phase >> st_rd) & 1);
+            phase ^= 1u << st_rd;
+            if (tile == t_begin || (tile + 1) * TILE > L) {
+                // rows past the sequence end hold whatever the pool has there: V's are zeroed
+                // (a NaN times a zero probability would poison the output; K's scores are masked)
+                if ((tile + 1) * TILE > L) {
+                    u8* vz = kv_s + st_rd * 2 * KV_TILE_BYTES + KV_TILE_BYTES;
+                    const int r_end = L - tile * TILE;
+                    for (int i = tid; i < TILE * (D / 8); i += NT) {
+                        const int r = i % TILE, c = i / TILE;
+                        if (r >= r_end)
+                            *reinterpret_cast<uint4*>(vz + swz_chunk(r, c, TILE)) =
+                                make_uint4(0u, 0u, 0u, 0u);
+                    }
+                    fence_proxy_async();   // (before a later copy into the stage)
+                }
+                __syncthreads();   // Q (every thread's copies), the zeroed rows -> all threads
+            }
+        } else {
+            cp_async_wait<STAGES - 1>();
+            if (tile == t_begin) {   // Q (every thread's copies) -> all threads, and wgmma
+                if (WG) fence_async_smem();
+                __syncthreads();
+            } else if constexpr (!FP8_SMEM) {   // (fp8 SMEM: see the conversion below)
+                if (WG) fence_async_smem();   // the landed tile -> wgmma's reads
+                pipe_sync();                  // the pipeline's rows -> its threads
+            }
         }
         if (tile == t_begin) {
             if constexpr (FP8_DIRECT) {
@@ -830,8 +916,8 @@ __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const Param
 #pragma unroll
                 for (int j = 0; j < NJ; j += 2) {
                     u32 bb[4];
-                    ldsm_x4(bb, smem_u32(ksm + (kv_row0 + 8 * j + (lane & 7) + 8 * (lane >> 4)) * ROW16 +
-                                         (16 * kc + 8 * ((lane >> 3) & 1)) * 2));
+                    ldsm_x4(bb, smem_u32(ksm + kv_at(kv_row0 + 8 * j + (lane & 7) + 8 * (lane >> 4),
+                                                     2 * kc + ((lane >> 3) & 1))));
                     mma16816(s[j], a, bb[0], bb[1]);
                     mma16816(s[j + 1], a, bb[2], bb[3]);
                 }
@@ -981,8 +1067,8 @@ __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const Param
 #pragma unroll
             for (int dc = 0; dc < NDC; dc += 2) {
                 u32 bb[4];
-                ldsm_x4_t(bb, smem_u32(vsm + (kv_row0 + 16 * i + (lane & 7) + 8 * ((lane >> 3) & 1)) * ROW16 +
-                                       (8 * dc + 8 * (lane >> 4)) * 2));
+                ldsm_x4_t(bb, smem_u32(vsm + kv_at(kv_row0 + 16 * i + (lane & 7) + 8 * ((lane >> 3) & 1),
+                                                   dc + (lane >> 4))));
                 mma16816(acc[dc], a, bb[0], bb[1]);
                 mma16816(acc[dc + 1], a, bb[2], bb[3]);
             }

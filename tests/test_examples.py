@@ -412,6 +412,7 @@ class ConfigRecordingOps(tsd.ReferenceOps):
         # the SM count the update's layout compares its grid with: an H100 / H200's
         monkeypatch.setattr(self.m2, "sm_count", lambda device: 132)
         monkeypatch.setattr(self.sda, "sm_count", lambda device: 132)
+        monkeypatch.setattr(self.sda, "capability", lambda device: (9, 0))
         # scratch buffers come from per-device caches that query the device: fake ones here
         monkeypatch.setattr(self.sda, "_empty_ws",
                             lambda device, *a: torch.empty(1, device=device))

@@ -121,3 +121,26 @@ def test_programmatic_launch_config_has_cuda_h_layout():
     assert (c.sharedMemBytes, c.hStream, c.attrs, c.numAttrs) == (4096, 0xDEADBEEF00, 0x1234560, 1)
     # CUlaunchAttribute: a 4-byte id, 4 bytes of padding, a 64-byte value union
     assert ctypes.sizeof(_LaunchAttribute) == 72 and _LaunchAttribute.value.offset == 8
+
+
+def test_tensor_map_fields_are_64_byte_aligned_128_bytes():
+    """A "tmap" field sits at a multiple of 64 and pads the struct to a multiple of 64 (a C struct
+    with an alignas(64) member); None packs zeros; anything but 128 bytes is refused by name."""
+    sig = (("n", "i32"), ("p", "ptr"), ("f", "f32"), ("m", "tmap"), ("k", "u8"), ("w", "tmap"))
+    st, packer = arg_layout(sig)
+    assert (st.f0.offset, st.f1.offset, st.f2.offset) == (0, 8, 16)
+    assert (st.f3.offset, st.f4.offset, st.f5.offset) == (64, 192, 256)
+    assert packer.size == ctypes.sizeof(st) == 384
+    buf = ctypes.create_string_buffer(packer.size)
+    m = bytes(range(128))
+    fill = make_packer(sig, packer)
+    fill(buf, (-3, 0x1234, 1.5, m, 7, None))
+    raw = buf.raw
+    assert raw[64:192] == m and raw[256:384] == bytes(128) and raw[192] == 7
+    assert int.from_bytes(raw[8:16], "little") == 0x1234
+    for bad in (m[:64], bytearray(m), "x" * 128):
+        with pytest.raises(TypeError) as info:
+            fill(buf, (-3, 0, 1.5, bad, 7, None))
+        err = _pack_error("fam:entry", sig, (-3, 0, 1.5, bad, 7, None), info.value)
+        assert isinstance(err, TypeError) and "argument 'm' (tmap)" in str(err)
+        assert "a tensor map is 128 bytes" in str(err)

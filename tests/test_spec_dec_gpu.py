@@ -558,3 +558,73 @@ def test_sanitizer_subset(i):
     a = _inputs(c)
     out = _run(a)
     assert _check(a, out, c["dtype"]) < BOUND[c["dtype"]]
+
+
+@pytest.mark.parametrize("shape", [(16, 16, 64), (32, 8, 128), (8, 4, 256)])
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+@pytest.mark.parametrize("ps", [16, 32, 64, 128])
+@pytest.mark.parametrize("mode", ["decode", "chain"])
+def test_tma_loads_equal_cp_async_over_poisoned_tails(shape, layout, ps, mode, monkeypatch):
+    """16-bit decode and chains load K/V with tensor maps (kv_tma) on sm_90+: the output equals
+    the cp.async kernel's bit for bit and the reference's within the bound, eager and
+    graph-replayed, although the pool holds NaN at every position past each sequence's end in
+    its last pages (TMA copies whole pages; V's tail rows must be zeroed) and the page table
+    holds out-of-range page ids past the used pages (the unit bounds-checks them)."""
+    import importlib
+
+    from jitkern.ops import spec_dec_attention
+
+    sda = importlib.import_module("jitkern.ops.spec_dec_attention")
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("tensor maps need sm_90")
+    hq, hkv, d = shape
+    rng = random.Random(ps + d)
+    ctx = [rng.randint(1, 3000) for _ in range(3)] + [ps - 1, 64 * 5]
+    n = 1 if mode == "decode" else 3
+    a = random_paged_inputs(ctx, [n] * len(ctx), num_heads=hq, num_kv_heads=hkv, head_dim=d,
+                            dtype=torch.bfloat16, kv_layout=layout, page_size=ps,
+                            extra_table_cols=3, generator=torch.Generator().manual_seed(ps * d))
+    lens, table = a["seq_lens"].tolist(), a["block_tables"]
+    for b, L in enumerate(lens):
+        used = -(-L // ps)
+        last = int(table[b, used - 1])
+        for c in (a["k_cache"], a["v_cache"]):   # the last page's rows past the end
+            if layout == "NHD":
+                c[last, L - (used - 1) * ps:] = float("nan")
+            else:
+                c[last, :, L - (used - 1) * ps:] = float("nan")
+        bad = [2**30, -7, 2**31 - 1]
+        table[b, used:] = torch.tensor([bad[i % 3] for i in range(table.shape[1] - used)],
+                                       dtype=table.dtype)
+    plan = sda.planned_config(**a)
+    assert plan.get("kv_tma") and plan["q_tile"] <= 32
+    outs = {}
+    for tma in (False, True):
+        monkeypatch.setattr(sda, "KV_TMA", tma)
+        sda._PLANS.clear()
+        sda._LAUNCH.clear()
+        outs[tma] = _run(a)
+    assert torch.equal(outs[True], outs[False])
+    assert _check(a, outs[True], torch.bfloat16) < BOUND[torch.bfloat16]
+    out = torch.full_like(a["q"], float("nan"))
+    g = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        with torch.cuda.graph(g, stream=s):
+            spec_dec_attention(**a, out=out)
+    torch.cuda.current_stream().wait_stream(s)
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, outs[True])
+
+
+def test_tensor_map_of_a_misaligned_cache_is_refused():
+    from jitkern.ops.tensor_map import paged_kv_map
+
+    pool = torch.zeros(4 * 64 * 2 * 64 + 8, dtype=torch.bfloat16, device="cuda")
+    cache = pool[1:1 + 4 * 64 * 2 * 64].view(4, 64, 2, 64)
+    with pytest.raises(ValueError, match="not 16-byte aligned"):
+        paged_kv_map(cache, "NHD", 64)
+    m = paged_kv_map(pool[8:8 + 4 * 64 * 2 * 64].view(4, 64, 2, 64), "NHD", 64)
+    assert len(m) == 128 and m != bytes(128)

@@ -155,7 +155,7 @@ def test_custom_op_fake_impl_on_meta_tensors():
             None, torch.empty(8, 1, dtype=torch.int32, **m), None,
             torch.empty(8, 8, 128, dtype=torch.bfloat16, **m), torch.empty(1, **m),
             torch.empty(1, dtype=torch.int32, **m), 0.088, 1.0, "NHD", "tree", 64, 16, 4, 1, 1, 0, 1, 0, 0,
-            False)
+            False, False)
     assert op(*args) is None
     mutated = [a.name for a in op._schema.arguments if a.alias_info is not None and a.alias_info.is_write]
     assert mutated == ["out", "workspace", "counters"]
@@ -164,7 +164,7 @@ def test_custom_op_fake_impl_on_meta_tensors():
 def test_family_rejects_mixed_16bit_types():
     from jitkern.families.spec_dec_attention import SPEC_DEC_ATTENTION
 
-    cfg = dict(SPEC_DEC_ATTENTION.warmup_configs()[0], dtype="fp16", kv_dtype="bf16")
+    cfg = dict(dict(SPEC_DEC_ATTENTION.warmup_configs()[0], kv_tma=False), dtype="fp16", kv_dtype="bf16")
     with pytest.raises(ValueError, match="kv_dtype 'bf16' must equal dtype 'fp16' or be 'fp8_e4m3'"):
         SPEC_DEC_ATTENTION.specialize(cfg)
 
@@ -172,7 +172,7 @@ def test_family_rejects_mixed_16bit_types():
 def test_family_rejects_pipelines_past_shared_memory():
     from jitkern.families.spec_dec_attention import SPEC_DEC_ATTENTION
 
-    cfg = dict(SPEC_DEC_ATTENTION.warmup_configs()[0], head_dim=256, kv_dtype="bf16", q_tile=16,
+    cfg = dict(dict(SPEC_DEC_ATTENTION.warmup_configs()[0], kv_tma=False), head_dim=256, kv_dtype="bf16", q_tile=16,
                kv_stages=5)
     with pytest.raises(ValueError, match="kv_stages 5 needs 346368 bytes of shared memory per CTA "
                                          "with head_dim 256.*at most 232448"):
@@ -266,7 +266,7 @@ def test_small_grids_halve_128_row_tiles():
 
 def test_small_grids_of_64_row_16_bit_tiles_run_three_stages():
     from jitkern.families.spec_dec_attention import (SPEC_DEC_ATTENTION, shared_bytes,
-                                                     small_grid_stages, stage_variants, stages)
+                                                     op_configs, small_grid_stages, stages)
 
     # 16-node tree, G = 4, on 132 SMs: 8k batch 1 (8 heads x 16 splits), 1k batch 8 (8 x 8,
     # unsplit), 8k batch 8 (8 x 8 x 4 splits: two CTAs per SM of a split grid)
@@ -285,9 +285,9 @@ def test_small_grids_of_64_row_16_bit_tiles_run_three_stages():
     cfg = dict(head_dim=128, dtype="bf16", kv_dtype="bf16", kv_layout="NHD", page_size=64,
                mode="tree", q_tile=64, split_kv=True)
     deep = dict(cfg, kv_stages=3)
-    assert stage_variants(cfg) == [cfg, deep]
+    assert op_configs(cfg) == [cfg, deep]
     assert stages(cfg) == 2 and stages(deep) == 3 and shared_bytes(deep) <= 227 * 1024
-    assert stage_variants(dict(cfg, q_tile=128)) == [dict(cfg, q_tile=128)]
+    assert op_configs(dict(cfg, q_tile=128)) == [dict(cfg, q_tile=128)]
     # the warm-up set holds the deep variant beside each 64-row 16-bit tree tile
     warm = SPEC_DEC_ATTENTION.warmup_configs()
     assert sum(1 for c in warm if c.get("kv_stages") == 3) == 2
@@ -351,7 +351,7 @@ def test_padded_head_dims_compile_and_size_like_their_padded_kernel(head_dim, pa
     assert padded_head_dim(head_dim) == padded
     for kv, mode, qt in (("bf16", "tree", 64), ("fp8_e4m3", "decode", 16),
                          ("fp8_e4m3", "tree", 128)):
-        cfg = dict(SPEC_DEC_ATTENTION.warmup_configs()[0], head_dim=head_dim, kv_dtype=kv,
+        cfg = dict(dict(SPEC_DEC_ATTENTION.warmup_configs()[0], kv_tma=False), head_dim=head_dim, kv_dtype=kv,
                    mode=mode, q_tile=qt)
         native = dict(cfg, head_dim=padded)
         assert shared_bytes(cfg) == shared_bytes(native)
@@ -366,7 +366,7 @@ def test_family_rejects_head_dims_off_the_grid():
 
     for d in (8, 72, 272):
         with pytest.raises(ValueError, match=f"head_dim.*{d}.*multiples of 16 from 16 to 256"):
-            SPEC_DEC_ATTENTION.specialize(dict(SPEC_DEC_ATTENTION.warmup_configs()[0], head_dim=d))
+            SPEC_DEC_ATTENTION.specialize(dict(dict(SPEC_DEC_ATTENTION.warmup_configs()[0], kv_tma=False), head_dim=d))
 
 
 def test_plan_key_covers_what_validation_checks():
@@ -431,3 +431,35 @@ def test_fp8_qk_configurations_compile_for_sm90a(q_tile, head_dim):
     off = jitkern.compile(SPEC_DEC_ATTENTION, cfg, arch="sm_90a")
     assert set(on.lowered_names) == {"attention", "merge"}
     assert on.cubin != off.cubin
+
+
+def test_kv_tma_configurations():
+    """kv_tma (tensor-map K/V loads) exists for 16-bit caches, 16/32-row tiles and head dims that
+    are multiples of 64; it compiles there (bulk tensor copies in the SASS is a GPU matter), is
+    refused elsewhere by name, and the warm-up set carries it for the memory-bound tiles."""
+    import jitkern
+    from jitkern.families.spec_dec_attention import (SPEC_DEC_ATTENTION, op_configs,
+                                                     resident_ctas, shared_bytes, tma_shape)
+
+    base = dict(head_dim=128, dtype="bf16", kv_dtype="bf16", kv_layout="NHD", page_size=64,
+                mode="decode", q_tile=16, split_kv=True)
+    for bad, what in ((dict(kv_dtype="fp8_e4m3"), "kv_dtype 'fp8_e4m3'"),
+                      (dict(q_tile=64, mode="tree"), "q_tile 64"), (dict(head_dim=80), "head_dim 80")):
+        with pytest.raises(ValueError, match=f"kv_tma applies to 16-bit caches.*{what}"):
+            SPEC_DEC_ATTENTION.specialize(dict(base, kv_tma=True, **bad))
+    for d, layout, ps, mode, qt in ((64, "NHD", 64, "decode", 16), (128, "HND", 16, "chain", 32),
+                                    (256, "NHD", 128, "chain", 16)):
+        cfg = dict(base, head_dim=d, kv_layout=layout, page_size=ps, mode=mode, q_tile=qt,
+                   kv_tma=True)
+        # sized for either layout (below sm_90 the source keeps the cp.async one), so the
+        # occupancy is the cp.async kernel's
+        assert shared_bytes(cfg) >= shared_bytes(dict(cfg, kv_tma=False))
+        assert resident_ctas(cfg, 228 * 1024) == resident_ctas(dict(cfg, kv_tma=False), 228 * 1024)
+        e = jitkern.compile(SPEC_DEC_ATTENTION, cfg, arch="sm_90a")
+        assert e.key != jitkern.compile(SPEC_DEC_ATTENTION, dict(cfg, kv_tma=False),
+                                        arch="sm_90a").key
+    assert op_configs(base) == [dict(base, kv_tma=True)]
+    assert not tma_shape(dict(base, head_dim=96))
+    warm = SPEC_DEC_ATTENTION.warmup_configs()
+    assert all(bool(c.get("kv_tma")) == tma_shape(c) for c in warm)
+    assert sum(1 for c in warm if c.get("kv_tma")) == 6   # bf16 decode, 4-chains x 2 pages

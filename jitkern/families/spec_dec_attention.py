@@ -37,6 +37,7 @@ ATTN_SIGNATURE = (
     ("total_q", "i32"), ("hq", "i32"), ("hkv", "i32"), ("group", "i32"), ("q_len", "i32"),
     ("bt_stride", "i32"), ("mask_words", "i32"), ("num_splits", "i32"), ("row_tiles", "i32"),
     ("window", "i32"), ("kv_tiles", "i32"), ("scale_log2", "f32"), ("kv_scale", "f32"),
+    ("k_map", "tmap"), ("v_map", "tmap"),   # kv_tma: the caches' tensor maps (else zeros)
 )
 
 MERGE_SIGNATURE = (("ws_o", "ptr"), ("ws_ml", "ptr"), ("out", "ptr"), ("rows", "i32"),
@@ -50,6 +51,11 @@ def _validate(cfg: dict) -> None:
     if cfg["kv_dtype"] != "fp8_e4m3" and cfg["kv_dtype"] != cfg["dtype"]:
         raise ValueError(f"spec_dec_attention: kv_dtype {cfg['kv_dtype']!r} must equal dtype "
                          f"{cfg['dtype']!r} or be 'fp8_e4m3' (tensor-core operands share one type)")
+    if cfg.get("kv_tma") and not tma_shape(cfg):
+        raise ValueError(f"spec_dec_attention: kv_tma applies to 16-bit caches, query tiles of "
+                         f"16 or 32 rows and a head_dim that is a multiple of 64; got kv_dtype "
+                         f"{cfg['kv_dtype']!r}, q_tile {cfg['q_tile']}, head_dim "
+                         f"{cfg['head_dim']}")
     if shared_bytes(cfg) > MAX_SHARED:
         # the resolved depth: with kv_stages 0 the overflow comes from kv_tile or head_dim
         raise ValueError(f"spec_dec_attention: kv_stages {stages(cfg)} needs "
@@ -102,9 +108,14 @@ def _has_small_grid_stages(kv_dtype: str, head_dim: int, q_tile: int) -> bool:
     return q_tile == 64 and kv_dtype != "fp8_e4m3" and padded_head_dim(head_dim) == 128
 
 
-def stage_variants(cfg: dict) -> list:
-    """``cfg`` and, where small_grid_stages may pick it, the same with SMALL_GRID_STAGES stages
-    (warm-up sets hold both)."""
+def op_configs(cfg: dict) -> list:
+    """The configurations the op may run for a shape's ``cfg`` on sm_90 and later (warm-up sets
+    and presets hold them all): ``cfg`` with ``kv_tma`` where tma_shape holds (the op's choice
+    there, see jitkern.ops.spec_dec_attention.use_tma), and beside it, where small_grid_stages may
+    pick it, the same with SMALL_GRID_STAGES stages. (Below sm_90 the op runs without kv_tma, so
+    those kernels compile on first use.)"""
+    if tma_shape(cfg):
+        return [dict(cfg, kv_tma=True)]
     if _has_small_grid_stages(cfg["kv_dtype"], cfg["head_dim"], cfg["q_tile"]):
         return [cfg, dict(cfg, kv_stages=SMALL_GRID_STAGES)]
     return [cfg]
@@ -141,6 +152,13 @@ def stages(cfg: dict) -> int:
     return 2 if kb >= 32 else (5 if kb <= 8 else 3)
 
 
+def tma_shape(cfg: dict) -> bool:
+    """Whether ``kv_tma`` may be set (mirrors TMA in the source, on sm_90 and later): a 16-bit
+    cache, a query tile of 16 or 32 rows (the memory-bound tiles) and a head_dim that is a
+    multiple of 64 (whole 64-column boxes; padded head dims keep the cp.async copies)."""
+    return (cfg["kv_dtype"] != "fp8_e4m3" and cfg["q_tile"] <= 32 and cfg["head_dim"] % 64 == 0)
+
+
 def wgmma_shape(cfg: dict) -> bool:
     """Whether a configuration runs warpgroup MMAs on sm_90a (mirrors WG_SHAPE in the source):
     query tiles of 64 or 128 rows, 64-position KV tiles. Its shared memory (1024-byte alignment
@@ -149,12 +167,19 @@ def wgmma_shape(cfg: dict) -> bool:
 
 
 def shared_bytes(cfg: dict) -> int:
-    """Dynamic shared memory of one CTA; mirrors SMEM_BYTES in the source."""
+    """Dynamic shared memory of one CTA; mirrors SMEM_BYTES in the source. With ``kv_tma`` the
+    larger of the two layouts: below sm_90 the source compiles the cp.async one instead."""
+    if cfg.get("kv_tma"):
+        return max(_shared_bytes(cfg, True), _shared_bytes(cfg, False))
+    return _shared_bytes(cfg, False)
+
+
+def _shared_bytes(cfg: dict, tma: bool) -> int:
     d, qt = padded_head_dim(cfg["head_dim"]), cfg["q_tile"]
     kvb = 1 if cfg["kv_dtype"] == "fp8_e4m3" else 2
     wm = qt // 16
     wn = warps(qt) // wm
-    kv_row = d * kvb + 16
+    kv_row = d * kvb + (0 if tma else 16)   # TMA tiles are dense (swizzled)
     stages_ = stages(cfg)
     tile = kv_tile(cfg)
     pipe = stages_ * 2 * tile * kv_row
@@ -162,7 +187,9 @@ def shared_bytes(cfg: dict) -> int:
     if kvb == 1 and (qt >= 128 or wg_shape):   # the tile's K and V converted to fp16 rows
         pipe += 2 * tile * (d * 2 + 16)
     epi = (wn * qt * (d + 4) + 2 * wn * qt) * 4
-    return qt * (d + 8) * 2 + max(pipe, epi) + (1024 if wg_shape else 0)
+    q_bytes = qt * (d + 8) * 2
+    kv_off = -(-q_bytes // 1024) * 1024 if tma else q_bytes   # TMA tiles start 1024-aligned
+    return kv_off + max(pipe, epi) + (1024 if wg_shape or tma else 0)
 
 
 def fp8_qk_applies(dtype: str, kv_dtype: str, head_dim: int, q_tile: int) -> bool:
@@ -208,6 +235,9 @@ SPEC_DEC_ATTENTION = register_family(KernelFamily(
         # e4m3 MMAs for S = Q K^T (fp8 cache, bf16 query, 64/128-row tiles, padded head_dim 128
         # or 256 on sm_90a; elsewhere no effect): the op's allow_fp8_qk, see fp8_qk_applies()
         Param("fp8_qk", (False, True), default=False, macro="JK_FP8_QK"),
+        # tensor-map (TMA) K/V loads where tma_shape holds, sm_90 and later: the op's choice
+        # there (see jitkern.ops.spec_dec_attention.use_tma)
+        Param("kv_tma", (False, True), default=False, macro="JK_SD_TMA"),
     ),
     entries={
         "attention": Entry("jk_sd::spec_dec_attention", signature=ATTN_SIGNATURE, packed=True),
@@ -224,7 +254,7 @@ SPEC_DEC_ATTENTION = register_family(KernelFamily(
         # decode 4/8 rows -> 16; a 4-chain 16/32 rows -> 16/32; 16-node trees 64/128 -> 64/128;
         # 64-node trees 256/512 -> 128
         for mode, qt in (("decode", 16), ("chain", 16), ("chain", 32), ("tree", 64), ("tree", 128))
-        for c in stage_variants(dict(head_dim=128, dtype="bf16", kv_dtype=kv, kv_layout="NHD",
+        for c in op_configs(dict(head_dim=128, dtype="bf16", kv_dtype=kv, kv_layout="NHD",
                                      page_size=ps, mode=mode, q_tile=qt, split_kv=True))
     ),
 ))

@@ -20,11 +20,12 @@ import torch
 from ..families.spec_dec_attention import (HEAD_DIMS, KV_TILE, PAGE_SIZES, SPEC_DEC_ATTENTION,
                                            fp8_qk_applies, pick_q_tile, q_tiles_for,
                                            resident_ctas, shared_bytes, small_grid_stages,
-                                           warps)
+                                           tma_shape, warps)
 from ..service import get_kernel
 from ..torch_ops import custom_op
-from .device import sm_count
+from .device import capability, sm_count
 from .signature import PlanCache, tensor_meta as _meta
+from .tensor_map import kv_box_rows, paged_kv_map
 
 _IN_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16"}
 _KV_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float8_e4m3fn: "fp8_e4m3"}
@@ -49,20 +50,25 @@ MERGE_THREADS = 128   # the merge kernel's block: a thread per row and four head
 # finishes and wait for it in the kernel, which hides most of the merge's launch (JK_SD_PDL in
 # the source). A switch for measurements (benchmarks/probe_cache_hints.py).
 MERGE_PDL = True
+# Tensor-map (TMA) K/V loads for the memory-bound tiles of a 16-bit cache (compute capability 9.0
+# and later; kv_tma in the family, use_tma below). A switch for measurements.
+KV_TMA = True
 
 
 # ---- launch (the custom op) --------------------------------------------------------------------
 
-# (dtype, kv dtype, head_dim, layout, mode, page, q_tile, stages, tile, fp8_qk, device index) ->
+# (dtype, kv dtype, head_dim, layout, mode, page, q_tile, stages, tile, fp8_qk, kv_tma, device
+# index) ->
 # (kernel, smem bytes, threads, merge as a programmatic launch): keyed on the raw values, so a
 # launch builds no configuration
 _LAUNCH: dict = {}
 
 
 def kernel_config(dtype, kv_dtype, head_dim, kv_layout, mode, page_size, q_tile,
-                  kv_stages: int = 0, kv_tile: int = 0, fp8_qk: bool = False) -> tuple:
-    """The family configuration (item tuple) a call runs; ``kv_stages``, ``kv_tile`` and
-    ``fp8_qk`` only when they are not the default (0, 0, False)."""
+                  kv_stages: int = 0, kv_tile: int = 0, fp8_qk: bool = False,
+                  kv_tma: bool = False) -> tuple:
+    """The family configuration (item tuple) a call runs; ``kv_stages``, ``kv_tile``,
+    ``fp8_qk`` and ``kv_tma`` only when they are not the default (0, 0, False, False)."""
     cfg = (("dtype", _IN_DTYPES[dtype]), ("head_dim", head_dim), ("kv_dtype", _KV_DTYPES[kv_dtype]),
            ("kv_layout", kv_layout), ("mode", mode), ("page_size", page_size), ("q_tile", q_tile),
            ("split_kv", True))
@@ -70,7 +76,19 @@ def kernel_config(dtype, kv_dtype, head_dim, kv_layout, mode, page_size, q_tile,
         cfg += (("kv_stages", kv_stages),)
     if kv_tile:
         cfg += (("kv_tile", kv_tile),)
-    return cfg + (("fp8_qk", True),) if fp8_qk else cfg
+    if fp8_qk:
+        cfg += (("fp8_qk", True),)
+    return cfg + (("kv_tma", True),) if kv_tma else cfg
+
+
+def use_tma(kv_dtype: str, head_dim: int, q_tile: int, capability: tuple) -> bool:
+    """Whether a call loads K/V with tensor maps (``kv_tma``): where the family allows it
+    (tma_shape: a 16-bit cache, 16- or 32-row query tiles, head_dim a multiple of 64) on compute
+    capability 9.0 and later. Measured (H200, load-only kernels of the decode shape, 8k, batch 64;
+    BENCHMARKS.md): the bulk tensor copies read 104-106% of the read bandwidth where the 16-byte
+    cp.async copies read 97-100%."""
+    return (KV_TMA and capability >= (9, 0)
+            and tma_shape(dict(kv_dtype=kv_dtype, head_dim=head_dim, q_tile=q_tile)))
 
 
 def _launcher(key: tuple):
@@ -85,17 +103,23 @@ def _launcher(key: tuple):
 
 def _launch(q, k_cache, v_cache, block_tables, seq_lens, q_cu_seqlens, tree_mask, kv_scale_t,
             out, workspace, counters, scale, kv_scale, kv_layout, mode, q_tile, page_size, q_len,
-            row_tiles, num_splits, window, kv_tiles, kv_stages, kv_tile, fp8_qk) -> None:
+            row_tiles, num_splits, window, kv_tiles, kv_stages, kv_tile, fp8_qk, kv_tma) -> None:
     """Launch only: arguments were validated and resolved by ``spec_dec_attention``
     (``kv_tiles``: 64-position KV tiles of the longest sequence, bounding the split ranges;
     ``kv_stages`` / ``kv_tile``: pipeline depth / positions per stage, 0 = the source's choice,
-    others for measurements; ``fp8_qk``: e4m3 Q K^T, set only where it applies)."""
+    others for measurements; ``fp8_qk``: e4m3 Q K^T, set only where it applies; ``kv_tma``:
+    tensor-map K/V loads, likewise)."""
     total_q, hq, d = q.shape
     hkv = k_cache.shape[2] if kv_layout == "NHD" else k_cache.shape[1]
     bt = seq_lens.shape[0]
     kern, smem, threads, merge_pdl = _launcher((q.dtype, k_cache.dtype, d, kv_layout, mode,
                                                 page_size, q_tile, kv_stages, kv_tile, fp8_qk,
-                                                q.device.index))
+                                                kv_tma, q.device.index))
+    k_map = v_map = None
+    if kv_tma:
+        rows = kv_box_rows(page_size, kv_tile or KV_TILE)
+        k_map = paged_kv_map(k_cache, kv_layout, rows)
+        v_map = paged_kv_map(v_cache, kv_layout, rows)
     split = num_splits > 1
     fused = split and q_tile == FUSED_MERGE_Q_TILE
     rows = total_q * hq
@@ -105,7 +129,7 @@ def _launch(q, k_cache, v_cache, block_tables, seq_lens, q_cu_seqlens, tree_mask
                       workspace if split else None, ws_ml, counters if fused else None,
                       kv_scale_t, total_q, hq, hkv, hq // hkv, q_len, block_tables.shape[1],
                       tree_mask.shape[1] if tree_mask is not None else 0, num_splits, row_tiles,
-                      window, kv_tiles, scale * _LOG2E, kv_scale),
+                      window, kv_tiles, scale * _LOG2E, kv_scale, k_map, v_map),
                 shared_mem=smem)
     if split and not fused:
         kern.launch("merge", grid=(-(-rows * (d // 4) // MERGE_THREADS), 1, 1),
@@ -122,12 +146,12 @@ def _spec_dec_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            kv_scale: float, kv_layout: str,
                            mode: str, q_tile: int, page_size: int, q_len: int, row_tiles: int,
                            num_splits: int, window: int, kv_tiles: int, kv_stages: int,
-                           kv_tile: int, fp8_qk: bool) -> None:
+                           kv_tile: int, fp8_qk: bool, kv_tma: bool) -> None:
     """The launch as a torch custom op (what torch.compile traces; eager calls skip the
     dispatcher and call ``_launch`` directly)."""
     _launch(q, k_cache, v_cache, block_tables, seq_lens, q_cu_seqlens, tree_mask, kv_scale_t, out,
             workspace, counters, scale, kv_scale, kv_layout, mode, q_tile, page_size, q_len,
-            row_tiles, num_splits, window, kv_tiles, kv_stages, kv_tile, fp8_qk)
+            row_tiles, num_splits, window, kv_tiles, kv_stages, kv_tile, fp8_qk, kv_tma)
 
 
 # ---- workspace ---------------------------------------------------------------------------------
@@ -493,8 +517,11 @@ def _plan(q, k_cache, v_cache, block_tables, seq_lens, q_cu_seqlens, tree_mask, 
                                              d, q_tile)
     stages = small_grid_stages(_KV_DTYPES[k_cache.dtype], d, q_tile, bt * hkv * row_tiles * splits,
                                splits, sm_count(dev))
+    # (a pool too large for a tensor map's int32 coordinates keeps the cp.async copies)
+    kv_tma = (use_tma(_KV_DTYPES[k_cache.dtype], d, q_tile, capability(dev))
+              and num_pages * (page_size if kv_layout == "NHD" else hkv) < 2**31)
     static = (float(scale), kv_scale_f, kv_layout, mode, q_tile, page_size, q_len, row_tiles,
-              splits, sliding_window or 0, -(-max_kv // KV_TILE), stages, 0, fp8_qk)
+              splits, sliding_window or 0, -(-max_kv // KV_TILE), stages, 0, fp8_qk, kv_tma)
     return _Plan(static, need if splits > 1 else 0, bt * hkv * row_tiles if fused else 0,
                  workspace is not None)
 
@@ -631,7 +658,7 @@ def planned_config(*args, **kwargs) -> dict:
     the arguments the same way; used to compile ahead, e.g. in parallel)."""
     a = prepare(*args, **kwargs)
     return dict(kernel_config(a[0].dtype, a[1].dtype, a[0].shape[2], a[13], a[14], a[16], a[15],
-                              kv_stages=a[22], kv_tile=a[23], fp8_qk=a[24]))
+                              kv_stages=a[22], kv_tile=a[23], fp8_qk=a[24], kv_tma=a[25]))
 
 
 def _check_values(q_cu, seq_lens, block_tables, total_q, q_len, longest, num_pages, page_size,
