@@ -7,7 +7,8 @@
 //   read once for all q_len*G query rows (not once per query head).
 //   The CTA walks its share of the KV positions in tiles of 64, staged through shared memory by
 //   cp.async, STAGES deep (by each warp or warpgroup for its own slice where WARP_PIPE or
-//   WG_PIPE says so, synchronizing only those threads). Warps are
+//   WG_PIPE says so, synchronizing only those threads), or by one thread's tensor-map bulk
+//   copies completing on a per-stage mbarrier (TMA: 16-bit decode and chains). Warps are
 //   laid out WM x WN: WM slabs of 16 query rows (the MMA M), and WN slices of each KV tile
 //   (with warpgroup MMAs, WG below, four consecutive slabs multiply together as one group).
 //   Each warp keeps a private online softmax (m, l, O) over the positions it saw; the epilogue

@@ -12,7 +12,9 @@ H100/H200) for those warpgroup MMAs.
 ``kv_tile`` (default 0: the source's choice) the KV positions per stage (64 or 128); shared
 memory must stay within 227 KiB. ``fp8_qk`` (default False) computes Q K^T on e4m3 tensor cores
 where ``fp8_qk_applies`` (faster on fp8 trees, less precise: see the kernel source and
-docs/spec_dec_attention.md).
+docs/spec_dec_attention.md). ``kv_tma`` (default False) copies K/V with tensor maps where
+``tma_shape`` holds (the op sets it there on sm_90+; the attention entry then needs the caches'
+maps in ``k_map`` / ``v_map``, jitkern.ops.tensor_map).
 
 Launch contract (the op keeps it): mode "decode" needs one query token per sequence and no
 q_cu_seqlens; split_kv=False needs num_splits == 1; with num_splits > 1 and q_tile 16 the kernel
