@@ -20,11 +20,16 @@ Prints us and percent of the read bandwidth (a torch sum of 2 GiB) per variant, 
 
 from __future__ import annotations
 
-import ctypes
+import os
 import statistics
+import sys
 
 import cupy
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from jitkern.ops.tensor_map import (L2_PROMOTION_128B, L2_PROMOTION_256B,  # noqa: E402
+                                    L2_PROMOTION_NONE, SWIZZLE_NONE, encode_tiled)
 
 SRC = r"""
 typedef unsigned int u32;
@@ -115,33 +120,16 @@ extern "C" __global__ void __launch_bounds__(128) loadkv(
 }
 """
 
-_LIB = None
-
-
 def encode(t: torch.Tensor, layout: str, hkv: int, d: int, pad_elems: int, promo: int) -> bytes:
-    """A 128-byte CUtensorMap over a [pages, 64, hkv, d] (NHD) or [pages, hkv, 64, d] (HND)
-    16-bit cache: a 3-D view whose box is one page of one head, ``d + pad_elems`` wide."""
-    global _LIB
-    if _LIB is None:
-        _LIB = ctypes.CDLL("libcuda.so.1")
+    """The CUtensorMap of a [pages, 64, hkv, d] (NHD) or [pages, hkv, 64, d] (HND) 16-bit cache
+    for this probe: a box of one page of one head, ``d + pad_elems`` wide, no swizzle (the probe
+    only counts bytes; the op's maps are jitkern.ops.tensor_map.paged_kv_map)."""
     pages = t.shape[0]
-    u64 = ctypes.c_uint64
     if layout == "NHD":
-        dims = (u64 * 3)(d, hkv, pages * 64)
-        strides = (u64 * 2)(d * 2, hkv * d * 2)
-        box = (ctypes.c_uint32 * 3)(d + pad_elems, 1, 64)
+        dims, strides, box = (d, hkv, pages * 64), (d * 2, hkv * d * 2), (d + pad_elems, 1, 64)
     else:
-        dims = (u64 * 3)(d, 64, pages * hkv)
-        strides = (u64 * 2)(d * 2, 64 * d * 2)
-        box = (ctypes.c_uint32 * 3)(d + pad_elems, 64, 1)
-    es = (ctypes.c_uint32 * 3)(1, 1, 1)
-    tm = (ctypes.c_uint8 * 128)()
-    # UINT16 (1), rank 3, interleave none, swizzle none, L2 promotion, OOB fill zeros (none)
-    r = _LIB.cuTensorMapEncodeTiled(tm, 1, 3, ctypes.c_void_p(t.data_ptr()), dims, strides, box,
-                                    es, 0, 0, promo, 0)
-    if r != 0:
-        raise RuntimeError(f"cuTensorMapEncodeTiled failed: {r}")
-    return bytes(tm)
+        dims, strides, box = (d, 64, pages * hkv), (d * 2, 64 * d * 2), (d + pad_elems, 64, 1)
+    return encode_tiled(t.data_ptr(), dims, strides, box, SWIZZLE_NONE, promo)
 
 
 def time_us(fn, reps=20, rounds=5):
@@ -181,12 +169,14 @@ def main():
             stages = 5 if d == 64 else 3
             for name, tma, padb, promo, st in (
                     ("cp.async, padded rows", 0, d * 2 + 16, 0, stages),
-                    ("TMA, dense rows, L2 128B", 1, d * 2, 2, stages),
-                    ("TMA, padded rows (zero-filled box), L2 128B", 1, d * 2 + 16, 2, stages),
-                    ("TMA, padded rows, L2 256B", 1, d * 2 + 16, 3, stages),
-                    ("TMA, padded rows, no L2 promotion", 1, d * 2 + 16, 0, stages),
-                    ("TMA, padded rows, 4 stages", 1, d * 2 + 16, 2, 4),
-                    ("TMA, padded rows, 8 stages", 1, d * 2 + 16, 2, 8)):
+                    ("TMA, dense rows, L2 128B", 1, d * 2, L2_PROMOTION_128B, stages),
+                    ("TMA, padded rows (zero-filled box), L2 128B", 1, d * 2 + 16,
+                     L2_PROMOTION_128B, stages),
+                    ("TMA, padded rows, L2 256B", 1, d * 2 + 16, L2_PROMOTION_256B, stages),
+                    ("TMA, padded rows, no L2 promotion", 1, d * 2 + 16, L2_PROMOTION_NONE,
+                     stages),
+                    ("TMA, padded rows, 4 stages", 1, d * 2 + 16, L2_PROMOTION_128B, 4),
+                    ("TMA, padded rows, 8 stages", 1, d * 2 + 16, L2_PROMOTION_128B, 8)):
                 if st * 2 * 64 * padb > 110 * 1024:
                     continue
                 opts = ("-std=c++17", f"-DSTAGES={st}", f"-DPADB={padb}", f"-DDB={d * 2}",

@@ -50,8 +50,9 @@ _LAUNCH_CONFIG = struct.Struct("=7I4xQQI4x")
 _LIBCUDA = None
 
 
-def _libcuda():
-    """The driver library for cuLaunchKernelEx (loaded on first use: only GPU launches need it)."""
+def libcuda():
+    """The driver library through ctypes, for the calls CuPy's binding lacks (cuLaunchKernelEx
+    here, cuTensorMapEncodeTiled in jitkern.ops.tensor_map); loaded on first use."""
     global _LIBCUDA
     if _LIBCUDA is None:
         lib = ctypes.CDLL("libcuda.so.1")
@@ -61,6 +62,13 @@ def _libcuda():
         lib.cuGetErrorName.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_char_p)]
         _LIBCUDA = lib
     return _LIBCUDA
+
+
+def driver_error(rc: int) -> str:
+    """A CUresult as "NAME (code)"."""
+    name = ctypes.c_char_p()
+    libcuda().cuGetErrorName(rc, ctypes.byref(name))
+    return f"{(name.value or b'?').decode()} ({rc})"
 
 
 def _driver():
@@ -79,8 +87,7 @@ def arg_layout(signature):
     field (128 bytes) is aligned to 64 bytes, and a struct holding one is padded to a multiple of
     64, as a C struct with an ``alignas(64)`` member is (ctypes has no such alignment, so the
     padding is written as fields of its own)."""
-    fields, pos = [], 0
-    tmaps = any(k == "tmap" for _, k in signature)
+    fields, pos = [], 0   # pos: the end of the fields so far (ctypes pads the others itself)
     for i, (_, k) in enumerate(signature):
         t = _CTYPES[k]
         align = _TMAP_ALIGN if k == "tmap" else ctypes.alignment(t)
@@ -90,10 +97,8 @@ def arg_layout(signature):
             pos += align - pos % align
         fields.append((f"f{i}", t))
         pos += ctypes.sizeof(t)
-    if tmaps:
-        st = type("Args", (ctypes.Structure,), {"_fields_": fields})
-        if ctypes.sizeof(st) % _TMAP_ALIGN:
-            fields.append(("_tail", ctypes.c_uint8 * (_TMAP_ALIGN - ctypes.sizeof(st) % _TMAP_ALIGN)))
+    if any(k == "tmap" for _, k in signature) and pos % _TMAP_ALIGN:
+        fields.append(("_tail", ctypes.c_uint8 * (_TMAP_ALIGN - pos % _TMAP_ALIGN)))
     st = type("Args", (ctypes.Structure,), {"_fields_": fields})
     fmt, pos = "=", 0
     for i, (_, kind) in enumerate(signature):
@@ -230,13 +235,9 @@ class Function:
 
     def _launch_programmatic(self, buf, g, b, shared_mem: int, stream: int) -> None:
         _LAUNCH_CONFIG.pack_into(buf[3], 0, *g, *b, shared_mem, stream, buf[4], 1)
-        lib = _libcuda()
-        rc = lib.cuLaunchKernelEx(buf[5], self.ptr, buf[2], None)
+        rc = libcuda().cuLaunchKernelEx(buf[5], self.ptr, buf[2], None)
         if rc:
-            name = ctypes.c_char_p()
-            lib.cuGetErrorName(rc, ctypes.byref(name))
-            raise RuntimeError(f"{self.label}: cuLaunchKernelEx failed: "
-                               f"{(name.value or b'?').decode()} ({rc})")
+            raise RuntimeError(f"{self.label}: cuLaunchKernelEx failed: {driver_error(rc)}")
 
 
 def _current_stream(index: int) -> int:

@@ -109,7 +109,7 @@ constexpr int NDC = D / 8;                     // n8 chunks of the output
 // ldmatrix), and nothing else of the CTA issues copies. Measured (H200, benchmarks/
 // kv_load_probe.py, load-only kernels of this shape, 8k, batch 64): TMA 104-106% of the read
 // bandwidth (a torch sum) against 97-100% with the 16-byte cp.async copies, D = 64 and 128, both
-// layouts; a padded box (8 columns past the head dim, zero-filled by the unit) lost it (91%).
+// layouts; a padded box (8 columns past the head dim, zero-filled by the unit) lost it (80-101%).
 #ifndef JK_SD_TMA
 #define JK_SD_TMA 0
 #endif
@@ -761,7 +761,7 @@ __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const __gri
                             *reinterpret_cast<uint4*>(vz + swz_chunk(r, c, TILE)) =
                                 make_uint4(0u, 0u, 0u, 0u);
                     }
-                    fence_proxy_async();   // (before a later copy into the stage)
+                    fence_async_smem();   // (before a later copy into the stage)
                 }
                 __syncthreads();   // Q (every thread's copies), the zeroed rows -> all threads
             }

@@ -135,6 +135,18 @@ def _check(a: dict, out: torch.Tensor, dtype) -> float:
     return float(err)
 
 
+def _captured(call) -> torch.cuda.CUDAGraph:
+    """``call()`` captured into a CUDA graph on a side stream (not replayed yet)."""
+    g = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        with torch.cuda.graph(g, stream=s):
+            call()
+    torch.cuda.current_stream().wait_stream(s)
+    return g
+
+
 def _run(a: dict) -> torch.Tensor:
     """One call of the op on a poisoned (NaN-filled) output, synchronized: an element the kernel
     does not write stays NaN, which _check refuses."""
@@ -338,13 +350,7 @@ def test_graph_replay_identical(kind):
     out = torch.empty_like(a["q"])
     spec_dec_attention(**a, out=out, num_kv_splits=6)    # warm: compile, load, grow workspace
     torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        with torch.cuda.graph(g, stream=s):
-            spec_dec_attention(**a, out=out, num_kv_splits=6)
-    torch.cuda.current_stream().wait_stream(s)
+    g = _captured(lambda: spec_dec_attention(**a, out=out, num_kv_splits=6))
     for seed in (11, 12):
         b = _replay_inputs(kind, seed)
         for k in ("q", "k_cache", "v_cache"):
@@ -398,13 +404,7 @@ def test_merge_kernel_as_programmatic_launch(shape, nodes, kv, batch, splits, mo
     assert torch.equal(outs[True], outs[False])
     assert _check(a, outs[True], dtype) < BOUND[dtype]
     out = torch.full_like(a["q"], float("nan"))
-    g = torch.cuda.CUDAGraph()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        with torch.cuda.graph(g, stream=s):
-            spec_dec_attention(**a, out=out)
-    torch.cuda.current_stream().wait_stream(s)
+    g = _captured(lambda: spec_dec_attention(**a, out=out))
     for _ in range(2):
         out.fill_(float("nan"))
         g.replay()
@@ -607,24 +607,31 @@ def test_tma_loads_equal_cp_async_over_poisoned_tails(shape, layout, ps, mode, m
     assert torch.equal(outs[True], outs[False])
     assert _check(a, outs[True], torch.bfloat16) < BOUND[torch.bfloat16]
     out = torch.full_like(a["q"], float("nan"))
-    g = torch.cuda.CUDAGraph()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        with torch.cuda.graph(g, stream=s):
-            spec_dec_attention(**a, out=out)
-    torch.cuda.current_stream().wait_stream(s)
+    g = _captured(lambda: spec_dec_attention(**a, out=out))
     g.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, outs[True])
 
 
-def test_tensor_map_of_a_misaligned_cache_is_refused():
+def test_misaligned_caches_and_refused_tensor_maps_are_named():
+    """A cache view that does not start 16-byte aligned is refused before launch, naming it, on
+    the tensor-map path (bf16 decode) and the cp.async one (a tree); a map the driver refuses
+    names the driver's error."""
+    from jitkern.ops import spec_dec_attention
     from jitkern.ops.tensor_map import paged_kv_map
 
-    pool = torch.zeros(4 * 64 * 2 * 64 + 8, dtype=torch.bfloat16, device="cuda")
-    cache = pool[1:1 + 4 * 64 * 2 * 64].view(4, 64, 2, 64)
-    with pytest.raises(ValueError, match="not 16-byte aligned"):
-        paged_kv_map(cache, "NHD", 64)
-    m = paged_kv_map(pool[8:8 + 4 * 64 * 2 * 64].view(4, 64, 2, 64), "NHD", 64)
-    assert len(m) == 128 and m != bytes(128)
+    for tree in (False, True):
+        a = random_paged_inputs([300, 70], [random_eagle_tree(5, random.Random(1))] * 2 if tree
+                                else [1, 1], num_heads=8, num_kv_heads=2, head_dim=128,
+                                tree=tree, generator=torch.Generator().manual_seed(3))
+        for name in ("k_cache", "v_cache"):
+            c = a[name]
+            flat = torch.empty(c.numel() + 8, dtype=c.dtype, device=c.device)
+            b = dict(a, **{name: flat[1:1 + c.numel()].view(c.shape)})
+            with pytest.raises(ValueError, match=f"{name} must start at a 16-byte aligned "
+                                                 f"address.*storage offset of 1 elements"):
+                spec_dec_attention(**b)
+    pool = torch.zeros(4 * 64 * 2 * 64, dtype=torch.bfloat16, device="cuda").view(4, 64, 2, 64)
+    assert paged_kv_map(pool, "NHD", 64) != bytes(128)
+    with pytest.raises(RuntimeError, match="cuTensorMapEncodeTiled failed: CUDA_ERROR_INVALID_VALUE"):
+        paged_kv_map(pool, "NHD", 0)   # an empty box

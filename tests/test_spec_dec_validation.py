@@ -463,3 +463,22 @@ def test_kv_tma_configurations():
     warm = SPEC_DEC_ATTENTION.warmup_configs()
     assert all(bool(c.get("kv_tma")) == tma_shape(c) for c in warm)
     assert sum(1 for c in warm if c.get("kv_tma")) == 6   # bf16 decode, 4-chains x 2 pages
+
+
+def test_tensor_maps_refuse_caches_they_cannot_describe():
+    """paged_kv_map names what it cannot describe before asking the driver: a cache that is not
+    16-bit, one that does not start 16-byte aligned, and one with more positions (NHD) or page
+    heads (HND) than int32 coordinates reach (the op keeps cp.async copies for those)."""
+    from jitkern.ops.tensor_map import paged_kv_map
+
+    with pytest.raises(ValueError, match="16-bit caches only, got torch.float8_e4m3fn"):
+        paged_kv_map(torch.zeros(2, 64, 1, 64, dtype=torch.float8_e4m3fn), "NHD", 64)
+    flat = torch.zeros(2 * 64 * 64 + 8, dtype=torch.bfloat16)
+    off = next(i for i in range(1, 8) if (flat.data_ptr() + 2 * i) % 16)
+    with pytest.raises(ValueError, match="is not 16-byte aligned"):
+        paged_kv_map(flat[off:off + 2 * 64 * 64].view(2, 64, 1, 64), "NHD", 64)
+    row = torch.zeros(64, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="2147483648 positions exceeds the int32 coordinates"):
+        paged_kv_map(row.as_strided((2**25, 64, 1, 64), (0, 0, 0, 1)), "NHD", 64)
+    with pytest.raises(ValueError, match="2147483648 page heads exceeds the int32 coordinates"):
+        paged_kv_map(row.as_strided((2**27, 16, 64, 64), (0, 0, 0, 1)), "HND", 64)

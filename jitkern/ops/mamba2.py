@@ -34,7 +34,7 @@ from ..families.mamba2 import (COMMIT_THREADS, COMMIT_UNROLL, ESIZE, MAMBA2, MAX
 from ..service import get_kernel
 from ..torch_ops import custom_op
 from .device import sm_count
-from .signature import PlanCache, tensor_meta as _meta
+from .signature import PlanCache, require_aligned, tensor_meta as _meta
 
 _DTYPE_NAME = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 _FLOAT_TYPES = "float32, bfloat16 or float16"
@@ -178,13 +178,6 @@ def _same_device(names_tensors, device: torch.device) -> None:
     for name, t in names_tensors:
         if t is not None and t.device != device:
             raise ValueError(f"{name} must be on {device} (the device of state), got {t.device}")
-
-
-def _aligned(name: str, t: torch.Tensor) -> None:
-    if t.data_ptr() % 16:
-        raise ValueError(f"{name} must start at a 16-byte aligned address (the kernel moves it "
-                         f"in 16-byte vectors); got a storage offset of {t.storage_offset()} "
-                         f"elements")
 
 
 # ----------------------------------------------------------------------------- update
@@ -405,7 +398,7 @@ def _launch_update(plan, state, x, dt, A, B, C, D, z, dt_bias, sbi, pad_slot_id,
     for name in plan.align:
         t = state if name == "state" else inter
         if t.data_ptr() % 16:
-            _aligned(name, t)
+            require_aligned(name, t)
     args = (state, x, dt, A, B, C, D, z, dt_bias, out, inter, sbi, iidx, parent) + plan.static + (
                 pad_slot_id, int(disable_state_update))
     plan.kernel.launch("update", plan.grid, plan.block, args, plan.smem)
@@ -547,7 +540,7 @@ def _commit_impl(state: torch.Tensor, intermediate_states: torch.Tensor,
         _pad_id(pad_slot_id)
     for name, t in (("state", state), ("intermediate_states", inter)):
         if t.data_ptr() % 16:
-            _aligned(name, t)
+            require_aligned(name, t)
     args = (state, inter, accepted_step, state_batch_indices, intermediate_state_indices) + \
         plan.static + (pad_slot_id,)
     plan.kernel.launch("commit", plan.grid, (COMMIT_THREADS, 1, 1), args, 0)

@@ -3,10 +3,20 @@
 An op validates a call and resolves its launch (specialization, grid, static arguments) once per
 *signature*: every tensor's shape, strides, dtype and device plus the scalar arguments that the
 checks look at. A repeated call with the same signature reuses that plan and only binds its new
-tensors. Values inside tensors are never part of a signature (reading them would synchronize).
+tensors. Values inside tensors are never part of a signature (reading them would synchronize),
+nor are data pointers: the alignment a kernel needs is checked per call (require_aligned).
 """
 
 from __future__ import annotations
+
+
+def require_aligned(name: str, t) -> None:
+    """ValueError unless ``t`` starts at a 16-byte aligned address (the kernels move their large
+    tensors in 16-byte pieces). Callers test ``t.data_ptr() % 16`` first, on the hot path."""
+    if t.data_ptr() % 16:
+        raise ValueError(f"{name} must start at a 16-byte aligned address (the kernel moves it "
+                         f"in 16-byte vectors); got a storage offset of {t.storage_offset()} "
+                         f"elements")
 
 
 def tensor_meta(t):

@@ -24,7 +24,7 @@ from ..families.spec_dec_attention import (HEAD_DIMS, KV_TILE, PAGE_SIZES, SPEC_
 from ..service import get_kernel
 from ..torch_ops import custom_op
 from .device import capability, sm_count
-from .signature import PlanCache, tensor_meta as _meta
+from .signature import PlanCache, require_aligned, tensor_meta as _meta
 from .tensor_map import kv_box_rows, paged_kv_map
 
 _IN_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -96,7 +96,7 @@ def _launcher(key: tuple):
     if hit is None:
         conf = dict(kernel_config(*key[:-1]))
         kern = get_kernel(SPEC_DEC_ATTENTION, conf, key[-1])
-        pdl = MERGE_PDL and torch.cuda.get_device_capability(key[-1]) >= (9, 0)
+        pdl = MERGE_PDL and capability(torch.device("cuda", key[-1])) >= (9, 0)
         hit = _LAUNCH[key] = (kern, shared_bytes(conf), 32 * warps(conf["q_tile"]), pdl)
     return hit
 
@@ -109,6 +109,9 @@ def _launch(q, k_cache, v_cache, block_tables, seq_lens, q_cu_seqlens, tree_mask
     ``kv_stages`` / ``kv_tile``: pipeline depth / positions per stage, 0 = the source's choice,
     others for measurements; ``fp8_qk``: e4m3 Q K^T, set only where it applies; ``kv_tma``:
     tensor-map K/V loads, likewise)."""
+    if k_cache.data_ptr() % 16 or v_cache.data_ptr() % 16:   # (the copies move 16-byte pieces)
+        require_aligned("k_cache", k_cache)
+        require_aligned("v_cache", v_cache)
     total_q, hq, d = q.shape
     hkv = k_cache.shape[2] if kv_layout == "NHD" else k_cache.shape[1]
     bt = seq_lens.shape[0]
@@ -116,10 +119,10 @@ def _launch(q, k_cache, v_cache, block_tables, seq_lens, q_cu_seqlens, tree_mask
                                                 page_size, q_tile, kv_stages, kv_tile, fp8_qk,
                                                 kv_tma, q.device.index))
     k_map = v_map = None
-    if kv_tma:
-        rows = kv_box_rows(page_size, kv_tile or KV_TILE)
-        k_map = paged_kv_map(k_cache, kv_layout, rows)
-        v_map = paged_kv_map(v_cache, kv_layout, rows)
+    if kv_tma:   # (encoded once per cache address and shape)
+        box = kv_box_rows(page_size, kv_tile or KV_TILE)
+        k_map = paged_kv_map(k_cache, kv_layout, box)
+        v_map = paged_kv_map(v_cache, kv_layout, box)
     split = num_splits > 1
     fused = split and q_tile == FUSED_MERGE_Q_TILE
     rows = total_q * hq
@@ -541,7 +544,8 @@ def spec_dec_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
         q: ``[total_q, Hq, D]`` fp16/bf16, sequences back to back (D a multiple of 16 up to
             256: 64, 128 and 256 natively, the others computed in the next of those sizes).
         k_cache, v_cache: ``[num_pages, page_size, Hkv, D]`` ("NHD") or
-            ``[num_pages, Hkv, page_size, D]`` ("HND"); q's dtype or float8_e4m3fn.
+            ``[num_pages, Hkv, page_size, D]`` ("HND"); q's dtype or float8_e4m3fn; contiguous,
+            starting 16-byte aligned.
         block_tables: int32 ``[Bt, max_pages_per_seq]``: logical page i of sequence b is
             physical page ``block_tables[b, i]``.
         seq_lens: int32 ``[Bt]``: KV length of each sequence, its draft tokens included.

@@ -8,37 +8,50 @@ swizzle:
     HND [pages, Hkv, page_size, D]  ->  dims (D, page_size, pages * Hkv), box (64, rows, 1)
 
 Encoding is a host call into the driver (cuTensorMapEncodeTiled, through ctypes: CuPy's binding
-has none). A map depends only on the cache's address, shape and dtype, so the last few are kept.
+has none; ``encode_tiled``). A map depends only on the cache's address, shape and dtype, so the last few are kept.
 """
 
 from __future__ import annotations
 
 import ctypes
 
-_LIB = None
+from ..launch import driver_error, libcuda
+
 _MAPS: dict = {}     # (address, shape, dtype size, layout, rows) -> 128 bytes
 _MAX_MAPS = 64       # a few caches (K and V per layer group) in turn; cleared when full
 
 # cuda.h enums
 _DTYPE_UINT16 = 1            # CU_TENSOR_MAP_DATA_TYPE_UINT16 (the bits are only copied)
 _INTERLEAVE_NONE = 0
-_SWIZZLE_128B = 3
-_L2_PROMOTION_128B = 2       # L2 fetches of 128-byte lines, as the cp.async copies ask
+SWIZZLE_NONE, SWIZZLE_128B = 0, 3
+L2_PROMOTION_NONE, L2_PROMOTION_128B, L2_PROMOTION_256B = 0, 2, 3
 _OOB_FILL_ZERO = 0           # CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE: out-of-bounds elements are zeros
+_ENCODE = None
 
 
-def _libcuda():
-    global _LIB
-    if _LIB is None:
-        lib = ctypes.CDLL("libcuda.so.1")
-        fn = lib.cuTensorMapEncodeTiled
+def encode_tiled(addr: int, dims: tuple, strides: tuple, box: tuple, swizzle: int,
+                 l2_promotion: int) -> bytes:
+    """cuTensorMapEncodeTiled of a 16-bit tensor at ``addr``: ``dims`` innermost first, byte
+    ``strides`` of dims 1.. , a ``box`` of elements per copy; out-of-bounds elements land as
+    zeros. RuntimeError naming the driver's error when it refuses."""
+    global _ENCODE
+    if _ENCODE is None:
+        fn = libcuda().cuTensorMapEncodeTiled
         fn.restype = ctypes.c_int
         fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint32, ctypes.c_void_p,
                        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                        ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int]
-        lib.cuGetErrorName.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_char_p)]
-        _LIB = lib
-    return _LIB
+        _ENCODE = fn
+    n = len(dims)
+    u64, u32 = ctypes.c_uint64, ctypes.c_uint32
+    out = (ctypes.c_uint8 * 128)()
+    rc = _ENCODE(out, _DTYPE_UINT16, n, ctypes.c_void_p(addr), (u64 * n)(*dims),
+                 (u64 * (n - 1))(*strides), (u32 * n)(*box), (u32 * n)(*([1] * n)),
+                 _INTERLEAVE_NONE, swizzle, l2_promotion, _OOB_FILL_ZERO)
+    if rc:
+        raise RuntimeError(f"cuTensorMapEncodeTiled failed: {driver_error(rc)} for dims {dims}, "
+                           f"strides {strides}, box {box}")
+    return bytes(out)
 
 
 def kv_box_rows(page_size: int, tile: int = 64) -> int:
@@ -49,8 +62,9 @@ def kv_box_rows(page_size: int, tile: int = 64) -> int:
 def paged_kv_map(cache, layout: str, box_rows: int) -> bytes:
     """The 128-byte CUtensorMap of ``cache`` (a contiguous 16-bit NHD or HND paged pool) with a
     box of ``box_rows`` positions x 64 head-dim columns of one KV head (see the module
-    docstring). Raises ValueError where the cache cannot be described (an address not 16-byte
-    aligned, coordinates past int32), RuntimeError naming the driver's error otherwise."""
+    docstring). Raises ValueError where the cache cannot be described (not 16-bit, an address
+    not 16-byte aligned, coordinates past int32), RuntimeError naming the driver's error
+    otherwise."""
     shape = tuple(cache.shape)
     addr = cache.data_ptr()
     key = (addr, shape, cache.element_size(), layout, box_rows)
@@ -74,19 +88,8 @@ def paged_kv_map(cache, layout: str, box_rows: int) -> bytes:
     if dims[2] >= 2**31:
         raise ValueError(f"a cache of {dims[2]} {'positions' if layout == 'NHD' else 'page heads'}"
                          f" exceeds the int32 coordinates of a tensor map")
-    u64, u32 = ctypes.c_uint64, ctypes.c_uint32
-    out = (ctypes.c_uint8 * 128)()
-    lib = _libcuda()
-    rc = lib.cuTensorMapEncodeTiled(out, _DTYPE_UINT16, 3, ctypes.c_void_p(addr), (u64 * 3)(*dims),
-                                    (u64 * 2)(*strides), (u32 * 3)(*box), (u32 * 3)(1, 1, 1),
-                                    _INTERLEAVE_NONE, _SWIZZLE_128B, _L2_PROMOTION_128B,
-                                    _OOB_FILL_ZERO)
-    if rc:
-        name = ctypes.c_char_p()
-        lib.cuGetErrorName(rc, ctypes.byref(name))
-        raise RuntimeError(f"cuTensorMapEncodeTiled failed: {(name.value or b'?').decode()} ({rc}) "
-                           f"for a {layout} cache of shape {shape}, box {box}")
+    m = encode_tiled(addr, dims, strides, box, SWIZZLE_128B, L2_PROMOTION_128B)
     if len(_MAPS) >= _MAX_MAPS:
         _MAPS.clear()
-    m = _MAPS[key] = bytes(out)
+    _MAPS[key] = m
     return m

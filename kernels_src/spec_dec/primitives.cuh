@@ -91,6 +91,14 @@ __device__ __forceinline__ void ldsm_x4_t(u32 r[4], u32 addr) {
 __device__ __forceinline__ void cp_async16(u32 dst, const void* src, int src_bytes) {
     asm volatile(JK_SD_CP_ASYNC " [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes));
 }
+// Shared-memory writes by ordinary stores and cp.async are ordered with the async proxy (wgmma's
+// reads, TMA's writes) only through this fence, issued by the writing threads before the barrier
+// that hands the bytes over (sm_90+; never called below).
+__device__ __forceinline__ void fence_async_smem() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+}
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }

@@ -45,11 +45,6 @@ __device__ __forceinline__ void mbar_wait(u32 bar, u32 parity) {
         "@!done bra JK_SD_WAIT_%=;\n}\n" ::"r"(bar), "r"(parity) : "memory");
 }
 
-// generic-proxy writes of shared memory -> later async-proxy (TMA) writes of the same bytes
-__device__ __forceinline__ void fence_proxy_async() {
-    JK_SD_TMA_ASM("fence.proxy.async.shared::cta;\n" ::: "memory");
-}
-
 // box at coordinates (c0, c1, c2) of `map` -> shared `dst`, completing on `bar`
 __device__ __forceinline__ void tma_load_3d(u32 dst, const TensorMap* map, int c0, int c1, int c2,
                                             u32 bar) {

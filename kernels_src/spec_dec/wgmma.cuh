@@ -64,11 +64,6 @@ template <int N>
 __device__ __forceinline__ void wg_wait() {
     JK_SD_WG_ASM("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
 }
-// Shared-memory writes by ordinary stores and cp.async become visible to wgmma's (async-proxy)
-// reads only through this fence, issued by the writing threads before the barrier.
-__device__ __forceinline__ void fence_async_smem() {
-    JK_SD_WG_ASM("fence.proxy.async.shared::cta;\n" ::: "memory");
-}
 // Pins registers in program order around the asynchronous MMAs: without it the compiler may move
 // a read of an accumulator above the wait, or a write of one below the issue.
 template <int R>
