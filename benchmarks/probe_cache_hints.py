@@ -16,8 +16,8 @@ JK_SD_TILE_BASE 0 (a 64-bit address per copied K/V row), JK_SD_Q_PERMUTED 0 (fp8
 A fragments gathered by 64-bit loads), JK_SD_WG_PIPE 0 ("WG CTA pipe": one CTA-wide K/V pipeline
 for 64-row warpgroup tiles), fp8_qk (the op's allow_fp8_qk: e4m3 Q K^T on fp8 trees; set here
 for every row, 128-row tiles included, which the op leaves out),
-kv_stages 3 / 4 / 5 / 6 and kv_tile 128 (configuration overrides), 2 / 3 / 4 splits (the op's
-num_kv_splits), "no TMA" (the cp.async K/V copies where the op uses tensor maps) and
+kv_stages 3 / 4 / 5 / 6 and kv_tile 128 (configuration overrides), 2 / 3 / 4 / 8 / 16 / 32
+splits (the op's num_kv_splits), "no TMA" (the cp.async K/V copies where the op uses tensor maps) and
 JK_SD_PROBE_LOAD_ONLY (the tile loop without its arithmetic: the loads' own ceiling), with XQA's
 time on the same inputs when flashinfer imports; each variant that does the arithmetic is also
 checked against the default's output. Other spec-dec hooks the kernel keeps: JK_SD_L2_PREFETCH
@@ -249,7 +249,9 @@ def attention(rbw, match=(), only_variants=()):
                     ("PDL at start", {"JK_SD_PDL": 1}, {}),
                     ("2 splits", {}, {"num_kv_splits": 2}), ("3 splits", {}, {"num_kv_splits": 3}),
                     ("4 splits", {}, {"num_kv_splits": 4}), ("6 stages", {}, {"kv_stages": 6}),
-                    ("no TMA", {}, {"kv_tma": False})]
+                    ("no TMA", {}, {"kv_tma": False}),
+                    ("8 splits", {}, {"num_kv_splits": 8}), ("16 splits", {}, {"num_kv_splits": 16}),
+                    ("32 splits", {}, {"num_kv_splits": 32})]
     if only_variants:
         named = {v[0]: v for v in variants_all}
         # "a+b": the variants a and b together (their macros and overrides merged)
