@@ -370,11 +370,14 @@ def _update_impl(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torc
         _pad_id(pad_slot_id)
     try:
         # the required tensors inline (a flat tuple: fewer allocations than one tuple each)
+        # (state's device whole, the others' by index: see signature.tensor_meta)
         key = (state.shape, state.stride(), state.dtype, state.device,
-               x.shape, x.stride(), x.dtype, x.device, dt.shape, dt.stride(), dt.dtype, dt.device,
-               A.shape, A.stride(), A.dtype, A.device, B.shape, B.stride(), B.dtype, B.device,
-               C.shape, C.stride(), C.dtype, C.device,
-               out.shape, out.stride(), out.dtype, out.device,
+               x.shape, x.stride(), x.dtype, x.get_device(),
+               dt.shape, dt.stride(), dt.dtype, dt.get_device(),
+               A.shape, A.stride(), A.dtype, A.get_device(),
+               B.shape, B.stride(), B.dtype, B.get_device(),
+               C.shape, C.stride(), C.dtype, C.get_device(),
+               out.shape, out.stride(), out.dtype, out.get_device(),
                _meta(D), _meta(z), _meta(dt_bias), _meta(state_batch_indices), _meta(inter),
                _meta(intermediate_state_indices), _meta(retrieve_parent_token), dt_softplus)
         plan = _plans.get(key)
@@ -527,7 +530,8 @@ def _commit_impl(state: torch.Tensor, intermediate_states: torch.Tensor,
                  intermediate_state_indices: Optional[torch.Tensor], pad_slot_id: int) -> None:
     inter = intermediate_states
     try:
-        key = (_meta(state), _meta(inter), _meta(accepted_step), _meta(state_batch_indices),
+        key = (state.shape, state.stride(), state.dtype, state.device, _meta(inter),
+               _meta(accepted_step), _meta(state_batch_indices),
                _meta(intermediate_state_indices))
         plan = _commit_plans.get(key)
     except (AttributeError, TypeError):

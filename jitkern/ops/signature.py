@@ -2,8 +2,9 @@
 
 An op validates a call and resolves its launch (specialization, grid, static arguments) once per
 *signature*: every tensor's shape, strides, dtype and device plus the scalar arguments that the
-checks look at. A repeated call with the same signature reuses that plan and only binds its new
-tensors. Values inside tensors are never part of a signature (reading them would synchronize),
+checks look at (an op whose tensors must all be contiguous keys a contiguity flag instead of the
+strides; devices past the first tensor's are keyed by index, see tensor_meta). A repeated call
+with the same signature reuses that plan and only binds its new tensors. Values inside tensors are never part of a signature (reading them would synchronize),
 nor are data pointers: the alignment a kernel needs is checked per call (require_aligned).
 """
 
@@ -20,9 +21,13 @@ def require_aligned(name: str, t) -> None:
 
 
 def tensor_meta(t):
-    """The signature part of one optional tensor: (shape, strides, dtype, device) or None.
-    Raises AttributeError/TypeError for a non-tensor (the caller then runs the full checks)."""
-    return None if t is None else (t.shape, t.stride(), t.dtype, t.device)
+    """The signature part of one optional tensor: (shape, strides, dtype, device index) or
+    None. Raises AttributeError/TypeError for a non-tensor (the caller then runs the full
+    checks). The device is keyed by its index (an int hashes and compares faster than a
+    torch.device): each op keys one tensor's device whole, whose checks require CUDA, and
+    requires the others on that device, so among plans (which exist only for calls that passed
+    the checks) the index tells them apart."""
+    return None if t is None else (t.shape, t.stride(), t.dtype, t.get_device())
 
 
 class PlanCache:

@@ -24,7 +24,7 @@ from ..families.spec_dec_attention import (HEAD_DIMS, KV_TILE, PAGE_SIZES, SPEC_
 from ..service import get_kernel
 from ..torch_ops import custom_op
 from .device import capability, sm_count
-from .signature import PlanCache, require_aligned, tensor_meta as _meta
+from .signature import PlanCache, require_aligned
 from .tensor_map import kv_box_rows, paged_kv_map
 
 _IN_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -62,6 +62,9 @@ KV_TMA = True
 # (kernel, smem bytes, threads, merge as a programmatic launch): keyed on the raw values, so a
 # launch builds no configuration
 _LAUNCH: dict = {}
+# (k address, v address, cache shape, layout, page, kv_tile) -> (k map, v map): the maps of a
+# launch in one lookup (the plan's 16-bit dtype is implied: a map copies 2-byte elements)
+_KV_MAPS: dict = {}
 
 
 def kernel_config(dtype, kv_dtype, head_dim, kv_layout, mode, page_size, q_tile,
@@ -109,7 +112,8 @@ def _launch(q, k_cache, v_cache, block_tables, seq_lens, q_cu_seqlens, tree_mask
     ``kv_stages`` / ``kv_tile``: pipeline depth / positions per stage, 0 = the source's choice,
     others for measurements; ``fp8_qk``: e4m3 Q K^T, set only where it applies; ``kv_tma``:
     tensor-map K/V loads, likewise)."""
-    if k_cache.data_ptr() % 16 or v_cache.data_ptr() % 16:   # (the copies move 16-byte pieces)
+    kp, vp = k_cache.data_ptr(), v_cache.data_ptr()
+    if kp % 16 or vp % 16:   # (the copies move 16-byte pieces)
         require_aligned("k_cache", k_cache)
         require_aligned("v_cache", v_cache)
     total_q, hq, d = q.shape
@@ -119,10 +123,16 @@ def _launch(q, k_cache, v_cache, block_tables, seq_lens, q_cu_seqlens, tree_mask
                                                 page_size, q_tile, kv_stages, kv_tile, fp8_qk,
                                                 kv_tma, q.device.index))
     k_map = v_map = None
-    if kv_tma:   # (encoded once per cache address and shape)
-        box = kv_box_rows(page_size, kv_tile or KV_TILE)
-        k_map = paged_kv_map(k_cache, kv_layout, box)
-        v_map = paged_kv_map(v_cache, kv_layout, box)
+    if kv_tma:   # (encoded once per pair of cache addresses and their shape: one lookup a call)
+        mkey = (kp, vp, k_cache.shape, kv_layout, page_size, kv_tile)
+        maps = _KV_MAPS.get(mkey)
+        if maps is None:
+            box = kv_box_rows(page_size, kv_tile or KV_TILE)
+            if len(_KV_MAPS) >= 64:
+                _KV_MAPS.clear()
+            maps = _KV_MAPS[mkey] = (paged_kv_map(k_cache, kv_layout, box),
+                                     paged_kv_map(v_cache, kv_layout, box))
+        k_map, v_map = maps
     split = num_splits > 1
     fused = split and q_tile == FUSED_MERGE_Q_TILE
     rows = total_q * hq
@@ -172,12 +182,18 @@ def workspace_floats(total_q: int, num_heads: int, head_dim: int, num_splits: in
     return num_splits * total_q * num_heads * (head_dim + 2)
 
 
-def reserve_workspace(device, floats: int) -> torch.Tensor:
-    """Grow the cached workspace of ``device`` to at least ``floats`` float32 elements (call
-    before capturing a CUDA graph whose calls need a larger one)."""
+def _index(device) -> int:
+    """The CUDA device index of ``device`` (a torch.device, "cuda[:i]" or an index)."""
+    if isinstance(device, int):
+        return device
     index = torch.device(device).index
-    if index is None:
-        index = torch.cuda.current_device()
+    return torch.cuda.current_device() if index is None else index
+
+
+def reserve_workspace(device, floats: int) -> torch.Tensor:
+    """Grow the cached workspace of ``device`` (a device or its index) to at least ``floats``
+    float32 elements (call before capturing a CUDA graph whose calls need a larger one)."""
+    index = _index(device)
     ws = _WORKSPACE.get(index)
     if ws is not None and ws.numel() >= floats:
         return ws
@@ -201,9 +217,7 @@ _COUNTERS: dict = {}   # device index -> int32 zeros: per-(sequence, KV head, ro
 def reserve_counters(device, n: int) -> torch.Tensor:
     """The per-device split counters (int32, zero between launches: the kernel's last CTA of each
     group resets its counter), grown to at least ``n`` before any capture that needs them."""
-    index = torch.device(device).index
-    if index is None:
-        index = torch.cuda.current_device()
+    index = _index(device)
     c = _COUNTERS.get(index)
     if c is not None and c.numel() >= n:
         return c
@@ -218,17 +232,18 @@ def reserve_counters(device, n: int) -> torch.Tensor:
     return c
 
 
-_NO_WS: dict = {}
+_NO_WS: dict = {}   # (device index, kind) -> placeholder
 
 
-def _empty_ws(device, kind: str) -> torch.Tensor:
-    """A 1-element placeholder for the workspace or counters of an unsplit call (distinct per
-    kind: the op's two mutated buffers never alias)."""
-    t = _NO_WS.get((device, kind))
+def _empty_ws(index: int, kind: str) -> torch.Tensor:
+    """A 1-element placeholder for the workspace or counters of an unsplit call on device
+    ``index`` (distinct per kind: the op's two mutated buffers never alias)."""
+    t = _NO_WS.get((index, kind))
     if t is None:
         if torch.cuda.is_current_stream_capturing():
             raise RuntimeError("spec_dec_attention: call once before CUDA graph capture")
-        t = _NO_WS[(device, kind)] = torch.zeros(1, dtype=torch.int32, device=device)
+        t = _NO_WS[(index, kind)] = torch.zeros(1, dtype=torch.int32,
+                                                device=torch.device("cuda", index))
     return t
 
 
@@ -602,20 +617,28 @@ def spec_dec_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
 _PLANS = PlanCache()   # call signature -> _Plan
 
 
+def _meta(t):
+    """The signature part of one optional tensor (see _call_key), None when absent."""
+    return None if t is None else (t.shape, t.is_contiguous(), t.dtype, t.get_device())
+
+
 def _call_key(q, k_cache, v_cache, block_tables, seq_lens, q_cu_seqlens, tree_mask, scale,
               kv_scale, kv_layout, sliding_window, out, max_q_len, max_seq_len, num_kv_splits,
               workspace, allow_fp8_qk):
-    """Everything ``prepare`` checks or decides from (shapes, strides, dtypes, devices, the
+    """Everything ``prepare`` checks or decides from (shapes, contiguity, dtypes, devices, the
     scalar arguments with their types); None when an argument has no metadata to key on (the
-    full checks then say what is wrong)."""
+    full checks then say what is wrong). Every tensor of the op must be contiguous, so a flag
+    stands for its strides; q's device is keyed whole (the checks require CUDA), the others by
+    index (they must be on q's device), which is cheaper per call."""
     try:
         ks = (_meta(kv_scale) if isinstance(kv_scale, torch.Tensor)
               else (kv_scale.__class__, kv_scale))
-        return (q.shape, q.stride(), q.dtype, q.device,
-                k_cache.shape, k_cache.stride(), k_cache.dtype, k_cache.device,
-                v_cache.shape, v_cache.stride(), v_cache.dtype, v_cache.device,
-                block_tables.shape, block_tables.stride(), block_tables.dtype, block_tables.device,
-                seq_lens.shape, seq_lens.stride(), seq_lens.dtype, seq_lens.device,
+        return (q.shape, q.is_contiguous(), q.dtype, q.device,
+                k_cache.shape, k_cache.is_contiguous(), k_cache.dtype, k_cache.get_device(),
+                v_cache.shape, v_cache.is_contiguous(), v_cache.dtype, v_cache.get_device(),
+                block_tables.shape, block_tables.is_contiguous(), block_tables.dtype,
+                block_tables.get_device(),
+                seq_lens.shape, seq_lens.is_contiguous(), seq_lens.dtype, seq_lens.get_device(),
                 _meta(q_cu_seqlens), _meta(tree_mask), _meta(out), _meta(workspace), ks,
                 scale.__class__, scale, kv_layout, sliding_window.__class__, sliding_window,
                 max_q_len.__class__, max_q_len, max_seq_len.__class__, max_seq_len,
@@ -640,7 +663,7 @@ class _Plan:
              out, workspace) -> tuple:
         """The op's argument tuple for this call. The per-device buffers are fetched per call:
         a call with a larger need may have replaced them since this plan was made."""
-        dev = q.device
+        dev = q.get_device()   # (an index: the buffers are kept per device index)
         if tree_mask is not None and tree_mask.dtype != torch.int32:
             tree_mask = tree_mask.view(torch.int32)
         if out is None:
@@ -648,10 +671,21 @@ class _Plan:
         if self.ws_given:
             ws = workspace
         elif self.ws_floats:
-            ws = reserve_workspace(dev, self.ws_floats)
+            ws = _WORKSPACE.get(dev)
+            if ws is None or ws.numel() < self.ws_floats:
+                ws = reserve_workspace(dev, self.ws_floats)
         else:
-            ws = _empty_ws(dev, "workspace")
-        ctr = reserve_counters(dev, self.counters) if self.counters else _empty_ws(dev, "counters")
+            ws = _NO_WS.get((dev, "workspace"))
+            if ws is None:
+                ws = _empty_ws(dev, "workspace")
+        if self.counters:
+            ctr = _COUNTERS.get(dev)
+            if ctr is None or ctr.numel() < self.counters:
+                ctr = reserve_counters(dev, self.counters)
+        else:
+            ctr = _NO_WS.get((dev, "counters"))
+            if ctr is None:
+                ctr = _empty_ws(dev, "counters")
         kv_scale_t = kv_scale if isinstance(kv_scale, torch.Tensor) else None
         return (q, k_cache, v_cache, block_tables, seq_lens, q_cu_seqlens, tree_mask, kv_scale_t,
                 out, ws, ctr) + self.static
