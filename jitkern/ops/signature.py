@@ -4,8 +4,9 @@ An op validates a call and resolves its launch (specialization, grid, static arg
 *signature*: every tensor's shape, strides, dtype and device plus the scalar arguments that the
 checks look at (an op whose tensors must all be contiguous keys a contiguity flag instead of the
 strides; devices past the first tensor's are keyed by index, see tensor_meta). A repeated call
-with the same signature reuses that plan and only binds its new tensors. Values inside tensors are never part of a signature (reading them would synchronize),
-nor are data pointers: the alignment a kernel needs is checked per call (require_aligned).
+with the same signature reuses that plan and only binds its new tensors. Values inside tensors
+are never part of a signature (reading them would synchronize), nor are data pointers: the
+alignment a kernel needs is checked per call (require_aligned).
 """
 
 from __future__ import annotations

@@ -671,21 +671,10 @@ class _Plan:
         if self.ws_given:
             ws = workspace
         elif self.ws_floats:
-            ws = _WORKSPACE.get(dev)
-            if ws is None or ws.numel() < self.ws_floats:
-                ws = reserve_workspace(dev, self.ws_floats)
+            ws = reserve_workspace(dev, self.ws_floats)
         else:
-            ws = _NO_WS.get((dev, "workspace"))
-            if ws is None:
-                ws = _empty_ws(dev, "workspace")
-        if self.counters:
-            ctr = _COUNTERS.get(dev)
-            if ctr is None or ctr.numel() < self.counters:
-                ctr = reserve_counters(dev, self.counters)
-        else:
-            ctr = _NO_WS.get((dev, "counters"))
-            if ctr is None:
-                ctr = _empty_ws(dev, "counters")
+            ws = _empty_ws(dev, "workspace")
+        ctr = reserve_counters(dev, self.counters) if self.counters else _empty_ws(dev, "counters")
         kv_scale_t = kv_scale if isinstance(kv_scale, torch.Tensor) else None
         return (q, k_cache, v_cache, block_tables, seq_lens, q_cu_seqlens, tree_mask, kv_scale_t,
                 out, ws, ctr) + self.static
