@@ -23,7 +23,7 @@ from ..families.spec_dec_attention import (HEAD_DIMS, KV_TILE, PAGE_SIZES, SPEC_
                                            tma_shape, warps)
 from ..service import get_kernel
 from ..torch_ops import custom_op
-from .device import capability, sm_count
+from .device import capability, device_index, sm_count
 from .signature import PlanCache, require_aligned
 from .tensor_map import kv_box_rows, paged_kv_map
 
@@ -63,8 +63,11 @@ KV_TMA = True
 # launch builds no configuration
 _LAUNCH: dict = {}
 # (k address, v address, cache shape, layout, page, kv_tile) -> (k map, v map): the maps of a
-# launch in one lookup (the plan's 16-bit dtype is implied: a map copies 2-byte elements)
+# launch, encoded once per pair of caches and found with one lookup a call (the plan's 16-bit
+# dtype is implied: a map copies 2-byte elements); a few pairs (per layer group) in turn, cleared
+# when full
 _KV_MAPS: dict = {}
+_MAX_KV_MAPS = 64
 
 
 def kernel_config(dtype, kv_dtype, head_dim, kv_layout, mode, page_size, q_tile,
@@ -123,12 +126,12 @@ def _launch(q, k_cache, v_cache, block_tables, seq_lens, q_cu_seqlens, tree_mask
                                                 page_size, q_tile, kv_stages, kv_tile, fp8_qk,
                                                 kv_tma, q.device.index))
     k_map = v_map = None
-    if kv_tma:   # (encoded once per pair of cache addresses and their shape: one lookup a call)
+    if kv_tma:
         mkey = (kp, vp, k_cache.shape, kv_layout, page_size, kv_tile)
         maps = _KV_MAPS.get(mkey)
         if maps is None:
             box = kv_box_rows(page_size, kv_tile or KV_TILE)
-            if len(_KV_MAPS) >= 64:
+            if len(_KV_MAPS) >= _MAX_KV_MAPS:
                 _KV_MAPS.clear()
             maps = _KV_MAPS[mkey] = (paged_kv_map(k_cache, kv_layout, box),
                                      paged_kv_map(v_cache, kv_layout, box))
@@ -182,18 +185,10 @@ def workspace_floats(total_q: int, num_heads: int, head_dim: int, num_splits: in
     return num_splits * total_q * num_heads * (head_dim + 2)
 
 
-def _index(device) -> int:
-    """The CUDA device index of ``device`` (a torch.device, "cuda[:i]" or an index)."""
-    if isinstance(device, int):
-        return device
-    index = torch.device(device).index
-    return torch.cuda.current_device() if index is None else index
-
-
 def reserve_workspace(device, floats: int) -> torch.Tensor:
     """Grow the cached workspace of ``device`` (a device or its index) to at least ``floats``
     float32 elements (call before capturing a CUDA graph whose calls need a larger one)."""
-    index = _index(device)
+    index = device_index(device)
     ws = _WORKSPACE.get(index)
     if ws is not None and ws.numel() >= floats:
         return ws
@@ -217,7 +212,7 @@ _COUNTERS: dict = {}   # device index -> int32 zeros: per-(sequence, KV head, ro
 def reserve_counters(device, n: int) -> torch.Tensor:
     """The per-device split counters (int32, zero between launches: the kernel's last CTA of each
     group resets its counter), grown to at least ``n`` before any capture that needs them."""
-    index = _index(device)
+    index = device_index(device)
     c = _COUNTERS.get(index)
     if c is not None and c.numel() >= n:
         return c
@@ -259,7 +254,7 @@ def _occupancy(device, head_dim: int, q_tile: int, kv_bytes: int) -> tuple:
     if hit is None:
         import cupy
 
-        index = device.index if device.index is not None else torch.cuda.current_device()
+        index = device_index(device)
         sms = sm_count(device)
         # cudaDevAttrMaxSharedMemoryPerMultiprocessor
         smem = cupy.cuda.runtime.deviceGetAttribute(81, index)

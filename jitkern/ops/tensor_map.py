@@ -8,7 +8,8 @@ swizzle:
     HND [pages, Hkv, page_size, D]  ->  dims (D, page_size, pages * Hkv), box (64, rows, 1)
 
 Encoding is a host call into the driver (cuTensorMapEncodeTiled, through ctypes: CuPy's binding
-has none; ``encode_tiled``). A map depends only on the cache's address, shape and dtype, so the last few are kept.
+has none; ``encode_tiled``). A map depends only on the cache's address, shape and dtype: its
+caller keeps it (the op, per pair of K and V caches).
 """
 
 from __future__ import annotations
@@ -16,9 +17,6 @@ from __future__ import annotations
 import ctypes
 
 from ..launch import driver_error, libcuda
-
-_MAPS: dict = {}     # (address, shape, dtype size, layout, rows) -> 128 bytes
-_MAX_MAPS = 64       # a few caches (K and V per layer group) in turn; cleared when full
 
 # cuda.h enums
 _DTYPE_UINT16 = 1            # CU_TENSOR_MAP_DATA_TYPE_UINT16 (the bits are only copied)
@@ -67,10 +65,6 @@ def paged_kv_map(cache, layout: str, box_rows: int) -> bytes:
     otherwise."""
     shape = tuple(cache.shape)
     addr = cache.data_ptr()
-    key = (addr, shape, cache.element_size(), layout, box_rows)
-    hit = _MAPS.get(key)
-    if hit is not None:
-        return hit
     if cache.element_size() != 2:
         raise ValueError(f"tensor maps of 16-bit caches only, got {cache.dtype}")
     if addr % 16:
@@ -88,8 +82,4 @@ def paged_kv_map(cache, layout: str, box_rows: int) -> bytes:
     if dims[2] >= 2**31:
         raise ValueError(f"a cache of {dims[2]} {'positions' if layout == 'NHD' else 'page heads'}"
                          f" exceeds the int32 coordinates of a tensor map")
-    m = encode_tiled(addr, dims, strides, box, SWIZZLE_128B, L2_PROMOTION_128B)
-    if len(_MAPS) >= _MAX_MAPS:
-        _MAPS.clear()
-    _MAPS[key] = m
-    return m
+    return encode_tiled(addr, dims, strides, box, SWIZZLE_128B, L2_PROMOTION_128B)
