@@ -17,7 +17,8 @@ A fragments gathered by 64-bit loads), JK_SD_WG_PIPE 0 ("WG CTA pipe": one CTA-w
 for 64-row warpgroup tiles), fp8_qk (the op's allow_fp8_qk: e4m3 Q K^T on fp8 trees; set here
 for every row, 128-row tiles included, which the op leaves out),
 kv_stages 3 / 4 / 5 / 6 and kv_tile 128 (configuration overrides), 2 / 3 / 4 / 8 / 16 / 32
-splits (the op's num_kv_splits), "no TMA" (the cp.async K/V copies where the op uses tensor maps) and
+splits (the op's num_kv_splits), "no TMA" (the cp.async K/V copies where the op uses tensor maps), "merge
+kernel" (16-row tiles' partials merged by the merge kernel instead of the last CTA), and
 JK_SD_PROBE_LOAD_ONLY (the tile loop without its arithmetic: the loads' own ceiling), with XQA's
 time on the same inputs when flashinfer imports; each variant that does the arithmetic is also
 checked against the default's output. Other spec-dec hooks the kernel keeps: JK_SD_L2_PREFETCH
@@ -25,7 +26,8 @@ checked against the default's output. Other spec-dec hooks the kernel keeps: JK_
 
     python benchmarks/probe_cache_hints.py [--only mamba|attention] [--tree-only] [--engine]
         [--row "32/8/128 q=1 8k b=64 bf16" ...] [--variant mma.sync ...]
-        (--variant "load-only+2 splits": variants combined)
+        (--variant "load-only+2 splits": variants combined; --variant "tile 64x16": the query
+        tile and split count forced)
 """
 
 from __future__ import annotations
@@ -66,11 +68,22 @@ def derived(base: KernelFamily, tag: str, macros: dict) -> KernelFamily:
 def ab(name, variants, make_calls, timer, unit_bytes, ceiling):
     """Time each variant's calls in turn, CYCLES times; print one line per variant."""
     best = {tag: math.inf for tag, _ in variants}
+    failed = {}
     for _ in range(CYCLES):
         for tag, use in variants:
+            if tag in failed:
+                continue
             use()
-            t = timer(make_calls())
+            try:
+                t = timer(make_calls())
+            except Exception as e:   # a forced variant the op refuses: report it, time the rest
+                failed[tag] = f"{type(e).__name__}: {e}"
+                torch.cuda.synchronize()
+                continue
             best[tag] = min(best[tag], t)
+    for tag, why in failed.items():
+        print(f"<!-- {name} {tag}: failed: {why[:300]} -->", flush=True)
+    variants = [v for v in variants if v[0] not in failed]
     base = best[variants[0][0]]
     for tag, _ in variants:
         t = best[tag]
@@ -251,9 +264,18 @@ def attention(rbw, match=(), only_variants=()):
                     ("4 splits", {}, {"num_kv_splits": 4}), ("6 stages", {}, {"kv_stages": 6}),
                     ("no TMA", {}, {"kv_tma": False}),
                     ("8 splits", {}, {"num_kv_splits": 8}), ("16 splits", {}, {"num_kv_splits": 16}),
-                    ("32 splits", {}, {"num_kv_splits": 32})]
+                    ("32 splits", {}, {"num_kv_splits": 32}),
+                    ("64 splits", {}, {"num_kv_splits": 64}),
+                    ("merge kernel", {}, {"fused_merge": False}),
+                    ("no fused code", {"JK_SD_FUSED_MERGE": 0}, {"fused_merge": False})]
+    base_tiling, base_fused = sda.pick_tiling, sda.FUSED_MERGE_Q_TILE
     if only_variants:
         named = {v[0]: v for v in variants_all}
+        for want in only_variants:   # "tile QxS": query tile Q in S splits (the op's tiling forced)
+            for part in want.split("+"):
+                if part.startswith("tile ") and part not in named:
+                    q, s = (int(x) for x in part[5:].split("x"))
+                    named[part] = (part, {}, {"tiling": (q, s)})
         # "a+b": the variants a and b together (their macros and overrides merged)
         variants_all = [variants_all[0]] + [
             (want, {k: v for part in want.split("+") for k, v in named[part][1].items()},
@@ -268,6 +290,8 @@ def attention(rbw, match=(), only_variants=()):
         pdl = over.pop("merge_pdl", True)   # the merge kernel's programmatic launch (op switch)
         tma = over.pop("kv_tma", True)      # tensor-map K/V loads where they apply (op switch)
         kw = {k: over.pop(k) for k in ("num_kv_splits",) if k in over}
+        tiling = over.pop("tiling", None)
+        fused = over.pop("fused_merge", True)   # 16-row tiles merge in the kernel (op switch)
 
         def config(*a, **k):
             return tuple(dict(base_config(*a, **k), **over).items())
@@ -277,6 +301,8 @@ def attention(rbw, match=(), only_variants=()):
             sda.kernel_config = config
             sda.MERGE_PDL = pdl
             sda.KV_TMA = tma
+            sda.pick_tiling = (lambda *a, **k: tiling) if tiling else base_tiling
+            sda.FUSED_MERGE_Q_TILE = base_fused if fused else 0
             sda._LAUNCH.clear()
             sda._PLANS.clear()   # (the plan holds the kv_tma choice)
             call_kw.clear()
@@ -313,7 +339,12 @@ def attention(rbw, match=(), only_variants=()):
             ((32, 8, 128), 16, 1024, 1, "bf16"), ((32, 8, 128), 16, 8192, 1, "bf16"),
             ((32, 8, 128), 16, 32768, 1, "fp8"), ((32, 8, 128), 16, 1024, 8, "bf16"),
             ((64, 8, 128), 16, 8192, 1, "bf16"), ((32, 8, 128), 64, 32768, 64, "bf16"),
-            ((32, 8, 128), 16, 32768, 8, "bf16"))
+            ((32, 8, 128), 16, 32768, 8, "bf16"), ((8, 1, 128), 1, 8192, 1, "bf16"),
+            ((16, 16, 64), 16, 8192, 1, "bf16"), ((8, 1, 128), 4, 8192, 1, "bf16"),
+            ((16, 16, 64), 1, 8192, 1, "bf16"), ((64, 8, 128), 1, 8192, 1, "bf16"),
+            ((32, 8, 128), 4, 32768, 1, "bf16"), ((32, 8, 128), 1, 1024, 1, "bf16"),
+            ((32, 8, 128), 4, 1024, 8, "bf16"), ((8, 4, 256), 1, 8192, 1, "bf16"),
+            ((32, 8, 128), 1, 32768, 1, "fp8"))
     if match:
         rows = [r for r in rows if any(m == row_name(*r) for m in match)]
     for (hq, hkv, d), n, ctx, batch, kvn, *layout in rows:
@@ -339,7 +370,10 @@ def attention(rbw, match=(), only_variants=()):
                 continue
             use()
             o = torch.full_like(sets[0]["q"], float("nan"))
-            sda.spec_dec_attention(**sets[0], out=o, **call_kw)
+            try:
+                sda.spec_dec_attention(**sets[0], out=o, **call_kw)
+            except Exception:   # reported by ab
+                continue
             if ref is None:
                 ref = o
             else:
@@ -356,6 +390,7 @@ def attention(rbw, match=(), only_variants=()):
         torch.cuda.empty_cache()
     sda.SPEC_DEC_ATTENTION, sda.kernel_config, sda.MERGE_PDL = base, base_config, True
     sda.KV_TMA = True
+    sda.pick_tiling, sda.FUSED_MERGE_Q_TILE = base_tiling, base_fused
     sda._LAUNCH.clear()
     sda._PLANS.clear()
 

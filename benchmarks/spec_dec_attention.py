@@ -191,11 +191,10 @@ def explore(sets, outs, qname, batch, label="", both=False):
     tail). Each line also gives the variant's relative difference from the op's own output."""
     from jitkern.families.spec_dec_attention import MAX_SHARED, resident_ctas, shared_bytes
     from jitkern.ops.spec_dec_attention import (_spec_dec_attention_op, pick_num_splits,
-                                                prepare, reserve_counters, reserve_workspace,
-                                                workspace_floats)
+                                                prepare, reserve_workspace, workspace_floats)
 
-    Q, K, SL, OUT, WS, CTR, QTILE, ROW_TILES, SPLITS, TILES, STAGES = (0, 1, 4, 8, 9, 10, 15, 18,
-                                                                       19, 21, 22)   # 23: kv_tile
+    Q, K, SL, OUT, WS, QTILE, ROW_TILES, SPLITS, TILES, STAGES = (0, 1, 4, 8, 9, 14, 17, 18, 20,
+                                                                  21)   # 22: kv_tile
     base = [list(prepare(**s, out=o)) for s, o in zip(sets, outs)]
     qt0, sp0, rt0 = base[0][QTILE], base[0][SPLITS], base[0][ROW_TILES]
     q0, k0 = base[0][Q], base[0][K]
@@ -222,7 +221,7 @@ def explore(sets, outs, qname, batch, label="", both=False):
 
         smem = cupy.cuda.runtime.deviceGetAttribute(81, q0.device.index or 0)
         sms = torch.cuda.get_device_properties(q0.device).multi_processor_count
-        hkv = k0.shape[2] if base[0][13] == "NHD" else k0.shape[1]
+        hkv = k0.shape[2] if base[0][12] == "NHD" else k0.shape[1]
         bt = base[0][SL].shape[0]
         for st in STAGE_SWEEP:
             c = dict(cfg, kv_stages=st)
@@ -242,7 +241,6 @@ def explore(sets, outs, qname, batch, label="", both=False):
             first = first if first is not None else a[OUT]
             if sp > 1:
                 a[WS] = reserve_workspace(a[Q].device, workspace_floats(total_q, hq, d, sp))
-                a[CTR] = reserve_counters(a[Q].device, a[SL].shape[0] * a[K].shape[2] * row_tiles)
             calls.append(lambda a=a: _spec_dec_attention_op(*a))
         try:
             t = time_graph(calls)

@@ -13,8 +13,7 @@
 //   (with warpgroup MMAs, WG below, four consecutive slabs multiply together as one group).
 //   Each warp keeps a private online softmax (m, l, O) over the positions it saw; the epilogue
 //   merges the WN warps of a row slab through shared memory and either writes the output (one
-//   split) or an unnormalized partial (O, m, l). Partials are combined by the last CTA of the
-//   group (16-row tiles, counters) or by spec_dec_merge.
+//   split) or an unnormalized partial (O, m, l), which spec_dec_merge combines.
 //
 // Numerics: S = Q K^T and O = P V on tensor cores (mma.sync m16n8k16, or wgmma m64nNk16 for 64-
 // and 128-row tiles on sm_90a; fp32 accumulate), softmax in the log2 domain in fp32 with a lazily
@@ -273,8 +272,7 @@ struct Params {
     in_t* out;                  // [total_q, hq, DQ]
     float* ws_o;                // [num_splits, total_q, hq, DQ] partial outputs (split path)
     float2* ws_ml;              // [num_splits, total_q, hq] (m in log2 units, l)
-    int* counters;              // [Bt, hkv, row_tiles] finished splits, zero between launches;
-                                // null: the separate merge kernel combines the partials
+    int* counters;              // always null (the host passes none): see the epilogue
     const float* kv_scale_ptr;  // null: use kv_scale
     int total_q, hq, hkv, group, q_len, bt_stride, mask_words, num_splits, row_tiles, window;
     int kv_tiles;               // 64-position KV tiles of the longest sequence (host bound):
@@ -328,101 +326,6 @@ __device__ __forceinline__ void merge_quad(const float* ws_o, const float2* ws_m
     packed.x = pack_in2(o.x * inv, o.y * inv);
     packed.y = pack_in2(o.z * inv, o.w * inv);
     *reinterpret_cast<uint2*>(out + idx * DQ + d) = packed;
-}
-
-// The fused merge of a 16-row tile, run by the CTA that finished last: the partials of all
-// splits are staged through shared memory (the freed K/V pipeline) with cp.async, as many splits
-// per round as fit, so each round is one L2 round trip with the whole chunk in flight (a
-// register-staged merge needs one round trip per few splits and rows). Per round: each row's
-// running (M, L) is rescaled by the chunk's maxima (one thread per row), then every thread folds
-// its quads of four head-dim elements. Partials already carry the fp8 V scale.
-constexpr int MERGE_ITEMS = (QT * D / 4 + NT - 1) / NT;   // quads per thread
-constexpr int MERGE_AREA = SMEM_BYTES - SMEM_ALIGN_SLACK - KV_OFF;   // the freed pipeline
-
-__device__ __forceinline__ void merge_staged(const Params& p, u8* area, size_t stride, int row0,
-                                             int R, int G, int q_start, int hk) {
-    const int tid = threadIdx.x;
-    const int nr = min(QT, R - row0);                      // rows of this tile
-    float* row_m = reinterpret_cast<float*>(area);          // [QT] running max (log2 units)
-    float* row_l = row_m + QT;                              // [QT] running sum
-    float* row_a = row_l + QT;                              // [QT] this round's rescale
-    float* f_s = row_a + QT;                                // [sc][nr] m, then exp2(m - M)
-    const int per_split = nr * (D * 4 + 8);
-    const int head = 3 * QT * 4;
-    const int sc_max = (MERGE_AREA - head - 16) / per_split;
-    auto row_idx = [&](int r) {
-        const int gr = row0 + r, t = gr / G, gq = gr - t * G;
-        return (size_t)(q_start + t) * p.hq + hk * G + gq;
-    };
-    if (tid < QT) { row_m[tid] = neg_inf(); row_l[tid] = 0.f; }
-    float4 acc[MERGE_ITEMS];
-#pragma unroll
-    for (int k = 0; k < MERGE_ITEMS; ++k) acc[k] = make_float4(0.f, 0.f, 0.f, 0.f);
-
-    for (int s0 = 0; s0 < p.num_splits; s0 += sc_max) {
-        const int sc = min(sc_max, p.num_splits - s0);
-        float* l_s = f_s + sc * nr;                                        // [sc][nr]
-        float* o_s = reinterpret_cast<float*>(area + ((head + 2 * sc * nr * 4 + 15) & ~15));
-        for (int i = tid; i < sc * nr * (D / 4); i += NT) {               // [sc][nr][D] floats
-            const int c = i % (D / 4), sr = i / (D / 4);
-            const int s = sr / nr, r = sr - s * nr;
-            if (4 * c >= DQ) continue;                                      // padding
-            const float* src = p.ws_o + ((size_t)(s0 + s) * stride + row_idx(r)) * DQ + 4 * c;
-            cp_async16(smem_u32(o_s + (size_t)i * 4), src, 16);
-        }
-        cp_async_commit();
-        for (int i = tid; i < sc * nr; i += NT) {
-            const int s = i / nr, r = i - s * nr;
-            const float2 ml = __ldcg(&p.ws_ml[(size_t)(s0 + s) * stride + row_idx(r)]);
-            f_s[i] = ml.x;
-            l_s[i] = ml.y;
-        }
-        cp_async_wait<0>();
-        __syncthreads();
-        if (tid < nr) {
-            const int r = tid;
-            const float m_old = row_m[r];
-            float mx = m_old;
-            for (int s = 0; s < sc; ++s) mx = fmaxf(mx, f_s[s * nr + r]);
-            const float ref = mx == neg_inf() ? 0.f : mx;        // all empty so far: weights 0
-            const float a = exp2f(m_old - ref);
-            float l = row_l[r] * a;
-            for (int s = 0; s < sc; ++s) {
-                const float f = exp2f(f_s[s * nr + r] - ref);
-                l += l_s[s * nr + r] * f;
-                f_s[s * nr + r] = f;
-            }
-            row_m[r] = mx;
-            row_l[r] = l;
-            row_a[r] = a;
-        }
-        __syncthreads();
-#pragma unroll
-        for (int k = 0; k < MERGE_ITEMS; ++k) {
-            const int i = tid + k * NT, r = i / (D / 4), c = i % (D / 4);
-            if (r >= nr || 4 * c >= DQ) continue;
-            const float a = row_a[r];
-            float4 o = make_float4(acc[k].x * a, acc[k].y * a, acc[k].z * a, acc[k].w * a);
-            for (int s = 0; s < sc; ++s) {
-                const float f = f_s[s * nr + r];
-                const float4 v = *reinterpret_cast<const float4*>(o_s + ((size_t)(s * nr + r) * (D / 4) + c) * 4);
-                o.x += f * v.x; o.y += f * v.y; o.z += f * v.z; o.w += f * v.w;
-            }
-            acc[k] = o;
-        }
-        __syncthreads();   // the next round overwrites the staging area
-    }
-#pragma unroll
-    for (int k = 0; k < MERGE_ITEMS; ++k) {
-        const int i = tid + k * NT, r = i / (D / 4), c = i % (D / 4);
-        if (r >= nr || 4 * c >= DQ) continue;
-        const float l = row_l[r];
-        const float inv = l > 0.f ? 1.f / l : 0.f;
-        uint2 packed;
-        packed.x = pack_in2(acc[k].x * inv, acc[k].y * inv);
-        packed.y = pack_in2(acc[k].z * inv, acc[k].w * inv);
-        *reinterpret_cast<uint2*>(p.out + row_idx(r) * DQ + 4 * c) = packed;
-    }
 }
 
 // The merge kernel after a split launch of a large tile is a programmatic dependent launch (the
@@ -1150,47 +1053,44 @@ __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const __gri
         }
     }
 #if JK_SPLIT_KV
+    // Partials written: spec_dec_merge combines them (a programmatic dependent launch on sm_90+).
+    // A fused merge by the last CTA of each (b, hk, rt) ran 1.08-1.5x slower on every split row
+    // of 16-row tiles (H200, decode and chains at batch 1-8: one CTA's L2 round trips against a
+    // grid-wide merge kernel; BENCHMARKS.md), so no tile merges in the kernel.
     if (direct) return;
-
-    // ---- split-KV merge, fused: the last CTA of (b, hk, rt) to finish combines all partials ----
-    // (threadfence + counter: the classic last-block pattern; the counter is reset for the next
-    // launch, so a captured graph replays without any host work). Only for small row groups: one
-    // CTA merging many rows is a long chain of L2 round trips, slower than a second kernel.
-    if (p.counters == nullptr) return;
-    __shared__ int s_last;
-    __threadfence();
-    __syncthreads();
-    int* ctr = p.counters + ((size_t)b * p.hkv + hk) * p.row_tiles + rt;
-    if (tid == 0) {
-        const int prev = atomicAdd(ctr, 1);
-        s_last = prev == p.num_splits - 1;
-        if (s_last) *ctr = 0;
-    }
-    __syncthreads();
-    if (!s_last) return;
-    __threadfence();
-    const size_t stride = (size_t)p.total_q * p.hq;
-    if constexpr (QT == 16) {
-        merge_staged(p, kv_s, stride, row0, R, G, q_start, hk);
-        return;
-    }
-    // Larger tiles: the host never passes counters for them (FUSED_MERGE_Q_TILE), so this loop
-    // does not run. It stays compiled on purpose: without it the 128-row tree kernels ran 9-15%
-    // slower (H200, one machine, 8k batch 1 64-node trees 34.1 -> 38.1 us; same register count;
-    // 64-row tiles unchanged), and with merge_staged here instead about 15% slower: that
-    // kernel's speed follows its code layout in ways not understood yet (BENCHMARKS.md).
-    for (int i = tid; i < QT * (D / 4); i += NT) {
-        const int r = i / (D / 4), d = (i % (D / 4)) * 4;
-        const int gr = row0 + r;
-        if (gr >= R || d >= DQ) continue;
-        const int t = gr / G, gq = gr - t * G;
-        const size_t idx = (size_t)(q_start + t) * p.hq + hk * G + gq;
-        merge_quad(p.ws_o, p.ws_ml, p.out, stride, p.num_splits, idx, d);
+    if constexpr (QT > 16) {
+        // Code layout, not logic: the host passes no counters, so this block never runs past its
+        // first line. Compiled out, the 128-row tree kernels ran 8-15% slower (H200, one
+        // machine, 8k batch 1 64-node trees 33.5 -> 37.5 us, fp8 38.7 -> 42.0; the same register
+        // count; 64-row tiles unchanged; 16-row tiles, which never had it, unchanged): that
+        // kernel's speed follows its instruction layout in ways not understood (BENCHMARKS.md).
+        if (p.counters == nullptr) return;
+        __shared__ int s_last;
+        __threadfence();
+        __syncthreads();
+        int* ctr = p.counters + ((size_t)b * p.hkv + hk) * p.row_tiles + rt;
+        if (tid == 0) {
+            const int prev = atomicAdd(ctr, 1);
+            s_last = prev == p.num_splits - 1;
+            if (s_last) *ctr = 0;
+        }
+        __syncthreads();
+        if (!s_last) return;
+        __threadfence();
+        const size_t stride = (size_t)p.total_q * p.hq;
+        for (int i = tid; i < QT * (D / 4); i += NT) {
+            const int r = i / (D / 4), d = (i % (D / 4)) * 4;
+            const int gr = row0 + r;
+            if (gr >= R || d >= DQ) continue;
+            const int t = gr / G, gq = gr - t * G;
+            const size_t idx = (size_t)(q_start + t) * p.hq + hk * G + gq;
+            merge_quad(p.ws_o, p.ws_ml, p.out, stride, p.num_splits, idx, d);
+        }
     }
 #endif
 }
 
-// ---- split-KV merge as its own kernel (large row groups) ---------------------------------------
+// ---- split-KV merge (its own kernel, after every split launch) ---------------------------------
 // One thread per (query row, head, four head-dim elements), MERGE_KERNEL_U splits per round trip.
 // The grid is latency bound (a few round trips through L2), so it must fit one wave: 8 splits a
 // round keep a thread under 80 registers (six CTAs of 128 threads per SM). Loading 16 at once

@@ -415,7 +415,7 @@ class ConfigRecordingOps(tsd.ReferenceOps):
         monkeypatch.setattr(self.sda, "capability", lambda device: (9, 0))
         # scratch buffers come from per-device caches that query the device: fake ones here
         monkeypatch.setattr(self.sda, "_empty_ws",
-                            lambda index, *a: torch.empty(1, device=torch.device("cuda", index)))
+                            lambda index: torch.empty(1, device=torch.device("cuda", index)))
 
     def _plan(self, fn, *args, **kw):
         with self.mode:

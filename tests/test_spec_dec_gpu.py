@@ -328,8 +328,7 @@ def test_repeated_signature_reuses_its_plan_and_stays_exact(kind):
 
 
 def _replay_inputs(kind, seed):
-    """Split-path inputs: 16-node trees (64-row tiles: separate merge kernel) or decode (16-row
-    tiles: merge fused through the counters)."""
+    """Split-path inputs: 16-node trees (64-row tiles) or decode (16-row tiles)."""
     rng = random.Random(5)
     kv = torch.float8_e4m3fn if kind == "tree_fp8" else torch.bfloat16
     drafts = [1, 1] if kind == "decode" else [random_eagle_tree(16, rng) for _ in range(2)]
@@ -413,17 +412,27 @@ def test_merge_kernel_as_programmatic_launch(shape, nodes, kv, batch, splits, mo
 
 
 @pytest.mark.parametrize("drafts", [[1, 1, 1], [3, 2, 4]])
-def test_repeated_split_calls_reset_their_counters(drafts):
-    """The fused merge (16-row tiles: decode, short chains) counts finished splits per
-    (sequence, KV head, row tile) and the last CTA resets the count: back-to-back calls
-    (different split counts too) all stay exact."""
+def test_repeated_split_calls_stay_exact(drafts, monkeypatch):
+    """16-row tiles (decode, short chains) merge their splits in the merge kernel too: an
+    ordinary and a programmatic launch of it give the same bits, and back-to-back calls through
+    the shared workspace (different split counts too) all stay exact."""
+    import importlib
+
     from jitkern.ops import spec_dec_attention
 
+    sda = importlib.import_module("jitkern.ops.spec_dec_attention")
     a = random_paged_inputs([2000, 700, 4100], drafts, num_heads=32, num_kv_heads=8,
                             head_dim=128, tree=False, generator=torch.Generator().manual_seed(4))
     if "q_cu_seqlens" in a:
-        a["max_q_len"] = max(drafts)            # 16 rows per KV head: the fused-merge tile
+        a["max_q_len"] = max(drafts)            # 16 rows per KV head
+    assert sda.planned_config(**a, num_kv_splits=7)["q_tile"] == 16
+    monkeypatch.setattr(sda, "MERGE_PDL", False)
+    sda._LAUNCH.clear()
+    plain = spec_dec_attention(**a, num_kv_splits=7)
+    monkeypatch.undo()
+    sda._LAUNCH.clear()
     first = spec_dec_attention(**a, num_kv_splits=7)
+    assert torch.equal(first, plain)
     assert _check(a, first, torch.bfloat16) < 1e-2
     for splits in (7, 3, 7, 16):
         out = torch.full_like(a["q"], float("nan"))
@@ -434,23 +443,24 @@ def test_repeated_split_calls_reset_their_counters(drafts):
 
 
 @pytest.mark.parametrize("shape,kv,drafts,splits", [
-    ((32, 8, 128), "bf16", [1], 64),            # decode, 4 rows: one staging round
-    ((32, 8, 128), "bf16", [4, 4], 40),          # 16 rows: several rounds (12 splits each)
+    ((32, 8, 128), "bf16", [1], 64),            # decode, 4 rows: eight merge rounds
+    ((32, 8, 128), "bf16", [4, 4], 40),          # 16 rows: five rounds
     ((32, 8, 128), "fp8", [3, 4], 29),           # fp8 partials carry the V scale; ragged
     ((16, 16, 64), "fp16", [1, 1, 1], 100),      # more splits than tiles: empty partials
-    ((8, 4, 256), "bf16", [8], 23),              # 512-byte rows: 8 splits a round
+    ((8, 4, 256), "bf16", [8], 23),              # 512-byte rows, a partial last round
     ((8, 1, 128), "bf16", [2, 1], 17),           # G = 8, chain of 2: 16 rows
 ])
-def test_fused_merge_many_splits(shape, kv, drafts, splits):
-    """The fused merge of 16-row tiles stages the partials in rounds of as many splits as fit in
-    shared memory: one round, several rounds, rounds of empty splits, all head dims."""
+def test_small_tile_merge_many_splits(shape, kv, drafts, splits):
+    """16-row tiles split many ways: the merge kernel's rounds of MERGE_KERNEL_U splits, a last
+    partial round, empty splits (more splits than tiles), fp8 partials carrying the V scale,
+    every head dim."""
     from jitkern.ops import spec_dec_attention
     from jitkern.ops.spec_dec_attention import pick_q_tile
 
     hq, hkv, d = shape
     dtype = torch.float16 if kv == "fp16" else torch.bfloat16
     kv_dtype = torch.float8_e4m3fn if kv == "fp8" else dtype
-    assert pick_q_tile(max(drafts) * (hq // hkv)) == 16     # the fused-merge tile
+    assert pick_q_tile(max(drafts) * (hq // hkv)) == 16
     gen = torch.Generator().manual_seed(splits)
     ctx = [3000 + 517 * i for i in range(len(drafts))]
     a = random_paged_inputs(ctx, drafts, num_heads=hq, num_kv_heads=hkv, head_dim=d, dtype=dtype,
@@ -503,11 +513,11 @@ def test_pipeline_depths(stages, kind, tile):
     for splits in (1, 5):
         out = torch.full_like(a["q"], float("nan"))
         args = list(prepare(**a, out=out, num_kv_splits=splits))
-        cfg = dict(head_dim=128, q_tile=args[15], kv_dtype="fp8_e4m3" if kind == "chain_fp8"
+        cfg = dict(head_dim=128, q_tile=args[14], kv_dtype="fp8_e4m3" if kind == "chain_fp8"
                    else "bf16", kv_stages=stages, kv_tile=tile)
         if shared_bytes(cfg) > MAX_SHARED:
-            pytest.skip(f"kv_stages {stages} with kv_tile {tile} does not fit q_tile {args[15]}")
-        args[22], args[23] = stages, tile
+            pytest.skip(f"kv_stages {stages} with kv_tile {tile} does not fit q_tile {args[14]}")
+        args[21], args[22] = stages, tile
         _spec_dec_attention_op(*args)
         torch.cuda.synchronize()
         assert _check(a, out, torch.bfloat16) < 1e-2

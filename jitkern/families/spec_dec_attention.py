@@ -17,9 +17,9 @@ docs/spec_dec_attention.md). ``kv_tma`` (default False) copies K/V with tensor m
 maps in ``k_map`` / ``v_map``, jitkern.ops.tensor_map).
 
 Launch contract (the op keeps it): mode "decode" needs one query token per sequence and no
-q_cu_seqlens; split_kv=False needs num_splits == 1; with num_splits > 1 and q_tile 16 the kernel
-merges the partials itself through ``counters`` (int32, zero between launches), otherwise the
-"merge" entry runs after it; dynamic shared memory is ``shared_bytes(config)``.
+q_cu_seqlens; split_kv=False needs num_splits == 1; with num_splits > 1 the "merge" entry runs
+after it (``counters`` is always null: see the kernel's epilogue); dynamic shared memory is
+``shared_bytes(config)``.
 """
 
 from __future__ import annotations

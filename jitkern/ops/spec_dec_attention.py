@@ -33,6 +33,7 @@ _LOG2E = 1.4426950408889634
 MAX_SPLITS = 64
 MIN_TILES_PER_SPLIT = 2          # a split reads at least 128 positions
 SPLIT_TILES_D128 = 8             # memory-bound tiles: a split reads ~512 positions at D = 128
+MIN_SPLIT_GRID_SHARE = 4         # ... but memory-bound splits fill at least 1/4 of the SMs
 MEMORY_BOUND_Q_TILE = 32         # query tiles up to this are memory bound (decode, chains)
 SHORT_CONTEXT_TILES = 32         # trees: no split in two below this many KV tiles (2k positions)
 LONG_CONTEXT_TILES = 64          # trees from this many KV tiles (4k positions) on: a split does
@@ -40,10 +41,9 @@ TREE_SPLIT_WORK = 8              # ... at least this many (64-position tile x 64
 LONG_SPLIT_TILES = 64            # 64-row tree splits this long keep two CTAs per SM (see below),
 FP8_LONG_SPLIT_TILES = 8         # ... with an fp8 cache (more arithmetic a byte) this long
 WORKSPACE_CAP_BYTES = 256 << 20  # splits are reduced before the workspace would outgrow this
-# Split partials of 16-row tiles (decode, short chains) are merged inside the attention kernel by
-# the last CTA of each group; larger tiles leave it to a merge kernel, which spreads the rows over
-# the whole GPU (one CTA merging 64+ rows is a long chain of L2 round trips).
-FUSED_MERGE_Q_TILE = 16
+# Split partials are merged by a second kernel, which spreads the rows over the whole GPU (a merge
+# by the last CTA of each group, once used for 16-row tiles, ran 1.08-1.5x slower: its L2 round
+# trips are one CTA's chain; BENCHMARKS.md).
 MERGE_THREADS = 128   # the merge kernel's block: a thread per row and four head-dim elements
 # The merge kernel is a programmatic dependent launch (compute capability 9.0 and later): the
 # attention CTAs trigger it after their tile loop, its CTAs take SM slots while the attention grid
@@ -108,7 +108,7 @@ def _launcher(key: tuple):
 
 
 def _launch(q, k_cache, v_cache, block_tables, seq_lens, q_cu_seqlens, tree_mask, kv_scale_t,
-            out, workspace, counters, scale, kv_scale, kv_layout, mode, q_tile, page_size, q_len,
+            out, workspace, scale, kv_scale, kv_layout, mode, q_tile, page_size, q_len,
             row_tiles, num_splits, window, kv_tiles, kv_stages, kv_tile, fp8_qk, kv_tma) -> None:
     """Launch only: arguments were validated and resolved by ``spec_dec_attention``
     (``kv_tiles``: 64-position KV tiles of the longest sequence, bounding the split ranges;
@@ -137,28 +137,27 @@ def _launch(q, k_cache, v_cache, block_tables, seq_lens, q_cu_seqlens, tree_mask
                                      paged_kv_map(v_cache, kv_layout, box))
         k_map, v_map = maps
     split = num_splits > 1
-    fused = split and q_tile == FUSED_MERGE_Q_TILE
     rows = total_q * hq
     ws_ml = workspace.data_ptr() + num_splits * rows * d * 4 if split else None
     kern.launch("attention", grid=(row_tiles * hkv, num_splits, bt), block=(threads, 1, 1),
                 args=(q, k_cache, v_cache, block_tables, seq_lens, q_cu_seqlens, tree_mask, out,
-                      workspace if split else None, ws_ml, counters if fused else None,
+                      workspace if split else None, ws_ml, None,
                       kv_scale_t, total_q, hq, hkv, hq // hkv, q_len, block_tables.shape[1],
                       tree_mask.shape[1] if tree_mask is not None else 0, num_splits, row_tiles,
                       window, kv_tiles, scale * _LOG2E, kv_scale, k_map, v_map),
                 shared_mem=smem)
-    if split and not fused:
+    if split:
         kern.launch("merge", grid=(-(-rows * (d // 4) // MERGE_THREADS), 1, 1),
                     block=(MERGE_THREADS, 1, 1),
                     args=(workspace, ws_ml, out, rows, num_splits), pdl=merge_pdl)
 
 
-@custom_op("jitkern::spec_dec_attention", mutates_args=("out", "workspace", "counters"))
+@custom_op("jitkern::spec_dec_attention", mutates_args=("out", "workspace"))
 def _spec_dec_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, seq_lens: torch.Tensor,
                            q_cu_seqlens: Optional[torch.Tensor], tree_mask: Optional[torch.Tensor],
                            kv_scale_t: Optional[torch.Tensor], out: torch.Tensor,
-                           workspace: torch.Tensor, counters: torch.Tensor, scale: float,
+                           workspace: torch.Tensor, scale: float,
                            kv_scale: float, kv_layout: str,
                            mode: str, q_tile: int, page_size: int, q_len: int, row_tiles: int,
                            num_splits: int, window: int, kv_tiles: int, kv_stages: int,
@@ -166,7 +165,7 @@ def _spec_dec_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     """The launch as a torch custom op (what torch.compile traces; eager calls skip the
     dispatcher and call ``_launch`` directly)."""
     _launch(q, k_cache, v_cache, block_tables, seq_lens, q_cu_seqlens, tree_mask, kv_scale_t, out,
-            workspace, counters, scale, kv_scale, kv_layout, mode, q_tile, page_size, q_len,
+            workspace, scale, kv_scale, kv_layout, mode, q_tile, page_size, q_len,
             row_tiles, num_splits, window, kv_tiles, kv_stages, kv_tile, fp8_qk, kv_tma)
 
 
@@ -206,39 +205,16 @@ def reserve_workspace(device, floats: int) -> torch.Tensor:
     return ws
 
 
-_COUNTERS: dict = {}   # device index -> int32 zeros: per-(sequence, KV head, row tile) split counters
+_NO_WS: dict = {}   # device index -> placeholder
 
 
-def reserve_counters(device, n: int) -> torch.Tensor:
-    """The per-device split counters (int32, zero between launches: the kernel's last CTA of each
-    group resets its counter), grown to at least ``n`` before any capture that needs them."""
-    index = device_index(device)
-    c = _COUNTERS.get(index)
-    if c is not None and c.numel() >= n:
-        return c
-    if torch.cuda.is_current_stream_capturing():
-        raise RuntimeError(f"spec_dec_attention: the split counters ({n} needed) cannot grow "
-                           f"during CUDA graph capture; run the same call once before capturing")
-    old = 0 if c is None else c.numel()
-    if c is not None:
-        _KEEP.append(c)
-    c = torch.zeros(max(n, 2 * old, 4096), dtype=torch.int32, device=torch.device("cuda", index))
-    _COUNTERS[index] = c
-    return c
-
-
-_NO_WS: dict = {}   # (device index, kind) -> placeholder
-
-
-def _empty_ws(index: int, kind: str) -> torch.Tensor:
-    """A 1-element placeholder for the workspace or counters of an unsplit call on device
-    ``index`` (distinct per kind: the op's two mutated buffers never alias)."""
-    t = _NO_WS.get((index, kind))
+def _empty_ws(index: int) -> torch.Tensor:
+    """A 1-element placeholder for the workspace of an unsplit call on device ``index``."""
+    t = _NO_WS.get(index)
     if t is None:
         if torch.cuda.is_current_stream_capturing():
             raise RuntimeError("spec_dec_attention: call once before CUDA graph capture")
-        t = _NO_WS[(index, kind)] = torch.zeros(1, dtype=torch.int32,
-                                                device=torch.device("cuda", index))
+        t = _NO_WS[index] = torch.zeros(1, dtype=torch.int32, device=torch.device("cuda", index))
     return t
 
 
@@ -274,7 +250,9 @@ def pick_num_splits(ctas: int, max_kv_len: int, sm_count: int, per_sm: int, rows
     SM's share of bandwidth, so more splits only add partials to merge; with an fp8 cache
     (more work per byte) ``per_sm`` CTAs per SM pay off while each split still reads >= 16
     tiles; and a split reads about 512 positions at D = 128 or more (the same bytes at other
-    head dims; 8 splits always allowed), short splits being mostly fixed cost; their partials'
+    head dims; 8 splits always allowed, and enough for a quarter of the SMs: 8/1/128 at 8k batch
+    1, one KV head, 16 splits of 512 positions against 32 of 256: decode 11.5 us against 10.8,
+    4-chains 14.7 against 13.4), short splits being mostly fixed cost; their partials'
     traffic (written and read back) stays within the K/V bytes ``kv_bytes`` (an upper
     estimate). Compute-bound tiles (trees) fill every resident CTA, whatever the partials cost
     (measured, H200, 64-node trees at batch 1: the traffic cap held 8/1/128 at 8k to 7 splits,
@@ -300,7 +278,8 @@ def pick_num_splits(ctas: int, max_kv_len: int, sm_count: int, per_sm: int, rows
     if memory_bound:
         if not fp8 or tiles < 16 * max(s, 1):
             s = sm_count // ctas
-        s = min(s, max(tiles // max(1, SPLIT_TILES_D128 * 128 // head_dim), 8))
+        s = min(s, max(tiles // max(1, SPLIT_TILES_D128 * 128 // head_dim), 8,
+                       -(-sm_count // (MIN_SPLIT_GRID_SHARE * ctas))))
     elif s == 2 and tiles < SHORT_CONTEXT_TILES:
         s = 1
     elif tiles >= LONG_CONTEXT_TILES:
@@ -525,7 +504,6 @@ def _plan(q, k_cache, v_cache, block_tables, seq_lens, q_cu_seqlens, tree_mask, 
     if workspace is not None and workspace.numel() < need:
         raise ValueError(f"workspace has {workspace.numel()} float32 elements, {need} needed "
                          f"(workspace_floats)")
-    fused = splits > 1 and q_tile == FUSED_MERGE_Q_TILE
     fp8_qk = allow_fp8_qk and fp8_qk_applies(_IN_DTYPES[q.dtype], _KV_DTYPES[k_cache.dtype],
                                              d, q_tile)
     stages = small_grid_stages(_KV_DTYPES[k_cache.dtype], d, q_tile, bt * hkv * row_tiles * splits,
@@ -535,8 +513,7 @@ def _plan(q, k_cache, v_cache, block_tables, seq_lens, q_cu_seqlens, tree_mask, 
               and num_pages * (page_size if kv_layout == "NHD" else hkv) < 2**31)
     static = (float(scale), kv_scale_f, kv_layout, mode, q_tile, page_size, q_len, row_tiles,
               splits, sliding_window or 0, -(-max_kv // KV_TILE), stages, 0, fp8_qk, kv_tma)
-    return _Plan(static, need if splits > 1 else 0, bt * hkv * row_tiles if fused else 0,
-                 workspace is not None)
+    return _Plan(static, need if splits > 1 else 0, workspace is not None)
 
 
 def spec_dec_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -646,12 +623,11 @@ class _Plan:
     """The resolved scalars of a validated call signature (the op's arguments after the
     tensors); ``bind`` puts a call's tensors and the per-device buffers around them."""
 
-    __slots__ = ("static", "ws_floats", "counters", "ws_given")
+    __slots__ = ("static", "ws_floats", "ws_given")
 
-    def __init__(self, static: tuple, ws_floats: int, counters: int, ws_given: bool):
+    def __init__(self, static: tuple, ws_floats: int, ws_given: bool):
         self.static = static
         self.ws_floats = ws_floats   # split-KV workspace needed (0: one split)
-        self.counters = counters     # fused-merge counters needed (0: no fused merge)
         self.ws_given = ws_given     # the caller passes its own workspace
 
     def bind(self, q, k_cache, v_cache, block_tables, seq_lens, q_cu_seqlens, tree_mask, kv_scale,
@@ -668,19 +644,18 @@ class _Plan:
         elif self.ws_floats:
             ws = reserve_workspace(dev, self.ws_floats)
         else:
-            ws = _empty_ws(dev, "workspace")
-        ctr = reserve_counters(dev, self.counters) if self.counters else _empty_ws(dev, "counters")
+            ws = _empty_ws(dev)
         kv_scale_t = kv_scale if isinstance(kv_scale, torch.Tensor) else None
         return (q, k_cache, v_cache, block_tables, seq_lens, q_cu_seqlens, tree_mask, kv_scale_t,
-                out, ws, ctr) + self.static
+                out, ws) + self.static
 
 
 def planned_config(*args, **kwargs) -> dict:
     """The family configuration ``spec_dec_attention(*args, **kwargs)`` would run (validates
     the arguments the same way; used to compile ahead, e.g. in parallel)."""
     a = prepare(*args, **kwargs)
-    return dict(kernel_config(a[0].dtype, a[1].dtype, a[0].shape[2], a[13], a[14], a[16], a[15],
-                              kv_stages=a[22], kv_tile=a[23], fp8_qk=a[24], kv_tma=a[25]))
+    return dict(kernel_config(a[0].dtype, a[1].dtype, a[0].shape[2], a[12], a[13], a[15], a[14],
+                              kv_stages=a[21], kv_tile=a[22], fp8_qk=a[23], kv_tma=a[24]))
 
 
 def _check_values(q_cu, seq_lens, block_tables, total_q, q_len, longest, num_pages, page_size,
