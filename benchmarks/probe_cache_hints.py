@@ -16,9 +16,8 @@ JK_SD_TILE_BASE 0 (a 64-bit address per copied K/V row), JK_SD_Q_PERMUTED 0 (fp8
 A fragments gathered by 64-bit loads), JK_SD_WG_PIPE 0 ("WG CTA pipe": one CTA-wide K/V pipeline
 for 64-row warpgroup tiles), fp8_qk (the op's allow_fp8_qk: e4m3 Q K^T on fp8 trees; set here
 for every row, 128-row tiles included, which the op leaves out),
-kv_stages 3 / 4 / 5 / 6 and kv_tile 128 (configuration overrides), 2 / 3 / 4 / 8 / 16 / 32
-splits (the op's num_kv_splits), "no TMA" (the cp.async K/V copies where the op uses tensor maps), "merge
-kernel" (16-row tiles' partials merged by the merge kernel instead of the last CTA), and
+kv_stages 3 / 4 / 5 / 6 and kv_tile 128 (configuration overrides), 2 / 3 / 4 / 8 / 16 / 32 / 64
+splits (the op's num_kv_splits), "no TMA" (the cp.async K/V copies where the op uses tensor maps) and
 JK_SD_PROBE_LOAD_ONLY (the tile loop without its arithmetic: the loads' own ceiling), with XQA's
 time on the same inputs when flashinfer imports; each variant that does the arithmetic is also
 checked against the default's output. Other spec-dec hooks the kernel keeps: JK_SD_L2_PREFETCH
@@ -265,10 +264,8 @@ def attention(rbw, match=(), only_variants=()):
                     ("no TMA", {}, {"kv_tma": False}),
                     ("8 splits", {}, {"num_kv_splits": 8}), ("16 splits", {}, {"num_kv_splits": 16}),
                     ("32 splits", {}, {"num_kv_splits": 32}),
-                    ("64 splits", {}, {"num_kv_splits": 64}),
-                    ("merge kernel", {}, {"fused_merge": False}),
-                    ("no fused code", {"JK_SD_FUSED_MERGE": 0}, {"fused_merge": False})]
-    base_tiling, base_fused = sda.pick_tiling, sda.FUSED_MERGE_Q_TILE
+                    ("64 splits", {}, {"num_kv_splits": 64})]
+    base_tiling = sda.pick_tiling
     if only_variants:
         named = {v[0]: v for v in variants_all}
         for want in only_variants:   # "tile QxS": query tile Q in S splits (the op's tiling forced)
@@ -291,7 +288,6 @@ def attention(rbw, match=(), only_variants=()):
         tma = over.pop("kv_tma", True)      # tensor-map K/V loads where they apply (op switch)
         kw = {k: over.pop(k) for k in ("num_kv_splits",) if k in over}
         tiling = over.pop("tiling", None)
-        fused = over.pop("fused_merge", True)   # 16-row tiles merge in the kernel (op switch)
 
         def config(*a, **k):
             return tuple(dict(base_config(*a, **k), **over).items())
@@ -302,7 +298,6 @@ def attention(rbw, match=(), only_variants=()):
             sda.MERGE_PDL = pdl
             sda.KV_TMA = tma
             sda.pick_tiling = (lambda *a, **k: tiling) if tiling else base_tiling
-            sda.FUSED_MERGE_Q_TILE = base_fused if fused else 0
             sda._LAUNCH.clear()
             sda._PLANS.clear()   # (the plan holds the kv_tma choice)
             call_kw.clear()
@@ -390,7 +385,7 @@ def attention(rbw, match=(), only_variants=()):
         torch.cuda.empty_cache()
     sda.SPEC_DEC_ATTENTION, sda.kernel_config, sda.MERGE_PDL = base, base_config, True
     sda.KV_TMA = True
-    sda.pick_tiling, sda.FUSED_MERGE_Q_TILE = base_tiling, base_fused
+    sda.pick_tiling = base_tiling
     sda._LAUNCH.clear()
     sda._PLANS.clear()
 
