@@ -220,6 +220,9 @@ def test_query_tile_and_split_choices():
     # K/V bytes here) does not hold trees back; 264 // 4 = 66 splits, 32 by the split's work
     kv1 = 8192 * 1 * 128 * 2 * 2
     assert pick_num_splits(4, 8192, sms, two, 64 * 8, 128, kv1, 128) == 32
+    # ... but a grid left under half the SMs splits to half of them (16-node tree, G = 8, one
+    # KV head, two 64-row tiles: 16 splits by the work, 33 -> 32 to fill 66 SMs)
+    assert pick_num_splits(2, 8192, sms, two, 16 * 8, 128, kv1, 64) == 32
     # 1k context, batch 1 (16 CTAs): 16 splits -> 8 by the tile count (17 tiles), trimmed to the
     # 6 splits that give the same 3 tiles each
     assert pick_num_splits(16, 1088, sms, two, 64 * 32, 128, kv // 8, 128) == 6
@@ -258,7 +261,7 @@ def test_small_grids_halve_128_row_tiles():
     assert tiling(256, 1, 8, 8192) == (128, 16)
     # one KV head (8/1/128), 8k, batch 1: 64-node (512 rows) and 16-node (128 rows) trees
     assert tiling(512, 1, 1, 8192) == (64, 16)
-    assert tiling(128, 1, 1, 8192) == (64, 16)
+    assert tiling(128, 1, 1, 8192) == (64, 32)   # 2 CTAs: split to half the SMs
     # tiles up to 64 rows are never changed; a 128-row tile's half is in every warm-up set
     assert tiling(64, 1, 8, 1024)[0] == 64 and tiling(16, 1, 8, 1024)[0] == 16
     assert q_tiles_for(256) == (128, 64) and q_tiles_for(64) == (64,)

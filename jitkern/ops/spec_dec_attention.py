@@ -259,7 +259,9 @@ def pick_num_splits(ctas: int, max_kv_len: int, sm_count: int, per_sm: int, rows
     52.2 us, against 23.7 us at 32, and 32/8/128 at 1k to 1 split, 45.3 us, against 19.8 at 8);
     but a split in two of a short context is not worth its merge (32/8/128, 1k, batch 8: 44.8
     us unsplit, 56.3 in two), and over a long context a split does at least TREE_SPLIT_WORK
-    units of 64 positions x 64 query rows (H200, 8k, batch 1, after the tile loop got faster:
+    units of 64 positions x 64 query rows, unless that leaves the grid under half the SMs
+    (8/1/128 16-node trees at 8k batch 1, two 64-row tiles: 15.2 us in 16 splits, 14.0 in 32,
+    18.6 in 64) (H200, 8k, batch 1, after the tile loop got faster:
     32/8/128 16-node trees 18.8 us in 16 splits of 8 tiles against 21.1 in 32 of 4; 8/1/128
     64-node trees, 128-row tiles, 20.0 us in 32 splits against 23.7 in 64; the rows already at
     8 or more units a split, 64-node trees of 32/8/128, 64/8/128 and 16/16/64, were fastest
@@ -283,7 +285,8 @@ def pick_num_splits(ctas: int, max_kv_len: int, sm_count: int, per_sm: int, rows
     elif s == 2 and tiles < SHORT_CONTEXT_TILES:
         s = 1
     elif tiles >= LONG_CONTEXT_TILES:
-        s = min(s, max(1, tiles * max(1, q_tile // 64) // TREE_SPLIT_WORK))
+        s = min(s, max(1, tiles * max(1, q_tile // 64) // TREE_SPLIT_WORK,
+                       -(-sm_count // (2 * ctas))))
     long_split = FP8_LONG_SPLIT_TILES if fp8 else LONG_SPLIT_TILES
     if not memory_bound and q_tile == 64 and head_dim >= 128 and tiles < long_split * s:
         s = min(s, max(1, sm_count // ctas))
