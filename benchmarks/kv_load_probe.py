@@ -21,15 +21,18 @@ Prints us and percent of the read bandwidth (a torch sum of 2 GiB) per variant, 
 from __future__ import annotations
 
 import os
-import statistics
 import sys
 
 import cupy
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+from bench_timing import event_median_ms, warm_up  # noqa: E402  (this directory)
 from jitkern.ops.tensor_map import (L2_PROMOTION_128B, L2_PROMOTION_256B,  # noqa: E402
                                     L2_PROMOTION_NONE, SWIZZLE_NONE, encode_tiled)
+from spec_dec_attention import read_bandwidth  # noqa: E402  (the benchmark's own ceiling)
 
 SRC = r"""
 typedef unsigned int u32;
@@ -133,29 +136,15 @@ def encode(t: torch.Tensor, layout: str, hkv: int, d: int, pad_elems: int, promo
 
 
 def time_us(fn, reps=20, rounds=5):
-    fn()
-    torch.cuda.synchronize()
-    meds = []
-    for _ in range(rounds):
-        ts = []
-        for _ in range(reps):
-            a, b = torch.cuda.Event(True), torch.cuda.Event(True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            ts.append(a.elapsed_time(b) * 1e3)
-        meds.append(statistics.median(ts))
-    return min(meds)
+    """The best of ``rounds`` CUDA-event medians of ``reps`` calls, after a warm-up."""
+    warm_up(fn)
+    return min(event_median_ms(fn, reps) for _ in range(rounds)) * 1e3
 
 
 def main():
     print(f"# kv_load_probe on {torch.cuda.get_device_name()}")
-    ones = [torch.ones(2**30, dtype=torch.bfloat16, device="cuda")]
-    t_sum = time_us(lambda: ones[0].sum())
-    rbw = 2**31 / t_sum * 1e6
+    rbw = read_bandwidth()
     print(f"# read bandwidth (sum of 2 GiB) {rbw / 1e12:.2f} TB/s")
-    ones.clear()
     print("| cache | variant | us | % read |\n|---|---|---|---|")
     for hkv, d in ((16, 64), (8, 128)):
         batch, pages = 64, 128

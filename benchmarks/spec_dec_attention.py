@@ -186,15 +186,17 @@ def explore(sets, outs, qname, batch, label="", both=False):
     """Time the custom op with other query tiles (trees), split counts, or K/V pipeline depths
     (decode and chains; each with the split count the op would pick for its occupancy), or
     with ``both`` every query tile against every split count (trees), by
-    editing the resolved argument tuple of ``prepare`` (indices as in its return statement).
+    editing the resolved argument tuple of ``prepare`` (positions by name: OP_ARGS).
     Small batches sweep the split count; batch 64 tries a few (finer work against the wave
     tail). Each line also gives the variant's relative difference from the op's own output."""
     from jitkern.families.spec_dec_attention import MAX_SHARED, resident_ctas, shared_bytes
-    from jitkern.ops.spec_dec_attention import (_spec_dec_attention_op, pick_num_splits,
-                                                prepare, reserve_workspace, workspace_floats)
+    from jitkern.ops.spec_dec_attention import (OP_ARGS, _spec_dec_attention_op,
+                                                pick_num_splits, prepare, reserve_workspace,
+                                                workspace_floats)
 
-    Q, K, SL, OUT, WS, QTILE, ROW_TILES, SPLITS, TILES, STAGES = (0, 1, 4, 8, 9, 14, 17, 18, 20,
-                                                                  21)   # 22: kv_tile
+    Q, K, SL, OUT, WS, QTILE, ROW_TILES, SPLITS, TILES, STAGES, LAYOUT = (
+        OP_ARGS[n] for n in ("q", "k_cache", "seq_lens", "out", "workspace", "q_tile", "row_tiles",
+                             "num_splits", "kv_tiles", "kv_stages", "kv_layout"))
     base = [list(prepare(**s, out=o)) for s, o in zip(sets, outs)]
     qt0, sp0, rt0 = base[0][QTILE], base[0][SPLITS], base[0][ROW_TILES]
     q0, k0 = base[0][Q], base[0][K]
@@ -221,7 +223,7 @@ def explore(sets, outs, qname, batch, label="", both=False):
 
         smem = cupy.cuda.runtime.deviceGetAttribute(81, q0.device.index or 0)
         sms = torch.cuda.get_device_properties(q0.device).multi_processor_count
-        hkv = k0.shape[2] if base[0][12] == "NHD" else k0.shape[1]
+        hkv = k0.shape[2] if base[0][LAYOUT] == "NHD" else k0.shape[1]
         bt = base[0][SL].shape[0]
         for st in STAGE_SWEEP:
             c = dict(cfg, kv_stages=st)

@@ -192,12 +192,13 @@ class Function:
             params = (ctypes.c_void_p * 1)(base)
         else:
             params = (ctypes.c_void_p * max(1, self._nargs))(*[base + o for o in self._offsets])
-        # the programmatic launch's configuration, filled per call (grid, block, stream)
+        # the programmatic launch's configuration, filled per call (grid, block, stream), and
+        # the driver entry it goes through
         attr = _LaunchAttribute(id=_ATTR_PROGRAMMATIC_STREAM_SERIALIZATION)
         attr.value[0] = 1
         conf = ctypes.create_string_buffer(_LAUNCH_CONFIG.size)
         buf = (s, params, ctypes.addressof(params), conf, ctypes.addressof(attr),
-               ctypes.addressof(conf), attr)
+               ctypes.addressof(conf), attr, libcuda().cuLaunchKernelEx)
         self._tls.buf = buf
         return buf
 
@@ -235,7 +236,7 @@ class Function:
 
     def _launch_programmatic(self, buf, g, b, shared_mem: int, stream: int) -> None:
         _LAUNCH_CONFIG.pack_into(buf[3], 0, *g, *b, shared_mem, stream, buf[4], 1)
-        rc = libcuda().cuLaunchKernelEx(buf[5], self.ptr, buf[2], None)
+        rc = buf[7](buf[5], self.ptr, buf[2], None)
         if rc:
             raise RuntimeError(f"{self.label}: cuLaunchKernelEx failed: {driver_error(rc)}")
 

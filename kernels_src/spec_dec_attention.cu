@@ -328,8 +328,8 @@ __device__ __forceinline__ void merge_quad(const float* ws_o, const float2* ws_m
     *reinterpret_cast<uint2*>(out + idx * DQ + d) = packed;
 }
 
-// The merge kernel after a split launch of a large tile is a programmatic dependent launch (the
-// host's MERGE_PDL): once every CTA here has executed griddepcontrol.launch_dependents (or
+// The merge kernel after a split launch is a programmatic dependent launch (the host's
+// MERGE_PDL): once every CTA here has executed griddepcontrol.launch_dependents (or
 // exited), its CTAs may take SM slots instead of waiting for this grid to drain; they wait for
 // its completion before reading a partial. Where the trigger sits: 2 after the tile loop (the
 // default), 1 at the start, 0 nowhere (measurements). At the start, merge CTAs waited on the SMs

@@ -498,7 +498,7 @@ def test_pipeline_depths(stages, kind, tile):
     the benchmark's explore mode and the cache-hint probe) matches the reference, split and
     unsplit, where its shared memory fits."""
     from jitkern.families.spec_dec_attention import MAX_SHARED, shared_bytes
-    from jitkern.ops.spec_dec_attention import _spec_dec_attention_op, prepare
+    from jitkern.ops.spec_dec_attention import OP_ARGS, _spec_dec_attention_op, prepare
 
     rng = random.Random(stages)
     kv = torch.float8_e4m3fn if kind == "chain_fp8" else torch.bfloat16
@@ -513,11 +513,12 @@ def test_pipeline_depths(stages, kind, tile):
     for splits in (1, 5):
         out = torch.full_like(a["q"], float("nan"))
         args = list(prepare(**a, out=out, num_kv_splits=splits))
-        cfg = dict(head_dim=128, q_tile=args[14], kv_dtype="fp8_e4m3" if kind == "chain_fp8"
+        q_tile = args[OP_ARGS["q_tile"]]
+        cfg = dict(head_dim=128, q_tile=q_tile, kv_dtype="fp8_e4m3" if kind == "chain_fp8"
                    else "bf16", kv_stages=stages, kv_tile=tile)
         if shared_bytes(cfg) > MAX_SHARED:
-            pytest.skip(f"kv_stages {stages} with kv_tile {tile} does not fit q_tile {args[14]}")
-        args[21], args[22] = stages, tile
+            pytest.skip(f"kv_stages {stages} with kv_tile {tile} does not fit q_tile {q_tile}")
+        args[OP_ARGS["kv_stages"]], args[OP_ARGS["kv_tile"]] = stages, tile
         _spec_dec_attention_op(*args)
         torch.cuda.synchronize()
         assert _check(a, out, torch.bfloat16) < 1e-2
@@ -539,6 +540,30 @@ def test_capture_refuses_to_grow_workspace():
     with pytest.raises(RuntimeError, match="cannot grow during CUDA graph capture"):
         with torch.cuda.graph(g):
             spec_dec_attention(**a, num_kv_splits=splits)
+
+
+def test_capture_of_a_first_unsplit_call_is_refused():
+    """An unsplit call passes a per-device placeholder as its workspace, made by the first such
+    call on the device: a capture before any eager unsplit call there is refused, saying what to
+    do, instead of allocating inside the graph."""
+    from jitkern.ops import spec_dec_attention
+    from jitkern.ops.spec_dec_attention import _NO_WS
+
+    a = random_paged_inputs([300, 90], [1, 1], num_heads=8, num_kv_heads=2, head_dim=128,
+                            tree=False, generator=torch.Generator().manual_seed(6))
+    out = torch.empty_like(a["q"])
+    spec_dec_attention(**a, out=out, num_kv_splits=1)   # compile, load and plan outside
+    torch.cuda.synchronize()
+    idx = torch.cuda.current_device()
+    saved = _NO_WS.pop(idx)
+    try:
+        g = torch.cuda.CUDAGraph()
+        with pytest.raises(RuntimeError, match="spec_dec_attention: call once before CUDA graph "
+                                               "capture"):
+            with torch.cuda.graph(g):
+                spec_dec_attention(**a, out=out, num_kv_splits=1)
+    finally:
+        _NO_WS[idx] = saved
 
 
 def test_too_small_workspace_is_refused_before_launch():

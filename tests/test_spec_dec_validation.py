@@ -160,10 +160,18 @@ def test_custom_op_fake_impl_on_meta_tensors():
     assert mutated == ["out", "workspace"]
 
 
+def _plain_cfg(**over):
+    """The family's first warm-up configuration without kv_tma (which only some shapes take),
+    with ``over`` applied."""
+    from jitkern.families.spec_dec_attention import SPEC_DEC_ATTENTION
+
+    return dict(SPEC_DEC_ATTENTION.warmup_configs()[0], kv_tma=False, **over)
+
+
 def test_family_rejects_mixed_16bit_types():
     from jitkern.families.spec_dec_attention import SPEC_DEC_ATTENTION
 
-    cfg = dict(dict(SPEC_DEC_ATTENTION.warmup_configs()[0], kv_tma=False), dtype="fp16", kv_dtype="bf16")
+    cfg = _plain_cfg(dtype="fp16", kv_dtype="bf16")
     with pytest.raises(ValueError, match="kv_dtype 'bf16' must equal dtype 'fp16' or be 'fp8_e4m3'"):
         SPEC_DEC_ATTENTION.specialize(cfg)
 
@@ -171,8 +179,7 @@ def test_family_rejects_mixed_16bit_types():
 def test_family_rejects_pipelines_past_shared_memory():
     from jitkern.families.spec_dec_attention import SPEC_DEC_ATTENTION
 
-    cfg = dict(dict(SPEC_DEC_ATTENTION.warmup_configs()[0], kv_tma=False), head_dim=256, kv_dtype="bf16", q_tile=16,
-               kv_stages=5)
+    cfg = _plain_cfg(head_dim=256, kv_dtype="bf16", q_tile=16, kv_stages=5)
     with pytest.raises(ValueError, match="kv_stages 5 needs 346368 bytes of shared memory per CTA "
                                          "with head_dim 256.*at most 232448"):
         SPEC_DEC_ATTENTION.specialize(cfg)
@@ -354,8 +361,7 @@ def test_padded_head_dims_compile_and_size_like_their_padded_kernel(head_dim, pa
     assert padded_head_dim(head_dim) == padded
     for kv, mode, qt in (("bf16", "tree", 64), ("fp8_e4m3", "decode", 16),
                          ("fp8_e4m3", "tree", 128)):
-        cfg = dict(dict(SPEC_DEC_ATTENTION.warmup_configs()[0], kv_tma=False), head_dim=head_dim, kv_dtype=kv,
-                   mode=mode, q_tile=qt)
+        cfg = _plain_cfg(head_dim=head_dim, kv_dtype=kv, mode=mode, q_tile=qt)
         native = dict(cfg, head_dim=padded)
         assert shared_bytes(cfg) == shared_bytes(native)
         assert resident_ctas(cfg, 228 * 1024) == resident_ctas(native, 228 * 1024)
@@ -369,7 +375,7 @@ def test_family_rejects_head_dims_off_the_grid():
 
     for d in (8, 72, 272):
         with pytest.raises(ValueError, match=f"head_dim.*{d}.*multiples of 16 from 16 to 256"):
-            SPEC_DEC_ATTENTION.specialize(dict(dict(SPEC_DEC_ATTENTION.warmup_configs()[0], kv_tma=False), head_dim=d))
+            SPEC_DEC_ATTENTION.specialize(_plain_cfg(head_dim=d))
 
 
 def test_plan_key_covers_what_validation_checks():

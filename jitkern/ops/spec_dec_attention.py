@@ -12,6 +12,7 @@ buffer grown by an uncaptured call (or passed in by the caller).
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Optional
 
@@ -38,6 +39,7 @@ MEMORY_BOUND_Q_TILE = 32         # query tiles up to this are memory bound (deco
 SHORT_CONTEXT_TILES = 32         # trees: no split in two below this many KV tiles (2k positions)
 LONG_CONTEXT_TILES = 64          # trees from this many KV tiles (4k positions) on: a split does
 TREE_SPLIT_WORK = 8              # ... at least this many (64-position tile x 64-row) units
+TREE_MIN_GRID_SHARE = 2          # ... unless that leaves the grid under 1/2 of the SMs
 LONG_SPLIT_TILES = 64            # 64-row tree splits this long keep two CTAs per SM (see below),
 FP8_LONG_SPLIT_TILES = 8         # ... with an fp8 cache (more arithmetic a byte) this long
 WORKSPACE_CAP_BYTES = 256 << 20  # splits are reduced before the workspace would outgrow this
@@ -150,6 +152,10 @@ def _launch(q, k_cache, v_cache, block_tables, seq_lens, q_cu_seqlens, tree_mask
         kern.launch("merge", grid=(-(-rows * (d // 4) // MERGE_THREADS), 1, 1),
                     block=(MERGE_THREADS, 1, 1),
                     args=(workspace, ws_ml, out, rows, num_splits), pdl=merge_pdl)
+
+
+# name -> position of each of the op's arguments in prepare()'s tuple (_launch's parameters)
+OP_ARGS = {name: i for i, name in enumerate(inspect.signature(_launch).parameters)}
 
 
 @custom_op("jitkern::spec_dec_attention", mutates_args=("out", "workspace"))
@@ -286,7 +292,7 @@ def pick_num_splits(ctas: int, max_kv_len: int, sm_count: int, per_sm: int, rows
         s = 1
     elif tiles >= LONG_CONTEXT_TILES:
         s = min(s, max(1, tiles * max(1, q_tile // 64) // TREE_SPLIT_WORK,
-                       -(-sm_count // (2 * ctas))))
+                       -(-sm_count // (TREE_MIN_GRID_SHARE * ctas))))
     long_split = FP8_LONG_SPLIT_TILES if fp8 else LONG_SPLIT_TILES
     if not memory_bound and q_tile == 64 and head_dim >= 128 and tiles < long_split * s:
         s = min(s, max(1, sm_count // ctas))
@@ -354,7 +360,8 @@ def prepare(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
             num_kv_splits: int | None = None, workspace: torch.Tensor | None = None,
             allow_fp8_qk: bool = False, check_values: bool = False) -> tuple:
     """Validate and resolve the arguments of ``spec_dec_attention`` (which see) into the
-    custom op's argument tuple. Raises TypeError/ValueError naming the argument."""
+    custom op's argument tuple (positions by name: OP_ARGS). Raises TypeError/ValueError naming
+    the argument."""
     plan = _plan(q, k_cache, v_cache, block_tables, seq_lens, q_cu_seqlens, tree_mask, scale,
                  kv_scale, kv_layout, sliding_window, out, max_q_len, max_seq_len, num_kv_splits,
                  workspace, allow_fp8_qk, check_values)
@@ -656,9 +663,10 @@ class _Plan:
 def planned_config(*args, **kwargs) -> dict:
     """The family configuration ``spec_dec_attention(*args, **kwargs)`` would run (validates
     the arguments the same way; used to compile ahead, e.g. in parallel)."""
-    a = prepare(*args, **kwargs)
-    return dict(kernel_config(a[0].dtype, a[1].dtype, a[0].shape[2], a[12], a[13], a[15], a[14],
-                              kv_stages=a[21], kv_tile=a[22], fp8_qk=a[23], kv_tma=a[24]))
+    a = dict(zip(OP_ARGS, prepare(*args, **kwargs)))
+    return dict(kernel_config(a["q"].dtype, a["k_cache"].dtype, a["q"].shape[2], a["kv_layout"],
+                              a["mode"], a["page_size"], a["q_tile"], kv_stages=a["kv_stages"],
+                              kv_tile=a["kv_tile"], fp8_qk=a["fp8_qk"], kv_tma=a["kv_tma"]))
 
 
 def _check_values(q_cu, seq_lens, block_tables, total_q, q_len, longest, num_pages, page_size,
