@@ -45,6 +45,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
 from jitkern.family import KernelFamily, Param  # noqa: E402
+from jitkern.families.spec_dec_attention import tma_shape  # noqa: E402
 from jitkern.ops import mamba2 as m2  # noqa: E402
 import importlib  # noqa: E402
 import importlib.util  # noqa: E402
@@ -290,7 +291,10 @@ def attention(rbw, match=(), only_variants=()):
         tiling = over.pop("tiling", None)
 
         def config(*a, **k):
-            return tuple(dict(base_config(*a, **k), **over).items())
+            cfg = dict(base_config(*a, **k), **over)
+            if cfg.get("kv_tma") and not tma_shape(cfg):   # (kv_tile 128 on warpgroup tiles)
+                del cfg["kv_tma"]
+            return tuple(cfg.items())
 
         def use():
             sda.SPEC_DEC_ATTENTION = fam

@@ -8,7 +8,7 @@
 //   The CTA walks its share of the KV positions in tiles of 64, staged through shared memory by
 //   cp.async, STAGES deep (by each warp or warpgroup for its own slice where WARP_PIPE or
 //   WG_PIPE says so, synchronizing only those threads), or by one thread's tensor-map bulk
-//   copies completing on a per-stage mbarrier (TMA: 16-bit decode and chains). Warps are
+//   copies per pipeline completing on a per-stage mbarrier (TMA: 16-bit caches). Warps are
 //   laid out WM x WN: WM slabs of 16 query rows (the MMA M), and WN slices of each KV tile
 //   (with warpgroup MMAs, WG below, four consecutive slabs multiply together as one group).
 //   Each warp keeps a private online softmax (m, l, O) over the positions it saw; the epilogue
@@ -100,29 +100,6 @@ constexpr int NW = TILE / WN;                  // KV positions per warp per tile
 constexpr int NJ = NW / 8;                     // S column chunks (n8) per warp
 constexpr int NKC = D / 16;                    // k16 chunks over the head dim
 constexpr int NDC = D / 8;                     // n8 chunks of the output
-// Tensor-map (TMA) K/V loads for the memory-bound tiles (16 and 32 query rows) of a 16-bit cache
-// whose head_dim is a multiple of 64, on sm_90 and later (the host passes the two tensor maps,
-// jitkern/ops/tensor_map.py; the op's kv_tma). One thread copies a whole K or V page box with one
-// cp.async.bulk.tensor per 64 head-dim columns, completing on the stage's mbarrier; the tile lands
-// in the 128-byte swizzle (dense 128-byte rows, chunk c of row r at c ^ (r % 8): conflict-free
-// ldmatrix), and nothing else of the CTA issues copies. Measured (H200, benchmarks/
-// kv_load_probe.py, load-only kernels of this shape, 8k, batch 64): TMA 104-106% of the read
-// bandwidth (a torch sum) against 97-100% with the 16-byte cp.async copies, D = 64 and 128, both
-// layouts; a padded box (8 columns past the head dim, zero-filled by the unit) lost it (80-101%).
-#ifndef JK_SD_TMA
-#define JK_SD_TMA 0
-#endif
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
-constexpr bool TMA = false;   // no TMA there: kv_tma changes nothing (the host sizes shared memory
-                              // for either layout, shared_bytes)
-#else
-constexpr bool TMA = JK_SD_TMA && !JK_KV_FP8 && QT <= 32 && DQ % 64 == 0;
-#endif
-// Shared rows are padded by 16 bytes: consecutive rows then start 4 banks apart, which makes the
-// ldmatrix (16-bit KV) and the 32-bit fragment loads (fp8 KV) below conflict-free. TMA tiles are
-// dense and swizzled instead.
-constexpr int KV_ROW = D * KV_BYTES + 16;
-constexpr int KV_TILE_BYTES = TMA ? TILE * D * KV_BYTES : TILE * KV_ROW;
 // fp8 cache with 128-row query tiles (64-node trees): once a K/V tile has landed, the CTA converts
 // it to fp16 in shared memory together (each element once), and the warps run the 16-bit ldmatrix
 // path on the copy. Converting in registers instead (FP8_DIRECT) repeats the conversion in every
@@ -146,6 +123,36 @@ constexpr bool WG = JK_SD_HAVE_WGMMA && JK_SD_WGMMA && WG_SHAPE;
 // wgmma reads B only from shared memory, so an fp8 cache is converted there for it.
 constexpr bool FP8_SMEM = JK_KV_FP8 && (QT >= 128 || WG);
 constexpr bool FP8_DIRECT = JK_KV_FP8 && !FP8_SMEM;
+// Tensor-map (TMA) K/V loads for a 16-bit cache whose head_dim is a multiple of 64, on sm_90 and
+// later: the memory-bound tiles (16 and 32 query rows) and the warpgroup tiles (64 and 128 rows,
+// sm_90a). The host passes the two tensor maps (jitkern/ops/tensor_map.py; the op's kv_tma). One
+// thread per pipeline copies its K and V rows with one cp.async.bulk.tensor per box (a page, or
+// TMA_BOX_ROWS positions of a larger one) and 64 head-dim columns, completing on the stage's
+// mbarrier; the tile lands in the 128-byte swizzle (dense 128-byte rows, chunk c of row r at
+// c ^ (r % 8)), which is both conflict-free for ldmatrix and the layout wgmma reads, and nothing
+// else of the pipeline issues copies. A 64-row tile's two warpgroups each copy their own half of
+// every tile (WG_PIPE below: boxes of at most 32 positions, one mbarrier set per warpgroup).
+// Measured (H200, benchmarks/kv_load_probe.py, load-only kernels of the decode shape, 8k, batch
+// 64): TMA 104-106% of the read bandwidth (a torch sum) against 97-100% with the 16-byte cp.async
+// copies, D = 64 and 128, both layouts; a padded box (8 columns past the head dim, zero-filled by
+// the unit) lost it (80-101%).
+#ifndef JK_SD_TMA
+#define JK_SD_TMA 0
+#endif
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+constexpr bool TMA = false;   // no TMA there: kv_tma changes nothing (the host sizes shared memory
+                              // for either layout, shared_bytes)
+#else
+constexpr bool TMA = JK_SD_TMA && !JK_KV_FP8 && DQ % 64 == 0 && (QT <= 32 || WG);
+#endif
+// positions per box: a page, or the rows one pipeline copies of a larger page (the host's
+// tma_box_rows mirrors this)
+constexpr int TMA_BOX_ROWS = QT == 64 ? (PS < TILE / 2 ? PS : TILE / 2) : (PS < TILE ? PS : TILE);
+// Shared rows are padded by 16 bytes: consecutive rows then start 4 banks apart, which makes the
+// ldmatrix (16-bit KV) and the 32-bit fragment loads (fp8 KV) below conflict-free. TMA tiles are
+// dense and swizzled instead.
+constexpr int KV_ROW = D * KV_BYTES + 16;
+constexpr int KV_TILE_BYTES = TMA ? TILE * D * KV_BYTES : TILE * KV_ROW;
 // fp8_qk (opt-in: the op's allow_fp8_qk): with an fp8 cache, a bf16 query, warpgroup MMAs and
 // head dim 128 or 256, S = Q K^T runs as e4m3 wgmma on the K tile as it landed (swizzled), so K
 // is never converted. The query is split once into two e4m3 terms, hi + lo, after a per-row
@@ -249,6 +256,8 @@ constexpr bool WG_PIPE = JK_SD_WG_PIPE && WG && WN == 2 && NWARPS == 8;
 constexpr bool PRIVATE_PIPE = WARP_PIPE || WG_PIPE;
 constexpr int PIPE_T = WARP_PIPE ? 32 : WG_PIPE ? 128 : NT;   // threads of one pipeline
 constexpr int PIPE_ROWS = PRIVATE_PIPE ? NW : TILE;           // KV rows of a tile it copies
+constexpr int TMA_PIPES = TMA && WG_PIPE ? 2 : 1;             // TMA barrier sets (pipelines)
+static_assert(!TMA || (PIPE_ROWS % TMA_BOX_ROWS == 0 && !WARP_PIPE), "TMA pipeline shape");
 constexpr int RSTEP = PIPE_T / CPR;            // a thread copies rows r0 + k * RSTEP of a tile,
 constexpr int RCOPY = PIPE_ROWS / RSTEP;       // k < RCOPY (K and V)
 static_assert(PIPE_T % CPR == 0 && RSTEP > 0 && PIPE_ROWS % RSTEP == 0, "pipeline shape");
@@ -349,7 +358,8 @@ __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const __gri
     u8* smem = smem_raw + (SMEM_ALIGN_SLACK ? (1024 - (smem_u32(smem_raw) & 1023)) & 1023 : 0);
     u8* q_s = smem;
     u8* kv_s = smem + KV_OFF;
-    __shared__ __align__(8) unsigned long long kv_full[TMA ? STAGES : 1];   // TMA: a stage landed
+    // TMA: stage s of pipeline i landed (one set of barriers per pipeline, TMA_PIPES)
+    __shared__ __align__(8) unsigned long long kv_full[TMA ? TMA_PIPES * STAGES : 1];
 
 #if JK_SPLIT_KV && JK_SD_PDL == 1 && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.launch_dependents;");   // see JK_SD_PDL
@@ -361,7 +371,7 @@ __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const __gri
     const int split = blockIdx.y, b = blockIdx.z;
     if (TMA && tid == 0) {   // one arrival (the issuing thread's) plus the copies' bytes a phase
 #pragma unroll
-        for (int s = 0; s < STAGES; ++s) mbar_init(smem_u32(&kv_full[s]), 1);
+        for (int s = 0; s < TMA_PIPES * STAGES; ++s) mbar_init(smem_u32(&kv_full[s]), 1);
         mbar_init_fence();
     }
     auto pipe_sync = [&]() {   // the threads of one K/V pipeline (see PRIVATE_PIPE)
@@ -447,7 +457,11 @@ __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const __gri
     // A private pipeline (warp or warpgroup wn) copies rows wn * NW .. + NW of every tile.
     const int pt = tid % PIPE_T;
     const int cc = pt % CPR;
-    const int r0 = (PRIVATE_PIPE ? wn * NW : 0) + pt / CPR;
+    const int row_lo = PRIVATE_PIPE ? wn * NW : 0;   // the pipeline's first row of a tile
+    const int r0 = row_lo + pt / CPR;
+    // TMA: the pipeline's issuing thread, and which barrier set it completes
+    const bool issuer = !TMA || pt == 0;
+    const int tma_pipe = TMA_PIPES > 1 ? wn : 0;
     const bool c_ok = CPR_Q == CPR || cc < CPR_Q;   // chunks past DQ (padded head dims): zeros
 #if JK_KV_HND
     const u32 row_bytes = DQ * KV_BYTES;                   // a head's positions are contiguous
@@ -460,24 +474,29 @@ __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const __gri
         u8* ksm = kv_s + stage * 2 * KV_TILE_BYTES;
         u8* vsm = ksm + KV_TILE_BYTES;
         if constexpr (TMA) {
-            // thread 0 (the caller) copies the whole tile: per page of it and 64 head-dim
-            // columns, one box of K and one of V. A page id past the table (-1) or any other
-            // out-of-range coordinate reads nothing and lands zeros (the unit bounds-checks);
-            // rows past the sequence end land whatever the pool holds there (see the tail below).
-            constexpr int BOX_ROWS = PS < TILE ? PS : TILE;
-            const u32 bar = smem_u32(&kv_full[stage]);
-            mbar_expect_tx(bar, 2 * KV_TILE_BYTES);
+            // the pipeline's issuing thread (the caller) copies its rows of the tile: per box of
+            // them (TMA_BOX_ROWS positions of one page) and 64 head-dim columns, one box of K and
+            // one of V. A page id past the table (-1) or any other out-of-range coordinate reads
+            // nothing and lands zeros (the unit bounds-checks); rows past the sequence end land
+            // whatever the pool holds there (see the tail below).
+            const u32 bar = smem_u32(&kv_full[tma_pipe * STAGES + stage]);
+            mbar_expect_tx(bar, 2 * PIPE_ROWS * D * KV_BYTES);
 #pragma unroll
-            for (int k = 0; k < NP; ++k) {
-                const int tpos = PS >= TILE ? (tile * TILE) % PS : 0;
+            for (int k = 0; k < PIPE_ROWS / TMA_BOX_ROWS; ++k) {
+                const int r = row_lo + k * TMA_BOX_ROWS;   // the box's first row in the tile
+                int page = pg[0];
+#pragma unroll
+                for (int s = 1; s < NP; ++s)
+                    if (r / PS == s) page = pg[s];
+                const int tpos = (tile * TILE + r) % PS;
 #if JK_KV_HND
-                const int c1 = tpos, c2 = pg[k] * p.hkv + hk;
+                const int c1 = tpos, c2 = page * p.hkv + hk;
 #else
-                const int c1 = hk, c2 = pg[k] * PS + tpos;
+                const int c1 = hk, c2 = page * PS + tpos;
 #endif
 #pragma unroll
                 for (int cb = 0; cb < D / 64; ++cb) {
-                    const int o = cb * TILE * 128 + k * BOX_ROWS * 128;
+                    const int o = cb * TILE * 128 + r * 128;
                     tma_load_3d(smem_u32(ksm + o), &p.k_map, cb * 64, c1, c2, bar);
                     tma_load_3d(smem_u32(vsm + o), &p.v_map, cb * 64, c1, c2, bar);
                 }
@@ -533,7 +552,7 @@ __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const __gri
     if (TMA) __syncthreads();   // the barriers' initialization -> every waiting thread
 #pragma unroll
     for (int s = 0; s < STAGES - 1; ++s) {
-        if (t_begin + s < t_end && (!TMA || tid == 0)) {
+        if (t_begin + s < t_end && issuer) {
             issue(t_begin + s, s);
             load_pages(t_begin + s + 1);
         }
@@ -640,7 +659,7 @@ __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const __gri
          ++tile, st_wr = st_rd, st_rd = st_rd + 1 == STAGES ? 0 : st_rd + 1) {
         {   // keep STAGES-1 tiles in flight: issue tile+STAGES-1 into the buffer freed last round
             const int nt = tile + STAGES - 1;
-            if (nt < t_end && (!TMA || tid == 0)) {
+            if (nt < t_end && issuer) {
                 issue(nt, st_wr);
                 load_pages(nt + 1);
             }
@@ -650,23 +669,32 @@ __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const __gri
             // each thread waits for the stage itself (no barrier: the mbarrier's phase makes the
             // bytes visible); the query's cp.async copies ride in the first group
             if (tile == t_begin) cp_async_wait<0>();
-            mbar_wait(smem_u32(&kv_full[st_rd]), (phase >> st_rd) & 1);
+            mbar_wait(smem_u32(&kv_full[tma_pipe * STAGES + st_rd]), (phase >> st_rd) & 1);
             phase ^= 1u << st_rd;
             if (tile == t_begin || (tile + 1) * TILE > L) {
                 // rows past the sequence end hold whatever the pool has there: V's are zeroed
-                // (a NaN times a zero probability would poison the output; K's scores are masked)
+                // (a NaN times a zero probability would poison the output; K's scores are
+                // masked), each pipeline its own rows
                 if ((tile + 1) * TILE > L) {
                     u8* vz = kv_s + st_rd * 2 * KV_TILE_BYTES + KV_TILE_BYTES;
                     const int r_end = L - tile * TILE;
-                    for (int i = tid; i < TILE * (D / 8); i += NT) {
-                        const int r = i % TILE, c = i / TILE;
+                    for (int i = pt; i < PIPE_ROWS * (D / 8); i += PIPE_T) {
+                        const int r = row_lo + i % PIPE_ROWS, c = i / PIPE_ROWS;
                         if (r >= r_end)
                             *reinterpret_cast<uint4*>(vz + swz_chunk(r, c, TILE)) =
                                 make_uint4(0u, 0u, 0u, 0u);
                     }
-                    fence_async_smem();   // (before a later copy into the stage)
+                    // (before wgmma's reads, and before a later copy into the stage)
+                    fence_async_smem();
                 }
-                __syncthreads();   // Q (every thread's copies), the zeroed rows -> all threads
+                // Q (every thread's copies; wgmma reads it through the async proxy) -> all
+                // threads; the zeroed rows -> the pipeline's
+                if (tile == t_begin) {
+                    if (WG) fence_async_smem();
+                    __syncthreads();
+                } else {
+                    pipe_sync();
+                }
             }
         } else {
             cp_async_wait<STAGES - 1>();

@@ -497,7 +497,7 @@ def test_pipeline_depths(stages, kind, tile):
     """Every K/V pipeline depth and KV tile the family offers (kv_stages, kv_tile; measured by
     the benchmark's explore mode and the cache-hint probe) matches the reference, split and
     unsplit, where its shared memory fits."""
-    from jitkern.families.spec_dec_attention import MAX_SHARED, shared_bytes
+    from jitkern.families.spec_dec_attention import MAX_SHARED, shared_bytes, tma_shape
     from jitkern.ops.spec_dec_attention import OP_ARGS, _spec_dec_attention_op, prepare
 
     rng = random.Random(stages)
@@ -519,6 +519,9 @@ def test_pipeline_depths(stages, kind, tile):
         if shared_bytes(cfg) > MAX_SHARED:
             pytest.skip(f"kv_stages {stages} with kv_tile {tile} does not fit q_tile {q_tile}")
         args[OP_ARGS["kv_stages"]], args[OP_ARGS["kv_tile"]] = stages, tile
+        # (tensor maps where the op chose them and the tile keeps them: 64-position KV tiles
+        # in the warpgroup tiles)
+        args[OP_ARGS["kv_tma"]] = args[OP_ARGS["kv_tma"]] and tma_shape(dict(cfg, kv_tile=tile))
         _spec_dec_attention_op(*args)
         torch.cuda.synchronize()
         assert _check(a, out, torch.bfloat16) < 1e-2
@@ -598,9 +601,11 @@ def test_sanitizer_subset(i):
 @pytest.mark.parametrize("shape", [(16, 16, 64), (32, 8, 128), (8, 4, 256)])
 @pytest.mark.parametrize("layout", ["NHD", "HND"])
 @pytest.mark.parametrize("ps", [16, 32, 64, 128])
-@pytest.mark.parametrize("mode", ["decode", "chain"])
+@pytest.mark.parametrize("mode", ["decode", "chain", "tree16", "tree64"])
 def test_tma_loads_equal_cp_async_over_poisoned_tails(shape, layout, ps, mode, monkeypatch):
-    """16-bit decode and chains load K/V with tensor maps (kv_tma) on sm_90+: the output equals
+    """16-bit caches load K/V with tensor maps (kv_tma) on sm_90+, in every query tile (decode
+    and chains: 16 and 32 rows; 16-node trees: 16, 32 and 64; 64-node trees: 64 and 128, the
+    warpgroup tiles, whose 64-row form copies a half tile per warpgroup): the output equals
     the cp.async kernel's bit for bit and the reference's within the bound, eager and
     graph-replayed, although the pool holds NaN at every position past each sequence's end in
     its last pages (TMA copies whole pages; V's tail rows must be zeroed) and the page table
@@ -615,10 +620,18 @@ def test_tma_loads_equal_cp_async_over_poisoned_tails(shape, layout, ps, mode, m
     hq, hkv, d = shape
     rng = random.Random(ps + d)
     ctx = [rng.randint(1, 3000) for _ in range(3)] + [ps - 1, 64 * 5]
-    n = 1 if mode == "decode" else 3
-    a = random_paged_inputs(ctx, [n] * len(ctx), num_heads=hq, num_kv_heads=hkv, head_dim=d,
+    if mode.startswith("tree"):
+        drafts = [random_eagle_tree(int(mode[4:]), rng) for _ in ctx]
+    else:
+        drafts = [1 if mode == "decode" else 3] * len(ctx)
+    a = random_paged_inputs(ctx, drafts, num_heads=hq, num_kv_heads=hkv, head_dim=d,
                             dtype=torch.bfloat16, kv_layout=layout, page_size=ps,
-                            extra_table_cols=3, generator=torch.Generator().manual_seed(ps * d))
+                            tree=mode.startswith("tree"), extra_table_cols=3,
+                            generator=torch.Generator().manual_seed(ps * d))
+    if mode == "tree64":   # forced splits run the shape's own tile (128 rows where G > 1)
+        a["num_kv_splits"] = 2
+    if mode.startswith("tree"):   # warpgroup tiles take tensor maps on large grids only
+        monkeypatch.setattr(sda, "small_grid", lambda *_: False)
     lens, table = a["seq_lens"].tolist(), a["block_tables"]
     for b, L in enumerate(lens):
         used = -(-L // ps)
@@ -632,7 +645,9 @@ def test_tma_loads_equal_cp_async_over_poisoned_tails(shape, layout, ps, mode, m
         table[b, used:] = torch.tensor([bad[i % 3] for i in range(table.shape[1] - used)],
                                        dtype=table.dtype)
     plan = sda.planned_config(**a)
-    assert plan.get("kv_tma") and plan["q_tile"] <= 32
+    assert plan.get("kv_tma")
+    assert plan["q_tile"] == {"decode": 16, "chain": 16,
+                              "tree16": 16 * hq // hkv, "tree64": min(64 * hq // hkv, 128)}[mode]
     outs = {}
     for tma in (False, True):
         monkeypatch.setattr(sda, "KV_TMA", tma)
@@ -655,9 +670,10 @@ def test_misaligned_caches_and_refused_tensor_maps_are_named():
     from jitkern.ops import spec_dec_attention
     from jitkern.ops.tensor_map import paged_kv_map
 
-    for tree in (False, True):
+    for tree in (False, True):   # (head_dim 80: padded, so copied by cp.async)
         a = random_paged_inputs([300, 70], [random_eagle_tree(5, random.Random(1))] * 2 if tree
-                                else [1, 1], num_heads=8, num_kv_heads=2, head_dim=128,
+                                else [1, 1], num_heads=8, num_kv_heads=2,
+                                head_dim=80 if tree else 128,
                                 tree=tree, generator=torch.Generator().manual_seed(3))
         for name in ("k_cache", "v_cache"):
             c = a[name]

@@ -295,9 +295,11 @@ def test_small_grids_of_64_row_16_bit_tiles_run_three_stages():
     cfg = dict(head_dim=128, dtype="bf16", kv_dtype="bf16", kv_layout="NHD", page_size=64,
                mode="tree", q_tile=64, split_kv=True)
     deep = dict(cfg, kv_stages=3)
-    assert op_configs(cfg) == [cfg, deep]
+    # (beside the tensor-map form of large grids; small grids copy with cp.async)
+    assert op_configs(cfg) == [cfg, dict(cfg, kv_tma=True), deep]
     assert stages(cfg) == 2 and stages(deep) == 3 and shared_bytes(deep) <= 227 * 1024
-    assert op_configs(dict(cfg, q_tile=128)) == [dict(cfg, q_tile=128)]
+    big = dict(cfg, q_tile=128)
+    assert op_configs(big) == [big, dict(big, kv_tma=True)]
     # the warm-up set holds the deep variant beside each 64-row 16-bit tree tile
     warm = SPEC_DEC_ATTENTION.warmup_configs()
     assert sum(1 for c in warm if c.get("kv_stages") == 3) == 2
@@ -443,21 +445,27 @@ def test_fp8_qk_configurations_compile_for_sm90a(q_tile, head_dim):
 
 
 def test_kv_tma_configurations():
-    """kv_tma (tensor-map K/V loads) exists for 16-bit caches, 16/32-row tiles and head dims that
-    are multiples of 64; it compiles there (bulk tensor copies in the SASS is a GPU matter), is
-    refused elsewhere by name, and the warm-up set carries it for the memory-bound tiles."""
+    """kv_tma (tensor-map K/V loads) exists for 16-bit caches and head dims that are multiples
+    of 64, in 16/32-row tiles and the warpgroup tiles (64/128 rows over 64-position KV tiles); it
+    compiles there (bulk tensor copies in the SASS is a GPU matter), is refused elsewhere by name,
+    and the warm-up set carries it for the memory-bound tiles, and for the warpgroup tiles beside
+    their cp.async form (the op takes tensor maps there on large grids only)."""
     import jitkern
     from jitkern.families.spec_dec_attention import (SPEC_DEC_ATTENTION, op_configs,
-                                                     resident_ctas, shared_bytes, tma_shape)
+                                                     resident_ctas, shared_bytes, tma_box_rows,
+                                                     tma_shape)
+    from jitkern.ops.spec_dec_attention import use_tma
 
     base = dict(head_dim=128, dtype="bf16", kv_dtype="bf16", kv_layout="NHD", page_size=64,
                 mode="decode", q_tile=16, split_kv=True)
     for bad, what in ((dict(kv_dtype="fp8_e4m3"), "kv_dtype 'fp8_e4m3'"),
-                      (dict(q_tile=64, mode="tree"), "q_tile 64"), (dict(head_dim=80), "head_dim 80")):
+                      (dict(q_tile=64, mode="tree", kv_tile=128), "q_tile 64, kv_tile 128"),
+                      (dict(head_dim=80), "head_dim 80")):
         with pytest.raises(ValueError, match=f"kv_tma applies to 16-bit caches.*{what}"):
             SPEC_DEC_ATTENTION.specialize(dict(base, kv_tma=True, **bad))
     for d, layout, ps, mode, qt in ((64, "NHD", 64, "decode", 16), (128, "HND", 16, "chain", 32),
-                                    (256, "NHD", 128, "chain", 16)):
+                                    (256, "NHD", 128, "chain", 16), (64, "HND", 16, "tree", 64),
+                                    (128, "NHD", 128, "tree", 128)):
         cfg = dict(base, head_dim=d, kv_layout=layout, page_size=ps, mode=mode, q_tile=qt,
                    kv_tma=True)
         # sized for either layout (below sm_90 the source keeps the cp.async one), so the
@@ -469,9 +477,28 @@ def test_kv_tma_configurations():
                                         arch="sm_90a").key
     assert op_configs(base) == [dict(base, kv_tma=True)]
     assert not tma_shape(dict(base, head_dim=96))
+    # boxes: a page, or what one pipeline copies of a larger page (a 64-row tile's warpgroups
+    # copy half a tile each)
+    assert [tma_box_rows(qt, ps, 0) for qt, ps in ((16, 16), (16, 128), (64, 16), (64, 64),
+                                                   (64, 128), (128, 128))] == [16, 64, 16, 32,
+                                                                              32, 64]
+    assert tma_box_rows(32, 128, 128) == 128
+    # the op's choice: memory-bound tiles always, warpgroup tiles unless the grid is small
+    for qt, small, want in ((16, True, True), (32, False, True), (64, True, False),
+                            (64, False, True), (128, True, False), (128, False, True)):
+        assert use_tma("bf16", 128, qt, (9, 0), small) == want
+    assert not use_tma("bf16", 128, 16, (8, 9), False)
+    assert not use_tma("fp8_e4m3", 128, 64, (9, 0), False)
     warm = SPEC_DEC_ATTENTION.warmup_configs()
-    assert all(bool(c.get("kv_tma")) == tma_shape(c) for c in warm)
-    assert sum(1 for c in warm if c.get("kv_tma")) == 6   # bf16 decode, 4-chains x 2 pages
+    for c in warm:
+        if c.get("kv_tma"):
+            assert tma_shape(c)
+        elif tma_shape(c):   # a warpgroup tile's cp.async form, with its tensor-map form
+            assert c["q_tile"] >= 64 and (dict(c, kv_tma=True) in warm
+                                          or c.get("kv_stages") == 3)
+    # bf16 decode and 4-chains x 2 pages; the bf16 trees' warpgroup tiles
+    assert sum(1 for c in warm if c.get("kv_tma") and c["q_tile"] <= 32) == 6
+    assert sum(1 for c in warm if c.get("kv_tma") and c["q_tile"] >= 64) > 0
 
 
 def test_tensor_maps_refuse_caches_they_cannot_describe():

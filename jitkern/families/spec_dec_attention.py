@@ -54,10 +54,11 @@ def _validate(cfg: dict) -> None:
         raise ValueError(f"spec_dec_attention: kv_dtype {cfg['kv_dtype']!r} must equal dtype "
                          f"{cfg['dtype']!r} or be 'fp8_e4m3' (tensor-core operands share one type)")
     if cfg.get("kv_tma") and not tma_shape(cfg):
-        raise ValueError(f"spec_dec_attention: kv_tma applies to 16-bit caches, query tiles of "
-                         f"16 or 32 rows and a head_dim that is a multiple of 64; got kv_dtype "
-                         f"{cfg['kv_dtype']!r}, q_tile {cfg['q_tile']}, head_dim "
-                         f"{cfg['head_dim']}")
+        raise ValueError(f"spec_dec_attention: kv_tma applies to 16-bit caches, a head_dim "
+                         f"that is a multiple of 64 and query tiles of 16 or 32 rows, or of 64 "
+                         f"or 128 over 64-position KV tiles; got kv_dtype {cfg['kv_dtype']!r}, "
+                         f"head_dim {cfg['head_dim']}, q_tile {cfg['q_tile']}, kv_tile "
+                         f"{kv_tile(cfg)}")
     if shared_bytes(cfg) > MAX_SHARED:
         # the resolved depth: with kv_stages 0 the overflow comes from kv_tile or head_dim
         raise ValueError(f"spec_dec_attention: kv_stages {stages(cfg)} needs "
@@ -90,6 +91,14 @@ def q_tiles_for(rows: int) -> tuple:
 SMALL_GRID_STAGES = 3
 
 
+def small_grid(ctas: int, splits: int, sms: int) -> bool:
+    """Whether a launch of ``ctas`` CTAs in ``splits`` KV splits on ``sms`` SMs is a small grid:
+    at most one CTA per SM, or at most two of a split (memory-bound) grid. Its CTAs walk few KV
+    tiles each, so latency, not issue slots, bounds them (small_grid_stages, and the op's choice
+    of kv_tma for the warpgroup tiles)."""
+    return ctas <= sms or (splits > 1 and ctas <= 2 * sms)
+
+
 def small_grid_stages(kv_dtype: str, head_dim: int, q_tile: int, ctas: int, splits: int,
                       sms: int) -> int:
     """``kv_stages`` for a launch of ``ctas`` CTAs in ``splits`` KV splits on ``sms`` SMs (0: the
@@ -99,8 +108,7 @@ def small_grid_stages(kv_dtype: str, head_dim: int, q_tile: int, ctas: int, spli
     3.3%, 8k batch 8 (two CTAs per SM, 4 splits) 3.7%; 64-node trees at 1k batch 8 (two CTAs per
     SM, unsplit: the compute-heavy case) 19% slower and 16-node trees at batch 64 1% slower, so not
     there; 128-row tiles 25-32% slower and fp8 caches no faster (BENCHMARKS.md)."""
-    if (_has_small_grid_stages(kv_dtype, head_dim, q_tile)
-            and (ctas <= sms or (splits > 1 and ctas <= 2 * sms))):
+    if _has_small_grid_stages(kv_dtype, head_dim, q_tile) and small_grid(ctas, splits, sms):
         return SMALL_GRID_STAGES
     return 0
 
@@ -112,15 +120,20 @@ def _has_small_grid_stages(kv_dtype: str, head_dim: int, q_tile: int) -> bool:
 
 def op_configs(cfg: dict) -> list:
     """The configurations the op may run for a shape's ``cfg`` on sm_90 and later (warm-up sets
-    and presets hold them all): ``cfg`` with ``kv_tma`` where tma_shape holds (the op's choice
-    there, see jitkern.ops.spec_dec_attention.use_tma), and beside it, where small_grid_stages may
-    pick it, the same with SMALL_GRID_STAGES stages. (Below sm_90 the op runs without kv_tma, so
-    those kernels compile on first use.)"""
-    if tma_shape(cfg):
+    and presets hold them all; see jitkern.ops.spec_dec_attention.use_tma): where tma_shape
+    holds, ``cfg`` with ``kv_tma`` (16- and 32-row tiles: only that; warpgroup tiles: beside
+    ``cfg`` itself, which small grids run), and where small_grid_stages may pick it, ``cfg`` with
+    SMALL_GRID_STAGES stages (small grids, so without kv_tma). (Below sm_90 the op runs without
+    kv_tma, so those kernels compile on first use.)"""
+    if not tma_shape(cfg):
+        out = [cfg]
+    elif cfg["q_tile"] <= 32:
         return [dict(cfg, kv_tma=True)]
+    else:
+        out = [cfg, dict(cfg, kv_tma=True)]
     if _has_small_grid_stages(cfg["kv_dtype"], cfg["head_dim"], cfg["q_tile"]):
-        return [cfg, dict(cfg, kv_stages=SMALL_GRID_STAGES)]
-    return [cfg]
+        out.append(dict(cfg, kv_stages=SMALL_GRID_STAGES))
+    return out
 
 
 def padded_head_dim(head_dim: int) -> int:
@@ -156,9 +169,19 @@ def stages(cfg: dict) -> int:
 
 def tma_shape(cfg: dict) -> bool:
     """Whether ``kv_tma`` may be set (mirrors TMA in the source, on sm_90 and later): a 16-bit
-    cache, a query tile of 16 or 32 rows (the memory-bound tiles) and a head_dim that is a
-    multiple of 64 (whole 64-column boxes; padded head dims keep the cp.async copies)."""
-    return (cfg["kv_dtype"] != "fp8_e4m3" and cfg["q_tile"] <= 32 and cfg["head_dim"] % 64 == 0)
+    cache, a head_dim that is a multiple of 64 (whole 64-column boxes; padded head dims keep the
+    cp.async copies) and a query tile of 16 or 32 rows (the memory-bound tiles) or a warpgroup
+    tile (64 or 128 rows over 64-position KV tiles, wgmma_shape; sm_90a)."""
+    return (cfg["kv_dtype"] != "fp8_e4m3" and cfg["head_dim"] % 64 == 0
+            and (cfg["q_tile"] <= 32 or wgmma_shape(cfg)))
+
+
+def tma_box_rows(q_tile: int, page_size: int, kv_tile_: int) -> int:
+    """KV positions per tensor-map box (mirrors TMA_BOX_ROWS in the source): a page, or the rows
+    one K/V pipeline copies of a larger page, a whole ``kv_tile_`` (0: 64) except in 64-row tiles,
+    whose two warpgroups copy a half each."""
+    tile = kv_tile_ or KV_TILE
+    return min(page_size, tile // 2 if q_tile == 64 else tile)
 
 
 def wgmma_shape(cfg: dict) -> bool:

@@ -20,13 +20,14 @@ import torch
 
 from ..families.spec_dec_attention import (HEAD_DIMS, KV_TILE, PAGE_SIZES, SPEC_DEC_ATTENTION,
                                            fp8_qk_applies, pick_q_tile, q_tiles_for,
-                                           resident_ctas, shared_bytes, small_grid_stages,
-                                           tma_shape, warps)
+                                           resident_ctas, shared_bytes, small_grid,
+                                           small_grid_stages,
+                                           tma_box_rows, tma_shape, warps)
 from ..service import get_kernel
 from ..torch_ops import custom_op
 from .device import capability, device_index, sm_count
 from .signature import PlanCache, require_aligned
-from .tensor_map import kv_box_rows, paged_kv_map
+from .tensor_map import paged_kv_map
 
 _IN_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16"}
 _KV_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float8_e4m3fn: "fp8_e4m3"}
@@ -61,10 +62,10 @@ KV_TMA = True
 
 # (dtype, kv dtype, head_dim, layout, mode, page, q_tile, stages, tile, fp8_qk, kv_tma, device
 # index) ->
-# (kernel, smem bytes, threads, merge as a programmatic launch): keyed on the raw values, so a
+# (kernel, smem bytes, threads, merge as a programmatic launch, tensor-map box rows): keyed on the raw values, so a
 # launch builds no configuration
 _LAUNCH: dict = {}
-# (k address, v address, cache shape, layout, page, kv_tile) -> (k map, v map): the maps of a
+# (k address, v address, cache shape, layout, box rows) -> (k map, v map): the maps of a
 # launch, encoded once per pair of caches and found with one lookup a call (the plan's 16-bit
 # dtype is implied: a map copies 2-byte elements); a few pairs (per layer group) in turn, cleared
 # when full
@@ -89,13 +90,17 @@ def kernel_config(dtype, kv_dtype, head_dim, kv_layout, mode, page_size, q_tile,
     return cfg + (("kv_tma", True),) if kv_tma else cfg
 
 
-def use_tma(kv_dtype: str, head_dim: int, q_tile: int, capability: tuple) -> bool:
-    """Whether a call loads K/V with tensor maps (``kv_tma``): where the family allows it
-    (tma_shape: a 16-bit cache, 16- or 32-row query tiles, head_dim a multiple of 64) on compute
-    capability 9.0 and later. Measured (H200, load-only kernels of the decode shape, 8k, batch 64;
-    BENCHMARKS.md): the bulk tensor copies read 104-106% of the read bandwidth where the 16-byte
-    cp.async copies read 97-100%."""
-    return (KV_TMA and capability >= (9, 0)
+def use_tma(kv_dtype: str, head_dim: int, q_tile: int, capability: tuple, small: bool) -> bool:
+    """Whether a call loads K/V with tensor maps (``kv_tma``) on compute capability 9.0 and later,
+    where the family allows it (tma_shape: a 16-bit cache, head_dim a multiple of 64): always in
+    16- and 32-row query tiles, in the warpgroup tiles (64 and 128 rows) unless the grid is
+    ``small`` (family small_grid). Measured (H200, BENCHMARKS.md): in load-only kernels of the
+    decode shape (8k, batch 64) the bulk tensor copies read 104-106% of the read bandwidth where
+    the 16-byte cp.async copies read 97-100%; trees on large grids ran 1.03-1.30x faster with
+    them (the MMA warps no longer issue copies), and on small grids, whose CTAs walk few tiles,
+    0-8% slower for 64-row tiles (one thread's bulk copies and the barrier round trip, against
+    every thread's copies in flight at once)."""
+    return (KV_TMA and capability >= (9, 0) and (q_tile <= 32 or not small)
             and tma_shape(dict(kv_dtype=kv_dtype, head_dim=head_dim, q_tile=q_tile)))
 
 
@@ -105,7 +110,8 @@ def _launcher(key: tuple):
         conf = dict(kernel_config(*key[:-1]))
         kern = get_kernel(SPEC_DEC_ATTENTION, conf, key[-1])
         pdl = MERGE_PDL and capability(torch.device("cuda", key[-1])) >= (9, 0)
-        hit = _LAUNCH[key] = (kern, shared_bytes(conf), 32 * warps(conf["q_tile"]), pdl)
+        box = tma_box_rows(conf["q_tile"], conf["page_size"], conf.get("kv_tile", 0))
+        hit = _LAUNCH[key] = (kern, shared_bytes(conf), 32 * warps(conf["q_tile"]), pdl, box)
     return hit
 
 
@@ -124,15 +130,14 @@ def _launch(q, k_cache, v_cache, block_tables, seq_lens, q_cu_seqlens, tree_mask
     total_q, hq, d = q.shape
     hkv = k_cache.shape[2] if kv_layout == "NHD" else k_cache.shape[1]
     bt = seq_lens.shape[0]
-    kern, smem, threads, merge_pdl = _launcher((q.dtype, k_cache.dtype, d, kv_layout, mode,
+    kern, smem, threads, merge_pdl, box = _launcher((q.dtype, k_cache.dtype, d, kv_layout, mode,
                                                 page_size, q_tile, kv_stages, kv_tile, fp8_qk,
                                                 kv_tma, q.device.index))
     k_map = v_map = None
     if kv_tma:
-        mkey = (kp, vp, k_cache.shape, kv_layout, page_size, kv_tile)
+        mkey = (kp, vp, k_cache.shape, kv_layout, box)
         maps = _KV_MAPS.get(mkey)
         if maps is None:
-            box = kv_box_rows(page_size, kv_tile or KV_TILE)
             if len(_KV_MAPS) >= _MAX_KV_MAPS:
                 _KV_MAPS.clear()
             maps = _KV_MAPS[mkey] = (paged_kv_map(k_cache, kv_layout, box),
@@ -516,10 +521,11 @@ def _plan(q, k_cache, v_cache, block_tables, seq_lens, q_cu_seqlens, tree_mask, 
                          f"(workspace_floats)")
     fp8_qk = allow_fp8_qk and fp8_qk_applies(_IN_DTYPES[q.dtype], _KV_DTYPES[k_cache.dtype],
                                              d, q_tile)
-    stages = small_grid_stages(_KV_DTYPES[k_cache.dtype], d, q_tile, bt * hkv * row_tiles * splits,
-                               splits, sm_count(dev))
+    ctas, sms = bt * hkv * row_tiles * splits, sm_count(dev)
+    stages = small_grid_stages(_KV_DTYPES[k_cache.dtype], d, q_tile, ctas, splits, sms)
     # (a pool too large for a tensor map's int32 coordinates keeps the cp.async copies)
-    kv_tma = (use_tma(_KV_DTYPES[k_cache.dtype], d, q_tile, capability(dev))
+    kv_tma = (use_tma(_KV_DTYPES[k_cache.dtype], d, q_tile, capability(dev),
+                      small_grid(ctas, splits, sms))
               and num_pages * (page_size if kv_layout == "NHD" else hkv) < 2**31)
     static = (float(scale), kv_scale_f, kv_layout, mode, q_tile, page_size, q_len, row_tiles,
               splits, sliding_window or 0, -(-max_kv // KV_TILE), stages, 0, fp8_qk, kv_tma)

@@ -1,14 +1,15 @@
 """Tensor maps (CUtensorMap) of paged K/V caches, for kernels that load them with TMA.
 
-A map describes a 16-bit cache as a 3-D tensor whose box is one page (or one 64-position tile of
-a larger page) of one KV head, 64 head-dim columns wide, landing in shared memory in the 128-byte
+A map describes a 16-bit cache as a 3-D tensor whose box is one page (or the part of a larger
+page that one pipeline of the kernel copies: jitkern.families.spec_dec_attention.tma_box_rows) of
+one KV head, 64 head-dim columns wide, landing in shared memory in the 128-byte
 swizzle:
 
     NHD [pages, page_size, Hkv, D]  ->  dims (D, Hkv, pages * page_size), box (64, 1, rows)
     HND [pages, Hkv, page_size, D]  ->  dims (D, page_size, pages * Hkv), box (64, rows, 1)
 
 Encoding is a host call into the driver (cuTensorMapEncodeTiled, through ctypes: CuPy's binding
-has none; ``encode_tiled``). A map depends only on the cache's address, shape and dtype: its
+has none; ``encode_tiled``). A map depends only on the cache's address, shape, dtype and box: its
 caller keeps it (the op, per pair of K and V caches).
 """
 
@@ -50,11 +51,6 @@ def encode_tiled(addr: int, dims: tuple, strides: tuple, box: tuple, swizzle: in
         raise RuntimeError(f"cuTensorMapEncodeTiled failed: {driver_error(rc)} for dims {dims}, "
                            f"strides {strides}, box {box}")
     return bytes(out)
-
-
-def kv_box_rows(page_size: int, tile: int = 64) -> int:
-    """Positions per box: a page, or one ``tile`` of a larger page."""
-    return min(page_size, tile)
 
 
 def paged_kv_map(cache, layout: str, box_rows: int) -> bytes:
