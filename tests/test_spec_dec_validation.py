@@ -299,7 +299,7 @@ def test_small_grids_of_64_row_16_bit_tiles_run_three_stages():
     assert op_configs(cfg) == [cfg, dict(cfg, kv_tma=True), deep]
     assert stages(cfg) == 2 and stages(deep) == 3 and shared_bytes(deep) <= 227 * 1024
     big = dict(cfg, q_tile=128)
-    assert op_configs(big) == [big, dict(big, kv_tma=True)]
+    assert op_configs(big) == [dict(big, kv_tma=True)]
     # the warm-up set holds the deep variant beside each 64-row 16-bit tree tile
     warm = SPEC_DEC_ATTENTION.warmup_configs()
     assert sum(1 for c in warm if c.get("kv_stages") == 3) == 2
@@ -448,8 +448,8 @@ def test_kv_tma_configurations():
     """kv_tma (tensor-map K/V loads) exists for 16-bit caches and head dims that are multiples
     of 64, in 16/32-row tiles and the warpgroup tiles (64/128 rows over 64-position KV tiles); it
     compiles there (bulk tensor copies in the SASS is a GPU matter), is refused elsewhere by name,
-    and the warm-up set carries it for the memory-bound tiles, and for the warpgroup tiles beside
-    their cp.async form (the op takes tensor maps there on large grids only)."""
+    and the warm-up set carries it (for 64-row tiles beside their cp.async form: the op takes
+    tensor maps there on large grids only)."""
     import jitkern
     from jitkern.families.spec_dec_attention import (SPEC_DEC_ATTENTION, op_configs,
                                                      resident_ctas, shared_bytes, tma_box_rows,
@@ -483,9 +483,9 @@ def test_kv_tma_configurations():
                                                    (64, 128), (128, 128))] == [16, 64, 16, 32,
                                                                               32, 64]
     assert tma_box_rows(32, 128, 128) == 128
-    # the op's choice: memory-bound tiles always, warpgroup tiles unless the grid is small
+    # the op's choice: every tile but 64-row ones always, those unless the grid is small
     for qt, small, want in ((16, True, True), (32, False, True), (64, True, False),
-                            (64, False, True), (128, True, False), (128, False, True)):
+                            (64, False, True), (128, True, True), (128, False, True)):
         assert use_tma("bf16", 128, qt, (9, 0), small) == want
     assert not use_tma("bf16", 128, 16, (8, 9), False)
     assert not use_tma("fp8_e4m3", 128, 64, (9, 0), False)
@@ -493,8 +493,8 @@ def test_kv_tma_configurations():
     for c in warm:
         if c.get("kv_tma"):
             assert tma_shape(c)
-        elif tma_shape(c):   # a warpgroup tile's cp.async form, with its tensor-map form
-            assert c["q_tile"] >= 64 and (dict(c, kv_tma=True) in warm
+        elif tma_shape(c):   # a 64-row tile's cp.async form, with its tensor-map form
+            assert c["q_tile"] == 64 and (dict(c, kv_tma=True) in warm
                                           or c.get("kv_stages") == 3)
     # bf16 decode and 4-chains x 2 pages; the bf16 trees' warpgroup tiles
     assert sum(1 for c in warm if c.get("kv_tma") and c["q_tile"] <= 32) == 6

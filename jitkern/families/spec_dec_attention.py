@@ -121,13 +121,13 @@ def _has_small_grid_stages(kv_dtype: str, head_dim: int, q_tile: int) -> bool:
 def op_configs(cfg: dict) -> list:
     """The configurations the op may run for a shape's ``cfg`` on sm_90 and later (warm-up sets
     and presets hold them all; see jitkern.ops.spec_dec_attention.use_tma): where tma_shape
-    holds, ``cfg`` with ``kv_tma`` (16- and 32-row tiles: only that; warpgroup tiles: beside
-    ``cfg`` itself, which small grids run), and where small_grid_stages may pick it, ``cfg`` with
+    holds, ``cfg`` with ``kv_tma`` (64-row tiles: beside ``cfg`` itself, which small grids run;
+    other tiles: only that), and where small_grid_stages may pick it, ``cfg`` with
     SMALL_GRID_STAGES stages (small grids, so without kv_tma). (Below sm_90 the op runs without
     kv_tma, so those kernels compile on first use.)"""
     if not tma_shape(cfg):
         out = [cfg]
-    elif cfg["q_tile"] <= 32:
+    elif cfg["q_tile"] != 64:
         return [dict(cfg, kv_tma=True)]
     else:
         out = [cfg, dict(cfg, kv_tma=True)]

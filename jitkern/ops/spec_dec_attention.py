@@ -93,14 +93,14 @@ def kernel_config(dtype, kv_dtype, head_dim, kv_layout, mode, page_size, q_tile,
 def use_tma(kv_dtype: str, head_dim: int, q_tile: int, capability: tuple, small: bool) -> bool:
     """Whether a call loads K/V with tensor maps (``kv_tma``) on compute capability 9.0 and later,
     where the family allows it (tma_shape: a 16-bit cache, head_dim a multiple of 64): always in
-    16- and 32-row query tiles, in the warpgroup tiles (64 and 128 rows) unless the grid is
-    ``small`` (family small_grid). Measured (H200, BENCHMARKS.md): in load-only kernels of the
-    decode shape (8k, batch 64) the bulk tensor copies read 104-106% of the read bandwidth where
-    the 16-byte cp.async copies read 97-100%; trees on large grids ran 1.03-1.30x faster with
-    them (the MMA warps no longer issue copies), and on small grids, whose CTAs walk few tiles,
-    0-8% slower for 64-row tiles (one thread's bulk copies and the barrier round trip, against
-    every thread's copies in flight at once)."""
-    return (KV_TMA and capability >= (9, 0) and (q_tile <= 32 or not small)
+    16-, 32- and 128-row query tiles, in 64-row tiles unless the grid is ``small`` (family
+    small_grid). Measured (H200, BENCHMARKS.md): in load-only kernels of the decode shape (8k,
+    batch 64) the bulk tensor copies read 104-106% of the read bandwidth where the 16-byte
+    cp.async copies read 97-100%; trees on large grids ran 1.03-1.30x faster with them (the MMA
+    warps no longer issue copies); on small grids, whose CTAs walk few tiles, 64-row tiles ran
+    0-8% slower (one thread's bulk copies and the barrier round trip, against every thread's
+    copies in flight at once), 128-row tiles 0.97-1.16x."""
+    return (KV_TMA and capability >= (9, 0) and (q_tile != 64 or not small)
             and tma_shape(dict(kv_dtype=kv_dtype, head_dim=head_dim, q_tile=q_tile)))
 
 
