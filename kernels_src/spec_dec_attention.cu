@@ -123,11 +123,13 @@ constexpr bool WG = JK_SD_HAVE_WGMMA && JK_SD_WGMMA && WG_SHAPE;
 // wgmma reads B only from shared memory, so an fp8 cache is converted there for it.
 constexpr bool FP8_SMEM = JK_KV_FP8 && (QT >= 128 || WG);
 constexpr bool FP8_DIRECT = JK_KV_FP8 && !FP8_SMEM;
-// Tensor-map (TMA) K/V loads for a 16-bit cache whose head_dim is a multiple of 64, on sm_90 and
-// later: the memory-bound tiles (16 and 32 query rows) and the warpgroup tiles (64 and 128 rows,
-// sm_90a). The host passes the two tensor maps (jitkern/ops/tensor_map.py; the op's kv_tma). One
-// thread per pipeline copies its K and V rows with one cp.async.bulk.tensor per box (a page, or
-// TMA_BOX_ROWS positions of a larger one) and 64 head-dim columns, completing on the stage's
+// Tensor-map (TMA) K/V loads, on sm_90 and later: for a 16-bit cache whose head_dim is a multiple
+// of 64, the memory-bound tiles (16 and 32 query rows) and the warpgroup tiles (64 and 128 rows,
+// sm_90a); for an fp8 cache whose head_dim is a multiple of 128, the warpgroup tiles (converted
+// to fp16 after landing, as below). The host passes the two tensor maps (jitkern/ops/
+// tensor_map.py; the op's kv_tma). One thread per pipeline copies its K and V rows with one
+// cp.async.bulk.tensor per box (a page, or TMA_BOX_ROWS positions of a larger one) and 128 bytes
+// of head-dim columns (64 16-bit or 128 e4m3 values), completing on the stage's
 // mbarrier; the tile lands in the 128-byte swizzle (dense 128-byte rows, chunk c of row r at
 // c ^ (r % 8)), which is both conflict-free for ldmatrix and the layout wgmma reads, and nothing
 // else of the pipeline issues copies. A 64-row tile's two warpgroups each copy their own half of
@@ -143,7 +145,7 @@ constexpr bool FP8_DIRECT = JK_KV_FP8 && !FP8_SMEM;
 constexpr bool TMA = false;   // no TMA there: kv_tma changes nothing (the host sizes shared memory
                               // for either layout, shared_bytes)
 #else
-constexpr bool TMA = JK_SD_TMA && !JK_KV_FP8 && DQ % 64 == 0 && (QT <= 32 || WG);
+constexpr bool TMA = JK_SD_TMA && (JK_KV_FP8 ? WG && DQ % 128 == 0 : DQ % 64 == 0 && (QT <= 32 || WG));
 #endif
 // positions per box: a page, or the rows one pipeline copies of a larger page (the host's
 // tma_box_rows mirrors this)
@@ -495,10 +497,11 @@ __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const __gri
                 const int c1 = hk, c2 = page * PS + tpos;
 #endif
 #pragma unroll
-                for (int cb = 0; cb < D / 64; ++cb) {
+                for (int cb = 0; cb < D * KV_BYTES / 128; ++cb) {   // 128-byte column blocks
                     const int o = cb * TILE * 128 + r * 128;
-                    tma_load_3d(smem_u32(ksm + o), &p.k_map, cb * 64, c1, c2, bar);
-                    tma_load_3d(smem_u32(vsm + o), &p.v_map, cb * 64, c1, c2, bar);
+                    const int c0 = cb * (128 / KV_BYTES);
+                    tma_load_3d(smem_u32(ksm + o), &p.k_map, c0, c1, c2, bar);
+                    tma_load_3d(smem_u32(vsm + o), &p.v_map, c0, c1, c2, bar);
                 }
             }
             return;
@@ -678,7 +681,7 @@ __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const __gri
                 if ((tile + 1) * TILE > L) {
                     u8* vz = kv_s + st_rd * 2 * KV_TILE_BYTES + KV_TILE_BYTES;
                     const int r_end = L - tile * TILE;
-                    for (int i = pt; i < PIPE_ROWS * (D / 8); i += PIPE_T) {
+                    for (int i = pt; i < PIPE_ROWS * CPR; i += PIPE_T) {
                         const int r = row_lo + i % PIPE_ROWS, c = i / PIPE_ROWS;
                         if (r >= r_end)
                             *reinterpret_cast<uint4*>(vz + swz_chunk(r, c, TILE)) =
@@ -756,7 +759,8 @@ __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const __gri
         // the pipeline (16 fp8 -> 32 bytes per step; exact: every e4m3 value is an fp16 value).
         // Thread pt converts the chunks it copied, chunk cc of rows r0 + k * RSTEP, so a landed
         // tile needs no barrier before the conversion, only the thread's own cp.async wait (the
-        // loop top skips it); the barrier after the conversion publishes the fp16 rows.
+        // loop top skips it; with TMA each thread's mbarrier wait); the barrier after the
+        // conversion publishes the fp16 rows.
         // All loads go out before the first store: a store might alias a later load, so the
         // compiler would not hoist them, and each conversion waited out its load's latency (ncu).
         // The previous round's readers of the converted rows are past its closing barrier.
@@ -771,7 +775,8 @@ __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const __gri
                 for (int k = 0; k < RCOPY; ++k)
                     w[m][k] = *reinterpret_cast<const uint4*>(
                         vst - (1 - m) * KV_TILE_BYTES +
-                        (FP8_QK ? swz_chunk(r0 + k * RSTEP, cc, TILE) : (r0 + k * RSTEP) * KV_ROW + cc * 16));
+                        (FP8_QK || TMA ? swz_chunk(r0 + k * RSTEP, cc, TILE)
+                                       : (r0 + k * RSTEP) * KV_ROW + cc * 16));
 #pragma unroll
             for (int m = FP8_QK ? 1 : 0; m < 2; ++m)
 #pragma unroll

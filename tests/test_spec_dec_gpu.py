@@ -598,14 +598,18 @@ def test_sanitizer_subset(i):
     assert _check(a, out, c["dtype"]) < BOUND[c["dtype"]]
 
 
-@pytest.mark.parametrize("shape", [(16, 16, 64), (32, 8, 128), (8, 4, 256)])
+@pytest.mark.parametrize("shape,mode,kv", [
+    (shape, mode, torch.bfloat16) for shape in ((16, 16, 64), (32, 8, 128), (8, 4, 256))
+    for mode in ("decode", "chain", "tree16", "tree64")] + [
+    ((32, 8, 128), "tree16", torch.float8_e4m3fn), ((16, 4, 256), "tree16", torch.float8_e4m3fn),
+    ((8, 8, 128), "tree64", torch.float8_e4m3fn)], ids=lambda v: str(v).replace("torch.", ""))
 @pytest.mark.parametrize("layout", ["NHD", "HND"])
 @pytest.mark.parametrize("ps", [16, 32, 64, 128])
-@pytest.mark.parametrize("mode", ["decode", "chain", "tree16", "tree64"])
-def test_tma_loads_equal_cp_async_over_poisoned_tails(shape, layout, ps, mode, monkeypatch):
+def test_tma_loads_equal_cp_async_over_poisoned_tails(shape, mode, kv, layout, ps, monkeypatch):
     """16-bit caches load K/V with tensor maps (kv_tma) on sm_90+, in every query tile (decode
     and chains: 16 and 32 rows; 16-node trees: 16, 32 and 64; 64-node trees: 64 and 128, the
-    warpgroup tiles, whose 64-row form copies a half tile per warpgroup): the output equals
+    warpgroup tiles, whose 64-row form copies a half tile per warpgroup), and fp8 caches in
+    64-row tiles (converted to fp16 after landing): the output equals
     the cp.async kernel's bit for bit and the reference's within the bound, eager and
     graph-replayed, although the pool holds NaN at every position past each sequence's end in
     its last pages (TMA copies whole pages; V's tail rows must be zeroed) and the page table
@@ -624,10 +628,11 @@ def test_tma_loads_equal_cp_async_over_poisoned_tails(shape, layout, ps, mode, m
         drafts = [random_eagle_tree(int(mode[4:]), rng) for _ in ctx]
     else:
         drafts = [1 if mode == "decode" else 3] * len(ctx)
+    fp8 = kv == torch.float8_e4m3fn
     a = random_paged_inputs(ctx, drafts, num_heads=hq, num_kv_heads=hkv, head_dim=d,
-                            dtype=torch.bfloat16, kv_layout=layout, page_size=ps,
-                            tree=mode.startswith("tree"), extra_table_cols=3,
-                            generator=torch.Generator().manual_seed(ps * d))
+                            dtype=torch.bfloat16, kv_dtype=kv, kv_scale=0.7 if fp8 else None,
+                            kv_layout=layout, page_size=ps, tree=mode.startswith("tree"),
+                            extra_table_cols=3, generator=torch.Generator().manual_seed(ps * d))
     if mode == "tree64":   # forced splits run the shape's own tile (128 rows where G > 1)
         a["num_kv_splits"] = 2
     if mode.startswith("tree"):   # warpgroup tiles take tensor maps on large grids only

@@ -446,7 +446,8 @@ def test_fp8_qk_configurations_compile_for_sm90a(q_tile, head_dim):
 
 def test_kv_tma_configurations():
     """kv_tma (tensor-map K/V loads) exists for 16-bit caches and head dims that are multiples
-    of 64, in 16/32-row tiles and the warpgroup tiles (64/128 rows over 64-position KV tiles); it
+    of 64, in 16/32-row tiles and the warpgroup tiles (64/128 rows over 64-position KV tiles),
+    and for fp8 caches with head dims that are multiples of 128 in the warpgroup tiles; it
     compiles there (bulk tensor copies in the SASS is a GPU matter), is refused elsewhere by name,
     and the warm-up set carries it (for 64-row tiles beside their cp.async form: the op takes
     tensor maps there on large grids only)."""
@@ -458,16 +459,22 @@ def test_kv_tma_configurations():
 
     base = dict(head_dim=128, dtype="bf16", kv_dtype="bf16", kv_layout="NHD", page_size=64,
                 mode="decode", q_tile=16, split_kv=True)
-    for bad, what in ((dict(kv_dtype="fp8_e4m3"), "kv_dtype 'fp8_e4m3'"),
+    for bad, what in ((dict(kv_dtype="fp8_e4m3"), "kv_dtype 'fp8_e4m3'.*q_tile 16"),
+                      (dict(kv_dtype="fp8_e4m3", q_tile=64, mode="tree", head_dim=64),
+                       "kv_dtype 'fp8_e4m3', head_dim 64"),
                       (dict(q_tile=64, mode="tree", kv_tile=128), "q_tile 64, kv_tile 128"),
                       (dict(head_dim=80), "head_dim 80")):
         with pytest.raises(ValueError, match=f"kv_tma applies to 16-bit caches.*{what}"):
             SPEC_DEC_ATTENTION.specialize(dict(base, kv_tma=True, **bad))
-    for d, layout, ps, mode, qt in ((64, "NHD", 64, "decode", 16), (128, "HND", 16, "chain", 32),
-                                    (256, "NHD", 128, "chain", 16), (64, "HND", 16, "tree", 64),
-                                    (128, "NHD", 128, "tree", 128)):
+    for d, layout, ps, mode, qt, kv in ((64, "NHD", 64, "decode", 16, "bf16"),
+                                        (128, "HND", 16, "chain", 32, "bf16"),
+                                        (256, "NHD", 128, "chain", 16, "bf16"),
+                                        (64, "HND", 16, "tree", 64, "bf16"),
+                                        (128, "NHD", 128, "tree", 128, "bf16"),
+                                        (128, "HND", 32, "tree", 64, "fp8_e4m3"),
+                                        (256, "NHD", 64, "tree", 128, "fp8_e4m3")):
         cfg = dict(base, head_dim=d, kv_layout=layout, page_size=ps, mode=mode, q_tile=qt,
-                   kv_tma=True)
+                   kv_dtype=kv, kv_tma=True)
         # sized for either layout (below sm_90 the source keeps the cp.async one), so the
         # occupancy is the cp.async kernel's
         assert shared_bytes(cfg) >= shared_bytes(dict(cfg, kv_tma=False))
@@ -488,27 +495,36 @@ def test_kv_tma_configurations():
                             (64, False, True), (128, True, True), (128, False, True)):
         assert use_tma("bf16", 128, qt, (9, 0), small) == want
     assert not use_tma("bf16", 128, 16, (8, 9), False)
-    assert not use_tma("fp8_e4m3", 128, 64, (9, 0), False)
+    # fp8: 64-row tiles on large grids only
+    for qt, small, want in ((64, False, True), (64, True, False), (128, False, False),
+                            (128, True, False), (16, False, False)):
+        assert use_tma("fp8_e4m3", 128, qt, (9, 0), small) == want
+    assert not use_tma("fp8_e4m3", 64, 64, (9, 0), False)   # head_dim 64: no whole boxes
+    fp8_tree = dict(base, kv_dtype="fp8_e4m3", mode="tree", q_tile=64)
+    assert op_configs(fp8_tree) == [fp8_tree, dict(fp8_tree, kv_tma=True)]
+    assert op_configs(dict(fp8_tree, q_tile=128)) == [dict(fp8_tree, q_tile=128)]
     warm = SPEC_DEC_ATTENTION.warmup_configs()
     for c in warm:
         if c.get("kv_tma"):
             assert tma_shape(c)
         elif tma_shape(c):   # a 64-row tile's cp.async form, with its tensor-map form
-            assert c["q_tile"] == 64 and (dict(c, kv_tma=True) in warm
-                                          or c.get("kv_stages") == 3)
+            assert (c["q_tile"] == 64 and (dict(c, kv_tma=True) in warm
+                                           or c.get("kv_stages") == 3)
+                    or c["kv_dtype"] == "fp8_e4m3")
     # bf16 decode and 4-chains x 2 pages; the bf16 trees' warpgroup tiles
     assert sum(1 for c in warm if c.get("kv_tma") and c["q_tile"] <= 32) == 6
     assert sum(1 for c in warm if c.get("kv_tma") and c["q_tile"] >= 64) > 0
 
 
 def test_tensor_maps_refuse_caches_they_cannot_describe():
-    """paged_kv_map names what it cannot describe before asking the driver: a cache that is not
-    16-bit, one that does not start 16-byte aligned, and one with more positions (NHD) or page
-    heads (HND) than int32 coordinates reach (the op keeps cp.async copies for those)."""
+    """paged_kv_map names what it cannot describe before asking the driver: a cache of wider
+    than 16-bit elements, one that does not start 16-byte aligned, and one with more positions
+    (NHD) or page heads (HND) than int32 coordinates reach (the op keeps cp.async copies for
+    those)."""
     from jitkern.ops.tensor_map import paged_kv_map
 
-    with pytest.raises(ValueError, match="16-bit caches only, got torch.float8_e4m3fn"):
-        paged_kv_map(torch.zeros(2, 64, 1, 64, dtype=torch.float8_e4m3fn), "NHD", 64)
+    with pytest.raises(ValueError, match="16-bit or one-byte caches only, got torch.float32"):
+        paged_kv_map(torch.zeros(2, 64, 1, 64, dtype=torch.float32), "NHD", 64)
     flat = torch.zeros(2 * 64 * 64 + 8, dtype=torch.bfloat16)
     off = next(i for i in range(1, 8) if (flat.data_ptr() + 2 * i) % 16)
     with pytest.raises(ValueError, match="is not 16-byte aligned"):

@@ -54,11 +54,12 @@ def _validate(cfg: dict) -> None:
         raise ValueError(f"spec_dec_attention: kv_dtype {cfg['kv_dtype']!r} must equal dtype "
                          f"{cfg['dtype']!r} or be 'fp8_e4m3' (tensor-core operands share one type)")
     if cfg.get("kv_tma") and not tma_shape(cfg):
-        raise ValueError(f"spec_dec_attention: kv_tma applies to 16-bit caches, a head_dim "
+        raise ValueError(f"spec_dec_attention: kv_tma applies to 16-bit caches with a head_dim "
                          f"that is a multiple of 64 and query tiles of 16 or 32 rows, or of 64 "
-                         f"or 128 over 64-position KV tiles; got kv_dtype {cfg['kv_dtype']!r}, "
-                         f"head_dim {cfg['head_dim']}, q_tile {cfg['q_tile']}, kv_tile "
-                         f"{kv_tile(cfg)}")
+                         f"or 128 over 64-position KV tiles, and to fp8 caches with a head_dim "
+                         f"that is a multiple of 128 and those 64- or 128-row tiles; got "
+                         f"kv_dtype {cfg['kv_dtype']!r}, head_dim {cfg['head_dim']}, q_tile "
+                         f"{cfg['q_tile']}, kv_tile {kv_tile(cfg)}")
     if shared_bytes(cfg) > MAX_SHARED:
         # the resolved depth: with kv_stages 0 the overflow comes from kv_tile or head_dim
         raise ValueError(f"spec_dec_attention: kv_stages {stages(cfg)} needs "
@@ -122,10 +123,11 @@ def op_configs(cfg: dict) -> list:
     """The configurations the op may run for a shape's ``cfg`` on sm_90 and later (warm-up sets
     and presets hold them all; see jitkern.ops.spec_dec_attention.use_tma): where tma_shape
     holds, ``cfg`` with ``kv_tma`` (64-row tiles: beside ``cfg`` itself, which small grids run;
-    other tiles: only that), and where small_grid_stages may pick it, ``cfg`` with
+    other tiles of a 16-bit cache: only that; other tiles of an fp8 cache: not), and where
+    small_grid_stages may pick it, ``cfg`` with
     SMALL_GRID_STAGES stages (small grids, so without kv_tma). (Below sm_90 the op runs without
     kv_tma, so those kernels compile on first use.)"""
-    if not tma_shape(cfg):
+    if not tma_shape(cfg) or (cfg["q_tile"] != 64 and cfg["kv_dtype"] == "fp8_e4m3"):
         out = [cfg]
     elif cfg["q_tile"] != 64:
         return [dict(cfg, kv_tma=True)]
@@ -169,11 +171,13 @@ def stages(cfg: dict) -> int:
 
 def tma_shape(cfg: dict) -> bool:
     """Whether ``kv_tma`` may be set (mirrors TMA in the source, on sm_90 and later): a 16-bit
-    cache, a head_dim that is a multiple of 64 (whole 64-column boxes; padded head dims keep the
-    cp.async copies) and a query tile of 16 or 32 rows (the memory-bound tiles) or a warpgroup
-    tile (64 or 128 rows over 64-position KV tiles, wgmma_shape; sm_90a)."""
-    return (cfg["kv_dtype"] != "fp8_e4m3" and cfg["head_dim"] % 64 == 0
-            and (cfg["q_tile"] <= 32 or wgmma_shape(cfg)))
+    cache with a head_dim that is a multiple of 64 (whole 128-byte boxes; padded head dims keep
+    the cp.async copies) and a query tile of 16 or 32 rows (the memory-bound tiles) or a
+    warpgroup tile (64 or 128 rows over 64-position KV tiles, wgmma_shape; sm_90a), or an fp8
+    cache with a head_dim that is a multiple of 128 and a warpgroup tile."""
+    if cfg["kv_dtype"] == "fp8_e4m3":
+        return cfg["head_dim"] % 128 == 0 and wgmma_shape(cfg)
+    return cfg["head_dim"] % 64 == 0 and (cfg["q_tile"] <= 32 or wgmma_shape(cfg))
 
 
 def tma_box_rows(q_tile: int, page_size: int, kv_tile_: int) -> int:

@@ -65,10 +65,9 @@ KV_TMA = True
 # (kernel, smem bytes, threads, merge as a programmatic launch, tensor-map box rows): keyed on the raw values, so a
 # launch builds no configuration
 _LAUNCH: dict = {}
-# (k address, v address, cache shape, layout, box rows) -> (k map, v map): the maps of a
-# launch, encoded once per pair of caches and found with one lookup a call (the plan's 16-bit
-# dtype is implied: a map copies 2-byte elements); a few pairs (per layer group) in turn, cleared
-# when full
+# (k address, v address, cache shape, cache dtype, layout, box rows) -> (k map, v map): the maps
+# of a launch, encoded once per pair of caches and found with one lookup a call; a few pairs (per
+# layer group) in turn, cleared when full
 _KV_MAPS: dict = {}
 _MAX_KV_MAPS = 64
 
@@ -92,15 +91,18 @@ def kernel_config(dtype, kv_dtype, head_dim, kv_layout, mode, page_size, q_tile,
 
 def use_tma(kv_dtype: str, head_dim: int, q_tile: int, capability: tuple, small: bool) -> bool:
     """Whether a call loads K/V with tensor maps (``kv_tma``) on compute capability 9.0 and later,
-    where the family allows it (tma_shape: a 16-bit cache, head_dim a multiple of 64): always in
-    16-, 32- and 128-row query tiles, in 64-row tiles unless the grid is ``small`` (family
-    small_grid). Measured (H200, BENCHMARKS.md): in load-only kernels of the decode shape (8k,
-    batch 64) the bulk tensor copies read 104-106% of the read bandwidth where the 16-byte
-    cp.async copies read 97-100%; trees on large grids ran 1.03-1.30x faster with them (the MMA
-    warps no longer issue copies); on small grids, whose CTAs walk few tiles, 64-row tiles ran
-    0-8% slower (one thread's bulk copies and the barrier round trip, against every thread's
-    copies in flight at once), 128-row tiles 0.97-1.16x."""
-    return (KV_TMA and capability >= (9, 0) and (q_tile != 64 or not small)
+    where the family allows it (tma_shape): in 64-row tiles unless the grid is ``small`` (family
+    small_grid), and with a 16-bit cache in every other tile (16, 32 and 128 rows). Measured
+    (H200, BENCHMARKS.md): in load-only kernels of the decode shape (8k, batch 64) the bulk
+    tensor copies read 104-106% of the read bandwidth where the 16-byte cp.async copies read
+    97-100%; 16-bit trees on large grids ran 1.03-1.30x faster with them (the MMA warps no
+    longer issue copies); on small grids, whose CTAs walk few tiles, 64-row tiles ran 0-8%
+    slower (one thread's bulk copies and the barrier round trip, against every thread's copies
+    in flight at once), 128-row tiles 0.97-1.16x. With an fp8 cache: 64-row tiles on large
+    grids 1.00-1.10x, 128-row tiles 0.95-1.00x."""
+    fp8 = kv_dtype == "fp8_e4m3"
+    return (KV_TMA and capability >= (9, 0)
+            and (not small if q_tile == 64 else not fp8)
             and tma_shape(dict(kv_dtype=kv_dtype, head_dim=head_dim, q_tile=q_tile)))
 
 
@@ -135,7 +137,7 @@ def _launch(q, k_cache, v_cache, block_tables, seq_lens, q_cu_seqlens, tree_mask
                                                 kv_tma, q.device.index))
     k_map = v_map = None
     if kv_tma:
-        mkey = (kp, vp, k_cache.shape, kv_layout, box)
+        mkey = (kp, vp, k_cache.shape, k_cache.dtype, kv_layout, box)
         maps = _KV_MAPS.get(mkey)
         if maps is None:
             if len(_KV_MAPS) >= _MAX_KV_MAPS:
