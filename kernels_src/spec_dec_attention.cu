@@ -8,7 +8,8 @@
 //   The CTA walks its share of the KV positions in tiles of 64, staged through shared memory by
 //   cp.async, STAGES deep (by each warp or warpgroup for its own slice where WARP_PIPE or
 //   WG_PIPE says so, synchronizing only those threads), or by one thread's tensor-map bulk
-//   copies per pipeline completing on a per-stage mbarrier (TMA: 16-bit caches). Warps are
+//   copies per pipeline completing on a per-stage mbarrier (TMA: 16-bit caches; fp8 ones in
+//   64- and 128-row tiles). Warps are
 //   laid out WM x WN: WM slabs of 16 query rows (the MMA M), and WN slices of each KV tile
 //   (with warpgroup MMAs, WG below, four consecutive slabs multiply together as one group).
 //   Each warp keeps a private online softmax (m, l, O) over the positions it saw; the epilogue
@@ -145,7 +146,8 @@ constexpr bool FP8_DIRECT = JK_KV_FP8 && !FP8_SMEM;
 constexpr bool TMA = false;   // no TMA there: kv_tma changes nothing (the host sizes shared memory
                               // for either layout, shared_bytes)
 #else
-constexpr bool TMA = JK_SD_TMA && (JK_KV_FP8 ? WG && DQ % 128 == 0 : DQ % 64 == 0 && (QT <= 32 || WG));
+constexpr bool TMA = JK_SD_TMA && (JK_KV_FP8 ? WG && DQ % 128 == 0
+                                              : DQ % 64 == 0 && (QT <= 32 || WG));
 #endif
 // positions per box: a page, or the rows one pipeline copies of a larger page (the host's
 // tma_box_rows mirrors this)

@@ -124,9 +124,8 @@ def op_configs(cfg: dict) -> list:
     and presets hold them all; see jitkern.ops.spec_dec_attention.use_tma): where tma_shape
     holds, ``cfg`` with ``kv_tma`` (64-row tiles: beside ``cfg`` itself, which small grids run;
     other tiles of a 16-bit cache: only that; other tiles of an fp8 cache: not), and where
-    small_grid_stages may pick it, ``cfg`` with
-    SMALL_GRID_STAGES stages (small grids, so without kv_tma). (Below sm_90 the op runs without
-    kv_tma, so those kernels compile on first use.)"""
+    small_grid_stages may pick it, ``cfg`` with SMALL_GRID_STAGES stages (small grids, so without
+    kv_tma). (Below sm_90 the op runs without kv_tma, so those kernels compile on first use.)"""
     if not tma_shape(cfg) or (cfg["q_tile"] != 64 and cfg["kv_dtype"] == "fp8_e4m3"):
         out = [cfg]
     elif cfg["q_tile"] != 64:

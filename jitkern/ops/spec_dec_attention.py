@@ -21,8 +21,7 @@ import torch
 from ..families.spec_dec_attention import (HEAD_DIMS, KV_TILE, PAGE_SIZES, SPEC_DEC_ATTENTION,
                                            fp8_qk_applies, pick_q_tile, q_tiles_for,
                                            resident_ctas, shared_bytes, small_grid,
-                                           small_grid_stages,
-                                           tma_box_rows, tma_shape, warps)
+                                           small_grid_stages, tma_box_rows, tma_shape, warps)
 from ..service import get_kernel
 from ..torch_ops import custom_op
 from .device import capability, device_index, sm_count
@@ -62,8 +61,8 @@ KV_TMA = True
 
 # (dtype, kv dtype, head_dim, layout, mode, page, q_tile, stages, tile, fp8_qk, kv_tma, device
 # index) ->
-# (kernel, smem bytes, threads, merge as a programmatic launch, tensor-map box rows): keyed on the raw values, so a
-# launch builds no configuration
+# (kernel, smem bytes, threads, merge as a programmatic launch, tensor-map box rows): keyed on the
+# raw values, so a launch builds no configuration
 _LAUNCH: dict = {}
 # (k address, v address, cache shape, cache dtype, layout, box rows) -> (k map, v map): the maps
 # of a launch, encoded once per pair of caches and found with one lookup a call; a few pairs (per
@@ -133,8 +132,8 @@ def _launch(q, k_cache, v_cache, block_tables, seq_lens, q_cu_seqlens, tree_mask
     hkv = k_cache.shape[2] if kv_layout == "NHD" else k_cache.shape[1]
     bt = seq_lens.shape[0]
     kern, smem, threads, merge_pdl, box = _launcher((q.dtype, k_cache.dtype, d, kv_layout, mode,
-                                                page_size, q_tile, kv_stages, kv_tile, fp8_qk,
-                                                kv_tma, q.device.index))
+                                                     page_size, q_tile, kv_stages, kv_tile,
+                                                     fp8_qk, kv_tma, q.device.index))
     k_map = v_map = None
     if kv_tma:
         mkey = (kp, vp, k_cache.shape, k_cache.dtype, kv_layout, box)

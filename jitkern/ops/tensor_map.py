@@ -45,7 +45,8 @@ def encode_tiled(addr: int, dims: tuple, strides: tuple, box: tuple, swizzle: in
     n = len(dims)
     u64, u32 = ctypes.c_uint64, ctypes.c_uint32
     out = (ctypes.c_uint8 * 128)()
-    rc = _ENCODE(out, _DTYPE_UINT8 if element_size == 1 else _DTYPE_UINT16, n, ctypes.c_void_p(addr), (u64 * n)(*dims),
+    dtype = _DTYPE_UINT8 if element_size == 1 else _DTYPE_UINT16
+    rc = _ENCODE(out, dtype, n, ctypes.c_void_p(addr), (u64 * n)(*dims),
                  (u64 * (n - 1))(*strides), (u32 * n)(*box), (u32 * n)(*([1] * n)),
                  _INTERLEAVE_NONE, swizzle, l2_promotion, _OOB_FILL_ZERO)
     if rc:
