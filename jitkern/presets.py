@@ -143,8 +143,8 @@ class Preset:
             tiles += sorted({("tree", qt) for n in range(lo, hi + 1) for qt in q_tiles_for(n * g)})
         return [c for kv in a.kv_dtypes for ps in a.page_sizes for mode, qt in tiles
                 for c in op_configs(dict(head_dim=a.head_dim, dtype=a.dtype, kv_dtype=kv,
-                                             kv_layout=a.kv_layout, page_size=ps, mode=mode,
-                                             q_tile=qt, split_kv=True))]
+                                         kv_layout=a.kv_layout, page_size=ps, mode=mode,
+                                         q_tile=qt, split_kv=True))]
 
     def describe(self, tp: int | None = None) -> dict:
         """The preset's shapes and choices as plain data (for ``jitkern presets``)."""

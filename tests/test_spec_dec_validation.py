@@ -521,8 +521,11 @@ def test_tensor_maps_refuse_caches_they_cannot_describe():
     than 16-bit elements, one that does not start 16-byte aligned, and one with more positions
     (NHD) or page heads (HND) than int32 coordinates reach (the op keeps cp.async copies for
     those)."""
-    from jitkern.ops.tensor_map import paged_kv_map
+    from jitkern.ops.tensor_map import fits_tensor_map, paged_kv_map
 
+    # (the op asks fits_tensor_map before choosing kv_tma)
+    assert fits_tensor_map((2**25 - 1, 64, 1, 64)) and not fits_tensor_map((2**25, 64, 1, 64))
+    assert not fits_tensor_map((2**27, 16, 64, 64))
     with pytest.raises(ValueError, match="16-bit or one-byte caches only, got torch.float32"):
         paged_kv_map(torch.zeros(2, 64, 1, 64, dtype=torch.float32), "NHD", 64)
     flat = torch.zeros(2 * 64 * 64 + 8, dtype=torch.bfloat16)

@@ -13,8 +13,8 @@ H100/H200) for those warpgroup MMAs.
 memory must stay within 227 KiB. ``fp8_qk`` (default False) computes Q K^T on e4m3 tensor cores
 where ``fp8_qk_applies`` (faster on fp8 trees, less precise: see the kernel source and
 docs/spec_dec_attention.md). ``kv_tma`` (default False) copies K/V with tensor maps where
-``tma_shape`` holds (the op sets it there on sm_90+; the attention entry then needs the caches'
-maps in ``k_map`` / ``v_map``, jitkern.ops.tensor_map).
+``tma_shape`` holds (the op sets it on sm_90+ on the grids ``tma_grids`` names; the attention
+entry then needs the caches' maps in ``k_map`` / ``v_map``, jitkern.ops.tensor_map).
 
 Launch contract (the op keeps it): mode "decode" needs one query token per sequence and no
 q_cu_seqlens; split_kv=False needs num_splits == 1; with num_splits > 1 the "merge" entry runs
@@ -119,19 +119,34 @@ def _has_small_grid_stages(kv_dtype: str, head_dim: int, q_tile: int) -> bool:
     return q_tile == 64 and kv_dtype != "fp8_e4m3" and padded_head_dim(head_dim) == 128
 
 
+def tma_grids(cfg: dict) -> str:
+    """On which grids the op loads K/V with tensor maps (``kv_tma``) for ``cfg``'s tile, on sm_90
+    and later: "all", "large" (not small_grid) or "none". Where tma_shape holds: 64-row tiles on
+    large grids, other tiles of a 16-bit cache (16, 32 and 128 rows) on all, other tiles of an
+    fp8 cache on none. Measured (H200, BENCHMARKS.md): in load-only kernels of the decode shape
+    (8k, batch 64) the bulk tensor copies read 104-106% of the read bandwidth where the 16-byte
+    cp.async copies read 97-100%; 16-bit trees on large grids ran 1.03-1.30x faster with them
+    (the MMA warps no longer issue copies); on small grids, whose CTAs walk few tiles, 64-row
+    tiles ran 0-8% slower (one thread's bulk copies and the barrier round trip, against every
+    thread's copies in flight at once), 128-row tiles 0.97-1.16x. With an fp8 cache: 64-row
+    tiles on large grids 1.00-1.10x, 128-row tiles 0.95-1.00x."""
+    if not tma_shape(cfg):
+        return "none"
+    if cfg["q_tile"] == 64:
+        return "large"
+    return "none" if cfg["kv_dtype"] == "fp8_e4m3" else "all"
+
+
 def op_configs(cfg: dict) -> list:
     """The configurations the op may run for a shape's ``cfg`` on sm_90 and later (warm-up sets
-    and presets hold them all; see jitkern.ops.spec_dec_attention.use_tma): where tma_shape
-    holds, ``cfg`` with ``kv_tma`` (64-row tiles: beside ``cfg`` itself, which small grids run;
-    other tiles of a 16-bit cache: only that; other tiles of an fp8 cache: not), and where
-    small_grid_stages may pick it, ``cfg`` with SMALL_GRID_STAGES stages (small grids, so without
-    kv_tma). (Below sm_90 the op runs without kv_tma, so those kernels compile on first use.)"""
-    if not tma_shape(cfg) or (cfg["q_tile"] != 64 and cfg["kv_dtype"] == "fp8_e4m3"):
-        out = [cfg]
-    elif cfg["q_tile"] != 64:
+    and presets hold them all): ``cfg`` with ``kv_tma`` where tma_grids says so (beside ``cfg``
+    itself where small grids keep the cp.async copies), and where small_grid_stages may pick it,
+    ``cfg`` with SMALL_GRID_STAGES stages (small grids, so without kv_tma). (Below sm_90 the op
+    runs without kv_tma, so those kernels compile on first use.)"""
+    grids = tma_grids(cfg)
+    if grids == "all":
         return [dict(cfg, kv_tma=True)]
-    else:
-        out = [cfg, dict(cfg, kv_tma=True)]
+    out = [cfg, dict(cfg, kv_tma=True)] if grids == "large" else [cfg]
     if _has_small_grid_stages(cfg["kv_dtype"], cfg["head_dim"], cfg["q_tile"]):
         out.append(dict(cfg, kv_stages=SMALL_GRID_STAGES))
     return out
@@ -264,7 +279,7 @@ SPEC_DEC_ATTENTION = register_family(KernelFamily(
         # or 256 on sm_90a; elsewhere no effect): the op's allow_fp8_qk, see fp8_qk_applies()
         Param("fp8_qk", (False, True), default=False, macro="JK_FP8_QK"),
         # tensor-map (TMA) K/V loads where tma_shape holds, sm_90 and later: the op's choice
-        # there (see jitkern.ops.spec_dec_attention.use_tma)
+        # on the grids tma_grids names
         Param("kv_tma", (False, True), default=False, macro="JK_SD_TMA"),
     ),
     entries={

@@ -31,6 +31,12 @@ def tensor_meta(t):
     return None if t is None else (t.shape, t.stride(), t.dtype, t.get_device())
 
 
+def contiguous_meta(t):
+    """tensor_meta for an op whose tensors must all be contiguous: a contiguity flag stands for
+    the strides (cheaper to build and compare per call)."""
+    return None if t is None else (t.shape, t.is_contiguous(), t.dtype, t.get_device())
+
+
 class PlanCache:
     """Signature -> plan, bounded: when full it is emptied (signatures are few per model, so a
     full cache means churn, where an LRU would not help either)."""

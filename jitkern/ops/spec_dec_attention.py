@@ -21,12 +21,12 @@ import torch
 from ..families.spec_dec_attention import (HEAD_DIMS, KV_TILE, PAGE_SIZES, SPEC_DEC_ATTENTION,
                                            fp8_qk_applies, pick_q_tile, q_tiles_for,
                                            resident_ctas, shared_bytes, small_grid,
-                                           small_grid_stages, tma_box_rows, tma_shape, warps)
+                                           small_grid_stages, tma_box_rows, tma_grids, warps)
 from ..service import get_kernel
 from ..torch_ops import custom_op
 from .device import capability, device_index, sm_count
-from .signature import PlanCache, require_aligned
-from .tensor_map import paged_kv_map
+from .signature import PlanCache, contiguous_meta as _meta, require_aligned
+from .tensor_map import fits_tensor_map, paged_kv_map
 
 _IN_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16"}
 _KV_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float8_e4m3fn: "fp8_e4m3"}
@@ -52,8 +52,8 @@ MERGE_THREADS = 128   # the merge kernel's block: a thread per row and four head
 # finishes and wait for it in the kernel, which hides most of the merge's launch (JK_SD_PDL in
 # the source). A switch for measurements (benchmarks/probe_cache_hints.py).
 MERGE_PDL = True
-# Tensor-map (TMA) K/V loads for the memory-bound tiles of a 16-bit cache (compute capability 9.0
-# and later; kv_tma in the family, use_tma below). A switch for measurements.
+# Tensor-map (TMA) K/V loads where the family's tma_grids has them (compute capability 9.0 and
+# later; kv_tma in the family, use_tma below). A switch for measurements.
 KV_TMA = True
 
 
@@ -89,20 +89,13 @@ def kernel_config(dtype, kv_dtype, head_dim, kv_layout, mode, page_size, q_tile,
 
 
 def use_tma(kv_dtype: str, head_dim: int, q_tile: int, capability: tuple, small: bool) -> bool:
-    """Whether a call loads K/V with tensor maps (``kv_tma``) on compute capability 9.0 and later,
-    where the family allows it (tma_shape): in 64-row tiles unless the grid is ``small`` (family
-    small_grid), and with a 16-bit cache in every other tile (16, 32 and 128 rows). Measured
-    (H200, BENCHMARKS.md): in load-only kernels of the decode shape (8k, batch 64) the bulk
-    tensor copies read 104-106% of the read bandwidth where the 16-byte cp.async copies read
-    97-100%; 16-bit trees on large grids ran 1.03-1.30x faster with them (the MMA warps no
-    longer issue copies); on small grids, whose CTAs walk few tiles, 64-row tiles ran 0-8%
-    slower (one thread's bulk copies and the barrier round trip, against every thread's copies
-    in flight at once), 128-row tiles 0.97-1.16x. With an fp8 cache: 64-row tiles on large
-    grids 1.00-1.10x, 128-row tiles 0.95-1.00x."""
-    fp8 = kv_dtype == "fp8_e4m3"
-    return (KV_TMA and capability >= (9, 0)
-            and (not small if q_tile == 64 else not fp8)
-            and tma_shape(dict(kv_dtype=kv_dtype, head_dim=head_dim, q_tile=q_tile)))
+    """Whether a call loads K/V with tensor maps (``kv_tma``): on compute capability 9.0 and
+    later, on the grids the family's tma_grids names for the tile (``small``: family
+    small_grid)."""
+    if not KV_TMA or capability < (9, 0):
+        return False
+    grids = tma_grids(dict(kv_dtype=kv_dtype, head_dim=head_dim, q_tile=q_tile))
+    return grids == "all" or (grids == "large" and not small)
 
 
 def _launcher(key: tuple):
@@ -527,7 +520,7 @@ def _plan(q, k_cache, v_cache, block_tables, seq_lens, q_cu_seqlens, tree_mask, 
     # (a pool too large for a tensor map's int32 coordinates keeps the cp.async copies)
     kv_tma = (use_tma(_KV_DTYPES[k_cache.dtype], d, q_tile, capability(dev),
                       small_grid(ctas, splits, sms))
-              and num_pages * (page_size if kv_layout == "NHD" else hkv) < 2**31)
+              and fits_tensor_map(k_cache.shape))
     static = (float(scale), kv_scale_f, kv_layout, mode, q_tile, page_size, q_len, row_tiles,
               splits, sliding_window or 0, -(-max_kv // KV_TILE), stages, 0, fp8_qk, kv_tma)
     return _Plan(static, need if splits > 1 else 0, workspace is not None)
@@ -604,11 +597,6 @@ def spec_dec_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
 # ---- per-signature plans: a repeated call skips validation and planning ------------------------
 
 _PLANS = PlanCache()   # call signature -> _Plan
-
-
-def _meta(t):
-    """The signature part of one optional tensor (see _call_key), None when absent."""
-    return None if t is None else (t.shape, t.is_contiguous(), t.dtype, t.get_device())
 
 
 def _call_key(q, k_cache, v_cache, block_tables, seq_lens, q_cu_seqlens, tree_mask, scale,

@@ -55,6 +55,13 @@ def encode_tiled(addr: int, dims: tuple, strides: tuple, box: tuple, swizzle: in
     return bytes(out)
 
 
+def fits_tensor_map(shape: tuple) -> bool:
+    """Whether a paged cache of ``shape`` (NHD or HND) can have a map: the copies address the
+    map's outer dimension (the pool's positions, NHD, or its page heads, HND: either way
+    ``shape[0] * shape[1]``) with int32 coordinates."""
+    return shape[0] * shape[1] < 2**31
+
+
 def paged_kv_map(cache, layout: str, box_rows: int) -> bytes:
     """The 128-byte CUtensorMap of ``cache`` (a contiguous 16-bit or one-byte NHD or HND paged
     pool) with a box of ``box_rows`` positions x 128 bytes of head-dim columns of one KV head (see
@@ -78,7 +85,7 @@ def paged_kv_map(cache, layout: str, box_rows: int) -> bytes:
         dims = (d, ps, pages * hkv)
         strides = (d * e, ps * d * e)
         box = (128 // e, box_rows, 1)
-    if dims[2] >= 2**31:
+    if not fits_tensor_map(shape):
         raise ValueError(f"a cache of {dims[2]} {'positions' if layout == 'NHD' else 'page heads'}"
                          f" exceeds the int32 coordinates of a tensor map")
     return encode_tiled(addr, dims, strides, box, SWIZZLE_128B, L2_PROMOTION_128B, e)
