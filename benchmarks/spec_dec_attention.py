@@ -70,6 +70,36 @@ def read_bandwidth() -> float:
     return (1 << 31) / t
 
 
+def read_floor(nbytes: int, copies: int) -> float:
+    """Seconds per call of a torch ``sum`` over ``nbytes`` (bf16), graph-replayed over ``copies``
+    buffers as the op's calls are: what one kernel that only reads a row's K/V takes at that
+    size, launch and ramp included (the 2 GiB ``read_bandwidth`` has neither)."""
+    xs = [torch.empty(nbytes // 2, dtype=torch.bfloat16, device="cuda").normal_()
+          for _ in range(copies)]
+    t = time_graph([(lambda x=x: x.sum()) for x in xs])
+    del xs
+    return t
+
+
+def issue_goal(qname: str, n: int, ctx: int, batch: int, kvn: str, t_xqa, kv_bytes: int,
+               bw: float):
+    """The strictest of the issue's speed goals that applies to a row, as a ratio to XQA: 1.0x
+    where XQA reads above 90% of the bandwidth, 1.6x at batch 1-8 with context >= 8k, 2x on
+    64-node trees (bf16), 1.8x with fp8 KV; None without an XQA time."""
+    if t_xqa is None:
+        return None
+    goals = []
+    if kv_bytes / t_xqa / bw > 0.9:
+        goals.append(1.0)
+    if batch <= 8 and ctx >= 8192:
+        goals.append(1.6)
+    if "tree" in qname and n == 64 and kvn == "bf16":
+        goals.append(2.0)
+    if kvn == "fp8":
+        goals.append(1.8)
+    return max(goals) if goals else None
+
+
 def matmul_rate() -> float:
     a = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
     b = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
@@ -394,6 +424,10 @@ def main():
     ap.add_argument("--fp8-qk", action="store_true",
                     help="fp8 rows: also time the op with allow_fp8_qk=True (two more columns)")
     ap.add_argument("--kv", choices=("bf16", "fp8"), help="only the rows of this KV dtype")
+    ap.add_argument("--floor", action="store_true",
+                    help="also time a torch sum over the row's KV bytes (graph-replayed, L2 "
+                         "defeated as for the op) and print the issue's goal as a time (three "
+                         "more columns)")
     ap.add_argument("--xqa-no-pdl", action="store_true",
                     help="also time XQA with enable_pdl=False (its default launches each call as "
                          "a programmatic dependent of the previous kernel; two more columns)")
@@ -417,9 +451,10 @@ def main():
         return
     extra_head = " fp8_qk us | fp8_qk vs XQA |" if args.fp8_qk else ""
     extra_head += " XQA no-PDL us | vs XQA no-PDL |" if args.xqa_no_pdl else ""
+    extra_head += " sum floor us | goal | goal us |" if args.floor else ""
     print("| Hq/Hkv/D | q | ctx | batch | KV | KV MB | ours us | ours %BW | XQA us | XQA %BW | "
           "vs XQA | XQA err | Flex us | SDPA us | ours %MMA |" + extra_head)
-    print("|" + "---|" * (15 + 2 * args.fp8_qk + 2 * args.xqa_no_pdl))
+    print("|" + "---|" * (15 + 2 * args.fp8_qk + 2 * args.xqa_no_pdl + 3 * args.floor))
     rows = grid(args.grid)
     if args.kv:
         rows = [r for r in rows if r[4] == args.kv]
@@ -464,6 +499,8 @@ def main():
                                                   for s in sets])
             except Exception as e:   # noqa: BLE001
                 xerr = f"fail: {type(e).__name__}"
+        if args.floor:
+            cells["floor"] = read_floor(kv_bytes, copies)
         vis = None
         try:
             if kv_bytes > DENSE_MAX_BYTES:
@@ -493,6 +530,10 @@ def main():
         if args.xqa_no_pdl:
             np_ratio = f"{cells['xqa_np'] / t_ours:.2f}x" if "xqa_np" in cells else "-"
             extra_cells += f" {us('xqa_np')} | {np_ratio} |"
+        if args.floor:
+            goal = issue_goal(qname, n, ctx, batch, kvn, cells.get("xqa"), kv_bytes, bw)
+            goal_us = f"{cells['xqa'] / goal * 1e6:.1f}" if goal and "xqa" in cells else "-"
+            extra_cells += f" {us('floor')} | {f'{goal:.1f}x' if goal else '-'} | {goal_us} |"
         flops = 4 * batch * n * hq * L * d
         mma = f"{100 * flops / t_ours / mm:.1f}%" if "tree" in qname else ""
         print(f"| {hq}/{hkv}/{d} | {qname} | {ctx // 1024}k | {batch} | {kvn} | "

@@ -9,7 +9,7 @@
 //   cp.async, STAGES deep (by each warp or warpgroup for its own slice where WARP_PIPE or
 //   WG_PIPE says so, synchronizing only those threads), or by one thread's tensor-map bulk
 //   copies per pipeline completing on a per-stage mbarrier (TMA: 16-bit caches; fp8 ones in
-//   64- and 128-row tiles). Warps are
+//   16- to 128-row tiles). Warps are
 //   laid out WM x WN: WM slabs of 16 query rows (the MMA M), and WN slices of each KV tile
 //   (with warpgroup MMAs, WG below, four consecutive slabs multiply together as one group).
 //   Each warp keeps a private online softmax (m, l, O) over the positions it saw; the epilogue
@@ -125,10 +125,11 @@ constexpr bool WG = JK_SD_HAVE_WGMMA && JK_SD_WGMMA && WG_SHAPE;
 constexpr bool FP8_SMEM = JK_KV_FP8 && (QT >= 128 || WG);
 constexpr bool FP8_DIRECT = JK_KV_FP8 && !FP8_SMEM;
 // Tensor-map (TMA) K/V loads, on sm_90 and later: for a 16-bit cache whose head_dim is a multiple
-// of 64, the memory-bound tiles (16 and 32 query rows) and the warpgroup tiles (64 and 128 rows,
-// sm_90a); for an fp8 cache whose head_dim is a multiple of 128, the warpgroup tiles (converted
-// to fp16 after landing, as below). The host passes the two tensor maps (jitkern/ops/
-// tensor_map.py; the op's kv_tma). One thread per pipeline copies its K and V rows with one
+// of 64 or an fp8 cache whose head_dim is a multiple of 128, the memory-bound tiles (16 and 32
+// query rows; fp8 fragments read from the swizzled rows, kv8_at) and the warpgroup tiles (64
+// and 128 rows, sm_90a; fp8 converted to fp16 after landing, as below). The host passes the
+// two tensor maps (jitkern/ops/tensor_map.py; the op's kv_tma). One thread per pipeline copies
+// its K and V rows with one
 // cp.async.bulk.tensor per box (a page, or TMA_BOX_ROWS positions of a larger one) and 128 bytes
 // of head-dim columns (64 16-bit or 128 e4m3 values), completing on the stage's
 // mbarrier; the tile lands in the 128-byte swizzle (dense 128-byte rows, chunk c of row r at
@@ -146,7 +147,7 @@ constexpr bool FP8_DIRECT = JK_KV_FP8 && !FP8_SMEM;
 constexpr bool TMA = false;   // no TMA there: kv_tma changes nothing (the host sizes shared memory
                               // for either layout, shared_bytes)
 #else
-constexpr bool TMA = JK_SD_TMA && (JK_KV_FP8 ? WG && DQ % 128 == 0
+constexpr bool TMA = JK_SD_TMA && (JK_KV_FP8 ? DQ % 128 == 0 && (QT <= 32 || WG)
                                               : DQ % 64 == 0 && (QT <= 32 || WG));
 #endif
 // positions per box: a page, or the rows one pipeline copies of a larger page (the host's
@@ -657,6 +658,12 @@ __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const __gri
     auto kv_at = [](int r, int c) {
         return TMA ? swz_chunk(r, c, TILE) : r * ROW16 + c * 16;
     };
+    // byte offset of byte `col` of row r in a landed fp8 tile the direct path reads (FP8_DIRECT:
+    // padded rows, or the tensor maps' swizzled ones, where the 32-bit fragment loads of a warp
+    // stay on distinct banks: rows g of one load sit in distinct 16-byte chunks)
+    auto kv8_at = [](int r, int col) {
+        return TMA ? swz_chunk(r, col >> 4, TILE) + (col & 15) : r * KV_ROW + col;
+    };
 
     // the pipeline stage read this round, and the one refilled (read the round before)
     int st_rd = 0, st_wr = STAGES - 1;
@@ -845,7 +852,7 @@ __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const __gri
             if constexpr (FP8_DIRECT) {
 #pragma unroll
                 for (int j = 0; j < NJ; ++j) {
-                    const u32 w = lds32(ksm + (kv_row0 + 8 * j + g) * KV_ROW + 16 * kc + 4 * t4);
+                    const u32 w = lds32(ksm + kv8_at(kv_row0 + 8 * j + g, 16 * kc + 4 * t4));
                     u32 b0, b1;
                     if (FP8_PAIRS) fp8x4_to_f16x4(w, b0, b1);
                     else { b0 = fp8_lo(w); b1 = fp8_hi(w); }
@@ -982,11 +989,12 @@ __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const __gri
             // thread (g, t) gathers V[pos 2t, 2t+1, 2t+8, 2t+9][d = 32q + 4g + j], j = 0..3: the
             // four bytes of one 32-bit load per position feed four n8 chunks (output column g of
             // chunk 4q+j is head-dim 32q + 4g + j; the epilogue undoes this order).
-            const u8* vb = vsm + (kv_row0 + 16 * i + 2 * t4) * KV_ROW + 4 * g;
+            const int vr = kv_row0 + 16 * i + 2 * t4;
 #pragma unroll
             for (int qd = 0; qd < D / 32; ++qd) {
-                const u32 w0 = lds32(vb + 32 * qd), w1 = lds32(vb + KV_ROW + 32 * qd);
-                const u32 w2 = lds32(vb + 8 * KV_ROW + 32 * qd), w3 = lds32(vb + 9 * KV_ROW + 32 * qd);
+                const int vc = 32 * qd + 4 * g;
+                const u32 w0 = lds32(vsm + kv8_at(vr, vc)), w1 = lds32(vsm + kv8_at(vr + 1, vc));
+                const u32 w2 = lds32(vsm + kv8_at(vr + 8, vc)), w3 = lds32(vsm + kv8_at(vr + 9, vc));
                 if (FP8_PAIRS) {   // one permute per two column pairs
                     u32 b0[4], b1[4];
                     fp8_cols2<0>(w0, w1, b0[0], b0[1]);

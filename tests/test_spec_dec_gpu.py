@@ -602,14 +602,19 @@ def test_sanitizer_subset(i):
     (shape, mode, torch.bfloat16) for shape in ((16, 16, 64), (32, 8, 128), (8, 4, 256))
     for mode in ("decode", "chain", "tree16", "tree64")] + [
     ((32, 8, 128), "tree16", torch.float8_e4m3fn), ((16, 4, 256), "tree16", torch.float8_e4m3fn),
-    ((8, 8, 128), "tree64", torch.float8_e4m3fn)], ids=lambda v: str(v).replace("torch.", ""))
+    ((8, 8, 128), "tree64", torch.float8_e4m3fn)] + [
+    (shape, mode, torch.float8_e4m3fn) for shape, mode in (
+        ((32, 8, 128), "decode"), ((32, 8, 128), "chain"), ((8, 4, 256), "decode"),
+        ((8, 1, 128), "chain"), ((16, 16, 128), "tree16"))],
+    ids=lambda v: str(v).replace("torch.", ""))
 @pytest.mark.parametrize("layout", ["NHD", "HND"])
 @pytest.mark.parametrize("ps", [16, 32, 64, 128])
 def test_tma_loads_equal_cp_async_over_poisoned_tails(shape, mode, kv, layout, ps, monkeypatch):
     """16-bit caches load K/V with tensor maps (kv_tma) on sm_90+, in every query tile (decode
     and chains: 16 and 32 rows; 16-node trees: 16, 32 and 64; 64-node trees: 64 and 128, the
     warpgroup tiles, whose 64-row form copies a half tile per warpgroup), and fp8 caches in
-    64-row tiles (converted to fp16 after landing): the output equals
+    16-, 32- and 64-row tiles (the small ones read their fragments from the swizzled rows, the
+    64-row ones convert to fp16 after landing): the output equals
     the cp.async kernel's bit for bit and the reference's within the bound, eager and
     graph-replayed, although the pool holds NaN at every position past each sequence's end in
     its last pages (TMA copies whole pages; V's tail rows must be zeroed) and the page table
@@ -635,7 +640,7 @@ def test_tma_loads_equal_cp_async_over_poisoned_tails(shape, mode, kv, layout, p
                             extra_table_cols=3, generator=torch.Generator().manual_seed(ps * d))
     if mode == "tree64":   # forced splits run the shape's own tile (128 rows where G > 1)
         a["num_kv_splits"] = 2
-    if mode.startswith("tree"):   # warpgroup tiles take tensor maps on large grids only
+    if mode.startswith("tree") or fp8:   # (tiles that take tensor maps on large grids only)
         monkeypatch.setattr(sda, "small_grid", lambda *_: False)
     lens, table = a["seq_lens"].tolist(), a["block_tables"]
     for b, L in enumerate(lens):
@@ -651,7 +656,7 @@ def test_tma_loads_equal_cp_async_over_poisoned_tails(shape, mode, kv, layout, p
                                        dtype=table.dtype)
     plan = sda.planned_config(**a)
     assert plan.get("kv_tma")
-    assert plan["q_tile"] == {"decode": 16, "chain": 16,
+    assert plan["q_tile"] == {"decode": 16, "chain": 16 if 4 * hq // hkv <= 16 else 32,
                               "tree16": 16 * hq // hkv, "tree64": min(64 * hq // hkv, 128)}[mode]
     outs = {}
     for tma in (False, True):

@@ -446,11 +446,11 @@ def test_fp8_qk_configurations_compile_for_sm90a(q_tile, head_dim):
 
 def test_kv_tma_configurations():
     """kv_tma (tensor-map K/V loads) exists for 16-bit caches and head dims that are multiples
-    of 64, in 16/32-row tiles and the warpgroup tiles (64/128 rows over 64-position KV tiles),
-    and for fp8 caches with head dims that are multiples of 128 in the warpgroup tiles; it
-    compiles there (bulk tensor copies in the SASS is a GPU matter), is refused elsewhere by name,
-    and the warm-up set carries it (for 64-row tiles beside their cp.async form: the op takes
-    tensor maps there on large grids only)."""
+    of 64 and for fp8 caches and head dims that are multiples of 128, in 16/32-row tiles and the
+    warpgroup tiles (64/128 rows over 64-position KV tiles); it compiles there (bulk tensor
+    copies in the SASS is a GPU matter), is refused elsewhere by name, and the warm-up set
+    carries it (beside the cp.async form where the op takes tensor maps on large grids only:
+    16-bit 64-row tiles, fp8 16- to 64-row tiles)."""
     import jitkern
     from jitkern.families.spec_dec_attention import (SPEC_DEC_ATTENTION, op_configs,
                                                      resident_ctas, shared_bytes, tma_box_rows,
@@ -459,12 +459,13 @@ def test_kv_tma_configurations():
 
     base = dict(head_dim=128, dtype="bf16", kv_dtype="bf16", kv_layout="NHD", page_size=64,
                 mode="decode", q_tile=16, split_kv=True)
-    for bad, what in ((dict(kv_dtype="fp8_e4m3"), "kv_dtype 'fp8_e4m3'.*q_tile 16"),
+    for bad, what in ((dict(kv_dtype="fp8_e4m3", head_dim=64), "kv_dtype 'fp8_e4m3', head_dim 64.*q_tile 16"),
                       (dict(kv_dtype="fp8_e4m3", q_tile=64, mode="tree", head_dim=64),
                        "kv_dtype 'fp8_e4m3', head_dim 64"),
                       (dict(q_tile=64, mode="tree", kv_tile=128), "q_tile 64, kv_tile 128"),
                       (dict(head_dim=80), "head_dim 80")):
-        with pytest.raises(ValueError, match=f"kv_tma applies to 16-bit caches.*{what}"):
+        with pytest.raises(ValueError, match=f"kv_tma applies to 16-bit caches.*fp8 caches.*"
+                                             f"multiple of 128.*{what}"):
             SPEC_DEC_ATTENTION.specialize(dict(base, kv_tma=True, **bad))
     for d, layout, ps, mode, qt, kv in ((64, "NHD", 64, "decode", 16, "bf16"),
                                         (128, "HND", 16, "chain", 32, "bf16"),
@@ -472,6 +473,8 @@ def test_kv_tma_configurations():
                                         (64, "HND", 16, "tree", 64, "bf16"),
                                         (128, "NHD", 128, "tree", 128, "bf16"),
                                         (128, "HND", 32, "tree", 64, "fp8_e4m3"),
+                                        (128, "NHD", 16, "decode", 16, "fp8_e4m3"),
+                                        (256, "HND", 64, "chain", 32, "fp8_e4m3"),
                                         (256, "NHD", 64, "tree", 128, "fp8_e4m3")):
         cfg = dict(base, head_dim=d, kv_layout=layout, page_size=ps, mode=mode, q_tile=qt,
                    kv_dtype=kv, kv_tma=True)
@@ -495,11 +498,15 @@ def test_kv_tma_configurations():
                             (64, False, True), (128, True, True), (128, False, True)):
         assert use_tma("bf16", 128, qt, (9, 0), small) == want
     assert not use_tma("bf16", 128, 16, (8, 9), False)
-    # fp8: 64-row tiles on large grids only
+    # fp8: 16- to 64-row tiles on large grids only, 128-row tiles never
     for qt, small, want in ((64, False, True), (64, True, False), (128, False, False),
-                            (128, True, False), (16, False, False)):
+                            (128, True, False), (16, False, True), (16, True, False),
+                            (32, False, True), (32, True, False)):
         assert use_tma("fp8_e4m3", 128, qt, (9, 0), small) == want
     assert not use_tma("fp8_e4m3", 64, 64, (9, 0), False)   # head_dim 64: no whole boxes
+    assert not use_tma("fp8_e4m3", 64, 16, (9, 0), False)
+    fp8_decode = dict(base, kv_dtype="fp8_e4m3")
+    assert op_configs(fp8_decode) == [fp8_decode, dict(fp8_decode, kv_tma=True)]
     fp8_tree = dict(base, kv_dtype="fp8_e4m3", mode="tree", q_tile=64)
     assert op_configs(fp8_tree) == [fp8_tree, dict(fp8_tree, kv_tma=True)]
     assert op_configs(dict(fp8_tree, q_tile=128)) == [dict(fp8_tree, q_tile=128)]
@@ -507,12 +514,13 @@ def test_kv_tma_configurations():
     for c in warm:
         if c.get("kv_tma"):
             assert tma_shape(c)
-        elif tma_shape(c):   # a 64-row tile's cp.async form, with its tensor-map form
-            assert (c["q_tile"] == 64 and (dict(c, kv_tma=True) in warm
-                                           or c.get("kv_stages") == 3)
-                    or c["kv_dtype"] == "fp8_e4m3")
-    # bf16 decode and 4-chains x 2 pages; the bf16 trees' warpgroup tiles
-    assert sum(1 for c in warm if c.get("kv_tma") and c["q_tile"] <= 32) == 6
+        elif tma_shape(c):   # a cp.async form for small grids, with its tensor-map form
+            fp8 = c["kv_dtype"] == "fp8_e4m3"
+            assert ((c["q_tile"] == 64 or fp8 and c["q_tile"] < 128)
+                    and (dict(c, kv_tma=True) in warm or c.get("kv_stages") == 3)
+                    or fp8 and c["q_tile"] == 128)
+    # decode and 4-chains (16 and 32 rows) x 2 pages x bf16 / fp8; the trees' warpgroup tiles
+    assert sum(1 for c in warm if c.get("kv_tma") and c["q_tile"] <= 32) == 12
     assert sum(1 for c in warm if c.get("kv_tma") and c["q_tile"] >= 64) > 0
 
 

@@ -55,9 +55,9 @@ def _validate(cfg: dict) -> None:
                          f"{cfg['dtype']!r} or be 'fp8_e4m3' (tensor-core operands share one type)")
     if cfg.get("kv_tma") and not tma_shape(cfg):
         raise ValueError(f"spec_dec_attention: kv_tma applies to 16-bit caches with a head_dim "
-                         f"that is a multiple of 64 and query tiles of 16 or 32 rows, or of 64 "
-                         f"or 128 over 64-position KV tiles, and to fp8 caches with a head_dim "
-                         f"that is a multiple of 128 and those 64- or 128-row tiles; got "
+                         f"that is a multiple of 64 and to fp8 caches with a head_dim that is a "
+                         f"multiple of 128, with query tiles of 16 or 32 rows, or of 64 or 128 "
+                         f"over 64-position KV tiles; got "
                          f"kv_dtype {cfg['kv_dtype']!r}, head_dim {cfg['head_dim']}, q_tile "
                          f"{cfg['q_tile']}, kv_tile {kv_tile(cfg)}")
     if shared_bytes(cfg) > MAX_SHARED:
@@ -121,20 +121,23 @@ def _has_small_grid_stages(kv_dtype: str, head_dim: int, q_tile: int) -> bool:
 
 def tma_grids(cfg: dict) -> str:
     """On which grids the op loads K/V with tensor maps (``kv_tma``) for ``cfg``'s tile, on sm_90
-    and later: "all", "large" (not small_grid) or "none". Where tma_shape holds: 64-row tiles on
-    large grids, other tiles of a 16-bit cache (16, 32 and 128 rows) on all, other tiles of an
-    fp8 cache on none. Measured (H200, BENCHMARKS.md): in load-only kernels of the decode shape
-    (8k, batch 64) the bulk tensor copies read 104-106% of the read bandwidth where the 16-byte
-    cp.async copies read 97-100%; 16-bit trees on large grids ran 1.03-1.30x faster with them
-    (the MMA warps no longer issue copies); on small grids, whose CTAs walk few tiles, 64-row
-    tiles ran 0-8% slower (one thread's bulk copies and the barrier round trip, against every
-    thread's copies in flight at once), 128-row tiles 0.97-1.16x. With an fp8 cache: 64-row
-    tiles on large grids 1.00-1.10x, 128-row tiles 0.95-1.00x."""
+    and later: "all", "large" (not small_grid) or "none". Where tma_shape holds: 16-bit caches
+    in 64-row tiles on large grids and in other tiles (16, 32 and 128 rows) on all; fp8 caches
+    in 16-, 32- and 64-row tiles on large grids and in 128-row tiles on none. Measured (H200,
+    BENCHMARKS.md): in load-only kernels of the decode shape (8k, batch 64) the bulk tensor
+    copies read 104-106% of the read bandwidth where the 16-byte cp.async copies read 97-100%;
+    16-bit trees on large grids ran 1.03-1.30x faster with them (the MMA warps no longer issue
+    copies); on small grids, whose CTAs walk few tiles, 64-row tiles ran 0-8% slower (one
+    thread's bulk copies and the barrier round trip, against every thread's copies in flight at
+    once), 128-row tiles 0.97-1.16x. With an fp8 cache: decode and 4-chains (16-row tiles) on
+    large grids 1.03-1.07x, on small grids 0.83-0.96x (the tensor-map pipeline is CTA-wide,
+    where the cp.async one is private to each warp); 64-row tiles on large grids 1.00-1.10x;
+    128-row tiles 0.95-1.00x."""
     if not tma_shape(cfg):
         return "none"
-    if cfg["q_tile"] == 64:
-        return "large"
-    return "none" if cfg["kv_dtype"] == "fp8_e4m3" else "all"
+    if cfg["kv_dtype"] == "fp8_e4m3":
+        return "none" if cfg["q_tile"] >= 128 else "large"
+    return "large" if cfg["q_tile"] == 64 else "all"
 
 
 def op_configs(cfg: dict) -> list:
@@ -184,14 +187,13 @@ def stages(cfg: dict) -> int:
 
 
 def tma_shape(cfg: dict) -> bool:
-    """Whether ``kv_tma`` may be set (mirrors TMA in the source, on sm_90 and later): a 16-bit
-    cache with a head_dim that is a multiple of 64 (whole 128-byte boxes; padded head dims keep
-    the cp.async copies) and a query tile of 16 or 32 rows (the memory-bound tiles) or a
-    warpgroup tile (64 or 128 rows over 64-position KV tiles, wgmma_shape; sm_90a), or an fp8
-    cache with a head_dim that is a multiple of 128 and a warpgroup tile."""
-    if cfg["kv_dtype"] == "fp8_e4m3":
-        return cfg["head_dim"] % 128 == 0 and wgmma_shape(cfg)
-    return cfg["head_dim"] % 64 == 0 and (cfg["q_tile"] <= 32 or wgmma_shape(cfg))
+    """Whether ``kv_tma`` may be set (mirrors TMA in the source, on sm_90 and later): a head_dim
+    that fills whole 128-byte boxes (a multiple of 64 for a 16-bit cache, of 128 for an fp8
+    one; padded head dims keep the cp.async copies) and a query tile of 16 or 32 rows (the
+    memory-bound tiles) or a warpgroup tile (64 or 128 rows over 64-position KV tiles,
+    wgmma_shape; sm_90a)."""
+    whole_boxes = cfg["head_dim"] % (128 if cfg["kv_dtype"] == "fp8_e4m3" else 64) == 0
+    return whole_boxes and (cfg["q_tile"] <= 32 or wgmma_shape(cfg))
 
 
 def tma_box_rows(q_tile: int, page_size: int, kv_tile_: int) -> int:
