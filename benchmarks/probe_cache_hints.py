@@ -17,8 +17,11 @@ A fragments gathered by 64-bit loads), JK_SD_WG_PIPE 0 ("WG CTA pipe": one CTA-w
 for 64-row warpgroup tiles), fp8_qk (the op's allow_fp8_qk: e4m3 Q K^T on fp8 trees; set here
 for every row, 128-row tiles included, which the op leaves out),
 kv_stages 3 / 4 / 5 / 6 and kv_tile 128 (configuration overrides), 2 / 3 / 4 / 8 / 16 / 32 / 64
-splits (the op's num_kv_splits), "no TMA" (the cp.async K/V copies where the op uses tensor maps) and
-JK_SD_PROBE_LOAD_ONLY (the tile loop without its arithmetic: the loads' own ceiling), with XQA's
+splits (the op's num_kv_splits), "no TMA" (the cp.async K/V copies where the op uses tensor maps),
+"TMA on small grids" (tensor maps where the op's policy keeps cp.async on small grids) and
+JK_SD_PROBE_LOAD_ONLY (the tile loop without its arithmetic: the loads' own ceiling),
+JK_SD_PROBE_EMPTY ("empty": no KV tiles at all, so the launch, prologue, epilogue and merge
+alone: a split call's fixed cost), with XQA's
 time on the same inputs when flashinfer imports; each variant that does the arithmetic is also
 checked against the default's output. Other spec-dec hooks the kernel keeps: JK_SD_L2_PREFETCH
 (the cp.async L2 prefetch size).
@@ -245,6 +248,7 @@ def attention(rbw, match=(), only_variants=()):
     # (tag, extra macros, configuration overrides); the first of each list is the default
     variants_all = [("default", {}, {}), ("CTA pipe", {"JK_SD_WARP_PIPE": 0}, {}),
                     ("load-only", {"JK_SD_PROBE_LOAD_ONLY": 1}, {}),
+                    ("empty", {"JK_SD_PROBE_EMPTY": 1}, {}),
                     ("mma.sync", {"JK_SD_WGMMA": 0}, {}),
                     ("fp8 per-pair", {"JK_SD_FP8_PAIRS": 0}, {}),
                     ("eager rescale", {"JK_SD_RESCALE_TAU": 0}, {}),
@@ -263,10 +267,12 @@ def attention(rbw, match=(), only_variants=()):
                     ("2 splits", {}, {"num_kv_splits": 2}), ("3 splits", {}, {"num_kv_splits": 3}),
                     ("4 splits", {}, {"num_kv_splits": 4}), ("6 stages", {}, {"kv_stages": 6}),
                     ("no TMA", {}, {"kv_tma": False}),
+                    ("TMA on small grids", {}, {"tma_small": True}),
                     ("8 splits", {}, {"num_kv_splits": 8}), ("16 splits", {}, {"num_kv_splits": 16}),
                     ("32 splits", {}, {"num_kv_splits": 32}),
                     ("64 splits", {}, {"num_kv_splits": 64})]
     base_tiling = sda.pick_tiling
+    base_small = sda.small_grid
     if only_variants:
         named = {v[0]: v for v in variants_all}
         for want in only_variants:   # "tile QxS": query tile Q in S splits (the op's tiling forced)
@@ -287,6 +293,7 @@ def attention(rbw, match=(), only_variants=()):
         over = dict(over)
         pdl = over.pop("merge_pdl", True)   # the merge kernel's programmatic launch (op switch)
         tma = over.pop("kv_tma", True)      # tensor-map K/V loads where they apply (op switch)
+        tma_small = over.pop("tma_small", False)   # tensor maps where the op keeps cp.async
         kw = {k: over.pop(k) for k in ("num_kv_splits",) if k in over}
         tiling = over.pop("tiling", None)
 
@@ -301,6 +308,7 @@ def attention(rbw, match=(), only_variants=()):
             sda.kernel_config = config
             sda.MERGE_PDL = pdl
             sda.KV_TMA = tma
+            sda.small_grid = (lambda *a: False) if tma_small else base_small
             sda.pick_tiling = (lambda *a, **k: tiling) if tiling else base_tiling
             sda._LAUNCH.clear()
             sda._PLANS.clear()   # (the plan holds the kv_tma choice)
@@ -369,7 +377,7 @@ def attention(rbw, match=(), only_variants=()):
         # (fp8_qk: within its e4m3 accumulation error; the difference is printed either way)
         ref = None
         for tag, use in variants:
-            if "load-only" in tag:
+            if "load-only" in tag or "empty" in tag:
                 continue
             use()
             o = torch.full_like(sets[0]["q"], float("nan"))
@@ -393,6 +401,7 @@ def attention(rbw, match=(), only_variants=()):
         torch.cuda.empty_cache()
     sda.SPEC_DEC_ATTENTION, sda.kernel_config, sda.MERGE_PDL = base, base_config, True
     sda.KV_TMA = True
+    sda.small_grid = base_small
     sda.pick_tiling = base_tiling
     sda._LAUNCH.clear()
     sda._PLANS.clear()

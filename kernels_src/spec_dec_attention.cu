@@ -427,6 +427,9 @@ __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const __gri
         t_end = min(t_begin + per, ntiles);
         load_pages(t_begin);
     }
+#ifdef JK_SD_PROBE_EMPTY
+    if (JK_SD_PROBE_EMPTY) t_end = t_begin;   // measurement: launch, prologue, epilogue, merge
+#endif
 
     const float ks = p.kv_scale_ptr != nullptr ? *p.kv_scale_ptr : p.kv_scale;
     const float sl2 = JK_KV_FP8 ? p.scale_log2 * ks : p.scale_log2;
