@@ -4,10 +4,13 @@ Columns: configuration, KV bytes, time (median over CUDA-graph replays, L2 defea
 through enough copies of the inputs), percent of the read bandwidth measured in the same run
 (a large ``sum``), FlashInfer's ``xqa`` (when ``import flashinfer`` works) and our speedup over
 it, FlexAttention (tree as ``mask_mod``, dense gathered K/V), SDPA on a gathered dense copy, and
-for trees the percent of the bf16 matmul rate measured with ``torch.matmul``.
+for trees the percent of the bf16 matmul rate measured with ``torch.matmul``. ``--floor`` adds
+a ``torch.sum`` over each row's KV bytes (graph-replayed, L2 defeated as for the op: one read
+kernel of that size, launch and ramp included) and the issue's strictest goal for the row as a
+ratio and as a time.
 
     python benchmarks/spec_dec_attention.py [--grid quick|story|sampled|full|padded|small-trees|misses]
-        [--no-flex] [--fp8-qk] [--kv bf16|fp8] [--xqa-no-pdl]
+        [--no-flex] [--fp8-qk] [--kv bf16|fp8] [--xqa-no-pdl] [--floor]
         [--explore [--explore-trees [--explore-both]]] [--budget SECONDS]
 """
 
