@@ -18,7 +18,7 @@ for 64-row warpgroup tiles), fp8_qk (the op's allow_fp8_qk: e4m3 Q K^T on fp8 tr
 for every row, 128-row tiles included, which the op leaves out),
 kv_stages 3 / 4 / 5 / 6 and kv_tile 128 (configuration overrides), 2 / 3 / 4 / 8 / 16 / 32 / 64
 splits (the op's num_kv_splits), "no TMA" (the cp.async K/V copies where the op uses tensor maps),
-"TMA on small grids" (tensor maps where the op's policy keeps cp.async on small grids) and
+"TMA on every grid" (tensor maps where the op's grid rule keeps cp.async) and
 JK_SD_PROBE_LOAD_ONLY (the tile loop without its arithmetic: the loads' own ceiling),
 JK_SD_PROBE_EMPTY ("empty": no KV tiles at all, so the launch, prologue, epilogue and merge
 alone: a split call's fixed cost), with XQA's
@@ -267,12 +267,12 @@ def attention(rbw, match=(), only_variants=()):
                     ("2 splits", {}, {"num_kv_splits": 2}), ("3 splits", {}, {"num_kv_splits": 3}),
                     ("4 splits", {}, {"num_kv_splits": 4}), ("6 stages", {}, {"kv_stages": 6}),
                     ("no TMA", {}, {"kv_tma": False}),
-                    ("TMA on small grids", {}, {"tma_small": True}),
+                    ("TMA on every grid", {}, {"tma_small": True}),
                     ("8 splits", {}, {"num_kv_splits": 8}), ("16 splits", {}, {"num_kv_splits": 16}),
                     ("32 splits", {}, {"num_kv_splits": 32}),
                     ("64 splits", {}, {"num_kv_splits": 64})]
     base_tiling = sda.pick_tiling
-    base_small = sda.small_grid
+    base_on_grid = sda.tma_on_grid
     if only_variants:
         named = {v[0]: v for v in variants_all}
         for want in only_variants:   # "tile QxS": query tile Q in S splits (the op's tiling forced)
@@ -308,7 +308,8 @@ def attention(rbw, match=(), only_variants=()):
             sda.kernel_config = config
             sda.MERGE_PDL = pdl
             sda.KV_TMA = tma
-            sda.small_grid = (lambda *a: False) if tma_small else base_small
+            sda.tma_on_grid = ((lambda grids, *a: grids != "none") if tma_small
+                               else base_on_grid)
             sda.pick_tiling = (lambda *a, **k: tiling) if tiling else base_tiling
             sda._LAUNCH.clear()
             sda._PLANS.clear()   # (the plan holds the kv_tma choice)
@@ -355,7 +356,8 @@ def attention(rbw, match=(), only_variants=()):
             ((32, 8, 128), 64, 32768, 1, "fp8"), ((32, 8, 128), 1, 8192, 1, "fp8"),
             ((32, 8, 128), 4, 8192, 1, "fp8"), ((32, 8, 128), 4, 32768, 1, "fp8"),
             ((32, 8, 128), 4, 1024, 1, "fp8"), ((32, 8, 128), 4, 1024, 8, "fp8"),
-            ((32, 8, 128), 1, 32768, 8, "fp8"), ((32, 8, 128), 4, 32768, 64, "fp8"))
+            ((32, 8, 128), 1, 32768, 8, "fp8"), ((32, 8, 128), 4, 32768, 64, "fp8"),
+            ((32, 8, 128), 4, 32768, 8, "fp8"))
     if match:
         rows = [r for r in rows if any(m == row_name(*r) for m in match)]
     for (hq, hkv, d), n, ctx, batch, kvn, *layout in rows:
@@ -401,7 +403,7 @@ def attention(rbw, match=(), only_variants=()):
         torch.cuda.empty_cache()
     sda.SPEC_DEC_ATTENTION, sda.kernel_config, sda.MERGE_PDL = base, base_config, True
     sda.KV_TMA = True
-    sda.small_grid = base_small
+    sda.tma_on_grid = base_on_grid
     sda.pick_tiling = base_tiling
     sda._LAUNCH.clear()
     sda._PLANS.clear()

@@ -640,8 +640,8 @@ def test_tma_loads_equal_cp_async_over_poisoned_tails(shape, mode, kv, layout, p
                             extra_table_cols=3, generator=torch.Generator().manual_seed(ps * d))
     if mode == "tree64":   # forced splits run the shape's own tile (128 rows where G > 1)
         a["num_kv_splits"] = 2
-    if mode.startswith("tree") or fp8:   # (tiles that take tensor maps on large grids only)
-        monkeypatch.setattr(sda, "small_grid", lambda *_: False)
+    # (tiles that take tensor maps on large or crowded grids only: on every grid here)
+    monkeypatch.setattr(sda, "tma_on_grid", lambda grids, *_: grids != "none")
     lens, table = a["seq_lens"].tolist(), a["block_tables"]
     for b, L in enumerate(lens):
         used = -(-L // ps)

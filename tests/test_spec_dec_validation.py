@@ -493,18 +493,22 @@ def test_kv_tma_configurations():
                                                    (64, 128), (128, 128))] == [16, 64, 16, 32,
                                                                               32, 64]
     assert tma_box_rows(32, 128, 128) == 128
-    # the op's choice: every tile but 64-row ones always, those unless the grid is small
-    for qt, small, want in ((16, True, True), (32, False, True), (64, True, False),
-                            (64, False, True), (128, True, True), (128, False, True)):
-        assert use_tma("bf16", 128, qt, (9, 0), small) == want
-    assert not use_tma("bf16", 128, 16, (8, 9), False)
-    # fp8: 16- to 64-row tiles on large grids only, 128-row tiles never
-    for qt, small, want in ((64, False, True), (64, True, False), (128, False, False),
-                            (128, True, False), (16, False, True), (16, True, False),
-                            (32, False, True), (32, True, False)):
-        assert use_tma("fp8_e4m3", 128, qt, (9, 0), small) == want
-    assert not use_tma("fp8_e4m3", 64, 64, (9, 0), False)   # head_dim 64: no whole boxes
-    assert not use_tma("fp8_e4m3", 64, 16, (9, 0), False)
+    # the op's choice, on 132 SMs: a grid of at most one CTA per SM (128 CTAs in 16 splits), a
+    # split grid of two per SM (small, but crowded) and an unsplit grid of 512 CTAs (large)
+    one, two, big = (128, 16, 132), (256, 4, 132), (512, 1, 132)
+    # 16-bit: every tile but 64-row ones always, those unless the grid is small
+    for qt, grid, want in ((16, one, True), (32, big, True), (64, one, False), (64, two, False),
+                           (64, big, True), (128, one, True), (128, big, True)):
+        assert use_tma("bf16", 128, qt, (9, 0), *grid) == want
+    assert not use_tma("bf16", 128, 16, (8, 9), *big)
+    # fp8: 16/32-row tiles on grids of more CTAs than SMs, 64-row tiles on large grids, 128-row
+    # tiles never
+    for qt, grid, want in ((16, one, False), (16, two, True), (16, big, True), (32, one, False),
+                           (32, two, True), (64, one, False), (64, two, False), (64, big, True),
+                           (128, two, False), (128, big, False)):
+        assert use_tma("fp8_e4m3", 128, qt, (9, 0), *grid) == want
+    assert not use_tma("fp8_e4m3", 64, 64, (9, 0), *big)   # head_dim 64: no whole boxes
+    assert not use_tma("fp8_e4m3", 64, 16, (9, 0), *big)
     fp8_decode = dict(base, kv_dtype="fp8_e4m3")
     assert op_configs(fp8_decode) == [fp8_decode, dict(fp8_decode, kv_tma=True)]
     fp8_tree = dict(base, kv_dtype="fp8_e4m3", mode="tree", q_tile=64)

@@ -121,23 +121,36 @@ def _has_small_grid_stages(kv_dtype: str, head_dim: int, q_tile: int) -> bool:
 
 def tma_grids(cfg: dict) -> str:
     """On which grids the op loads K/V with tensor maps (``kv_tma``) for ``cfg``'s tile, on sm_90
-    and later: "all", "large" (not small_grid) or "none". Where tma_shape holds: 16-bit caches
-    in 64-row tiles on large grids and in other tiles (16, 32 and 128 rows) on all; fp8 caches
-    in 16-, 32- and 64-row tiles on large grids and in 128-row tiles on none. Measured (H200,
+    and later: "all", "large" (not small_grid), "crowded" (more CTAs than SMs) or "none"; see
+    tma_on_grid. Where tma_shape holds: 16-bit caches in 64-row tiles on large grids and in
+    other tiles (16, 32 and 128 rows) on all; fp8 caches in 16- and 32-row tiles on crowded
+    grids, in 64-row tiles on large grids and in 128-row tiles on none. Measured (H200,
     BENCHMARKS.md): in load-only kernels of the decode shape (8k, batch 64) the bulk tensor
     copies read 104-106% of the read bandwidth where the 16-byte cp.async copies read 97-100%;
     16-bit trees on large grids ran 1.03-1.30x faster with them (the MMA warps no longer issue
     copies); on small grids, whose CTAs walk few tiles, 64-row tiles ran 0-8% slower (one
     thread's bulk copies and the barrier round trip, against every thread's copies in flight at
     once), 128-row tiles 0.97-1.16x. With an fp8 cache: decode and 4-chains (16-row tiles) on
-    large grids 1.03-1.07x, on small grids 0.83-0.96x (the tensor-map pipeline is CTA-wide,
-    where the cp.async one is private to each warp); 64-row tiles on large grids 1.00-1.10x;
+    batch 64 1.03-1.07x, at 8k and 32k batch 8 (256 CTAs, a small grid but a crowded one)
+    1.02-1.06x, on grids of at most one CTA per SM (batch 1, 1k batch 8) 0.83-0.96x (the
+    tensor-map pipeline is the CTA's, the cp.async ones are private to each warp; one
+    tensor-map pipeline per warp measured slower still); 64-row tiles on large grids 1.00-1.10x;
     128-row tiles 0.95-1.00x."""
     if not tma_shape(cfg):
         return "none"
     if cfg["kv_dtype"] == "fp8_e4m3":
-        return "none" if cfg["q_tile"] >= 128 else "large"
+        return "crowded" if cfg["q_tile"] <= 32 else "large" if cfg["q_tile"] == 64 else "none"
     return "large" if cfg["q_tile"] == 64 else "all"
+
+
+def tma_on_grid(grids: str, ctas: int, splits: int, sms: int) -> bool:
+    """Whether a launch of ``ctas`` CTAs in ``splits`` KV splits on ``sms`` SMs takes tensor maps
+    where tma_grids says ``grids`` for its tile."""
+    if grids == "large":
+        return not small_grid(ctas, splits, sms)
+    if grids == "crowded":
+        return ctas > sms
+    return grids == "all"
 
 
 def op_configs(cfg: dict) -> list:
@@ -149,7 +162,7 @@ def op_configs(cfg: dict) -> list:
     grids = tma_grids(cfg)
     if grids == "all":
         return [dict(cfg, kv_tma=True)]
-    out = [cfg, dict(cfg, kv_tma=True)] if grids == "large" else [cfg]
+    out = [cfg, dict(cfg, kv_tma=True)] if grids in ("large", "crowded") else [cfg]
     if _has_small_grid_stages(cfg["kv_dtype"], cfg["head_dim"], cfg["q_tile"]):
         out.append(dict(cfg, kv_stages=SMALL_GRID_STAGES))
     return out

@@ -20,8 +20,8 @@ import torch
 
 from ..families.spec_dec_attention import (HEAD_DIMS, KV_TILE, PAGE_SIZES, SPEC_DEC_ATTENTION,
                                            fp8_qk_applies, pick_q_tile, q_tiles_for,
-                                           resident_ctas, shared_bytes, small_grid,
-                                           small_grid_stages, tma_box_rows, tma_grids, warps)
+                                           resident_ctas, shared_bytes, small_grid_stages,
+                                           tma_box_rows, tma_grids, tma_on_grid, warps)
 from ..service import get_kernel
 from ..torch_ops import custom_op
 from .device import capability, device_index, sm_count
@@ -88,14 +88,15 @@ def kernel_config(dtype, kv_dtype, head_dim, kv_layout, mode, page_size, q_tile,
     return cfg + (("kv_tma", True),) if kv_tma else cfg
 
 
-def use_tma(kv_dtype: str, head_dim: int, q_tile: int, capability: tuple, small: bool) -> bool:
-    """Whether a call loads K/V with tensor maps (``kv_tma``): on compute capability 9.0 and
-    later, on the grids the family's tma_grids names for the tile (``small``: family
-    small_grid)."""
+def use_tma(kv_dtype: str, head_dim: int, q_tile: int, capability: tuple, ctas: int,
+            splits: int, sms: int) -> bool:
+    """Whether a call of ``ctas`` CTAs (``splits`` KV splits) on ``sms`` SMs loads K/V with tensor
+    maps (``kv_tma``): on compute capability 9.0 and later, on the grids the family's tma_grids
+    names for the tile (family tma_on_grid)."""
     if not KV_TMA or capability < (9, 0):
         return False
     grids = tma_grids(dict(kv_dtype=kv_dtype, head_dim=head_dim, q_tile=q_tile))
-    return grids == "all" or (grids == "large" and not small)
+    return tma_on_grid(grids, ctas, splits, sms)
 
 
 def _launcher(key: tuple):
@@ -518,8 +519,7 @@ def _plan(q, k_cache, v_cache, block_tables, seq_lens, q_cu_seqlens, tree_mask, 
     ctas, sms = bt * hkv * row_tiles * splits, sm_count(dev)
     stages = small_grid_stages(_KV_DTYPES[k_cache.dtype], d, q_tile, ctas, splits, sms)
     # (a pool too large for a tensor map's int32 coordinates keeps the cp.async copies)
-    kv_tma = (use_tma(_KV_DTYPES[k_cache.dtype], d, q_tile, capability(dev),
-                      small_grid(ctas, splits, sms))
+    kv_tma = (use_tma(_KV_DTYPES[k_cache.dtype], d, q_tile, capability(dev), ctas, splits, sms)
               and fits_tensor_map(k_cache.shape))
     static = (float(scale), kv_scale_f, kv_layout, mode, q_tile, page_size, q_len, row_tiles,
               splits, sliding_window or 0, -(-max_kv // KV_TILE), stages, 0, fp8_qk, kv_tma)
