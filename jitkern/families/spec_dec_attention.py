@@ -130,7 +130,7 @@ def tma_grids(cfg: dict) -> str:
     16-bit trees on large grids ran 1.03-1.30x faster with them (the MMA warps no longer issue
     copies); on small grids, whose CTAs walk few tiles, 64-row tiles ran 0-8% slower (one
     thread's bulk copies and the barrier round trip, against every thread's copies in flight at
-    once), 128-row tiles 0.97-1.16x. With an fp8 cache: decode and 4-chains (16-row tiles) on
+    once), 128-row tiles 0.97-1.16x. With an fp8 cache: decode and 4-chains (16-row tiles) at
     batch 64 1.03-1.07x, at 8k and 32k batch 8 (256 CTAs, a small grid but a crowded one)
     1.02-1.06x, on grids of at most one CTA per SM (batch 1, 1k batch 8) 0.83-0.96x (the
     tensor-map pipeline is the CTA's, the cp.async ones are private to each warp; one
@@ -156,7 +156,7 @@ def tma_on_grid(grids: str, ctas: int, splits: int, sms: int) -> bool:
 def op_configs(cfg: dict) -> list:
     """The configurations the op may run for a shape's ``cfg`` on sm_90 and later (warm-up sets
     and presets hold them all): ``cfg`` with ``kv_tma`` where tma_grids says so (beside ``cfg``
-    itself where small grids keep the cp.async copies), and where small_grid_stages may pick it,
+    itself where some grids keep the cp.async copies), and where small_grid_stages may pick it,
     ``cfg`` with SMALL_GRID_STAGES stages (small grids, so without kv_tma). (Below sm_90 the op
     runs without kv_tma, so those kernels compile on first use.)"""
     grids = tma_grids(cfg)
