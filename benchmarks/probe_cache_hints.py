@@ -267,7 +267,7 @@ def attention(rbw, match=(), only_variants=()):
                     ("2 splits", {}, {"num_kv_splits": 2}), ("3 splits", {}, {"num_kv_splits": 3}),
                     ("4 splits", {}, {"num_kv_splits": 4}), ("6 stages", {}, {"kv_stages": 6}),
                     ("no TMA", {}, {"kv_tma": False}),
-                    ("TMA on every grid", {}, {"tma_small": True}),
+                    ("TMA on every grid", {}, {"tma_everywhere": True}),
                     ("8 splits", {}, {"num_kv_splits": 8}), ("16 splits", {}, {"num_kv_splits": 16}),
                     ("32 splits", {}, {"num_kv_splits": 32}),
                     ("64 splits", {}, {"num_kv_splits": 64})]
@@ -293,7 +293,7 @@ def attention(rbw, match=(), only_variants=()):
         over = dict(over)
         pdl = over.pop("merge_pdl", True)   # the merge kernel's programmatic launch (op switch)
         tma = over.pop("kv_tma", True)      # tensor-map K/V loads where they apply (op switch)
-        tma_small = over.pop("tma_small", False)   # tensor maps where the op keeps cp.async
+        tma_everywhere = over.pop("tma_everywhere", False)   # where the op keeps cp.async too
         kw = {k: over.pop(k) for k in ("num_kv_splits",) if k in over}
         tiling = over.pop("tiling", None)
 
@@ -308,7 +308,7 @@ def attention(rbw, match=(), only_variants=()):
             sda.kernel_config = config
             sda.MERGE_PDL = pdl
             sda.KV_TMA = tma
-            sda.tma_on_grid = ((lambda grids, *a: grids != "none") if tma_small
+            sda.tma_on_grid = ((lambda grids, *a: grids != "none") if tma_everywhere
                                else base_on_grid)
             sda.pick_tiling = (lambda *a, **k: tiling) if tiling else base_tiling
             sda._LAUNCH.clear()

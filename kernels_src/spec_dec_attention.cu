@@ -147,8 +147,8 @@ constexpr bool FP8_DIRECT = JK_KV_FP8 && !FP8_SMEM;
 constexpr bool TMA = false;   // no TMA there: kv_tma changes nothing (the host sizes shared memory
                               // for either layout, shared_bytes)
 #else
-constexpr bool TMA = JK_SD_TMA && (JK_KV_FP8 ? DQ % 128 == 0 && (QT <= 32 || WG)
-                                              : DQ % 64 == 0 && (QT <= 32 || WG));
+// (whole 128-byte boxes of head-dim columns: 128 e4m3 or 64 16-bit values)
+constexpr bool TMA = JK_SD_TMA && DQ % (JK_KV_FP8 ? 128 : 64) == 0 && (QT <= 32 || WG);
 #endif
 // positions per box: a page, or the rows one pipeline copies of a larger page (the host's
 // tma_box_rows mirrors this)
@@ -663,7 +663,9 @@ __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const __gri
     };
     // byte offset of byte `col` of row r in a landed fp8 tile the direct path reads (FP8_DIRECT:
     // padded rows, or the tensor maps' swizzled ones, where the 32-bit fragment loads of a warp
-    // stay on distinct banks: rows g of one load sit in distinct 16-byte chunks)
+    // stay on distinct banks: rows g of one load sit in distinct 16-byte chunks). The same
+    // offsets as kv_at's chunks plus a byte, but written through kv_at the compiler laid the
+    // fp8 decode kernels out differently (other cubins), so it stays spelled out.
     auto kv8_at = [](int r, int col) {
         return TMA ? swz_chunk(r, col >> 4, TILE) + (col & 15) : r * KV_ROW + col;
     };

@@ -127,7 +127,7 @@ def _launch(q, k_cache, v_cache, block_tables, seq_lens, q_cu_seqlens, tree_mask
     bt = seq_lens.shape[0]
     kern, smem, threads, merge_pdl, box = _launcher((q.dtype, k_cache.dtype, d, kv_layout, mode,
                                                      page_size, q_tile, kv_stages, kv_tile,
-                                                     fp8_qk, kv_tma, q.device.index))
+                                                     fp8_qk, kv_tma, q.get_device()))
     k_map = v_map = None
     if kv_tma:
         mkey = (kp, vp, k_cache.shape, k_cache.dtype, kv_layout, box)
