@@ -483,8 +483,8 @@ __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const __gri
         u8* vsm = ksm + KV_TILE_BYTES;
         if constexpr (TMA) {
             // the pipeline's issuing thread (the caller) copies its rows of the tile: per box of
-            // them (TMA_BOX_ROWS positions of one page) and 64 head-dim columns, one box of K and
-            // one of V. A page id past the table (-1) or any other out-of-range coordinate reads
+            // them (TMA_BOX_ROWS positions of one page) and 128 bytes of head-dim columns, one box
+            // of K and one of V. A page id past the table (-1) or any other out-of-range coordinate reads
             // nothing and lands zeros (the unit bounds-checks); rows past the sequence end land
             // whatever the pool holds there (see the tail below).
             const u32 bar = smem_u32(&kv_full[tma_pipe * STAGES + stage]);

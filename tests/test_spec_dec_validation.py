@@ -489,10 +489,10 @@ def test_kv_tma_configurations():
     assert not tma_shape(dict(base, head_dim=96))
     # boxes: a page, or what one pipeline copies of a larger page (a 64-row tile's warpgroups
     # copy half a tile each)
-    assert [tma_box_rows(qt, ps, 0) for qt, ps in ((16, 16), (16, 128), (64, 16), (64, 64),
-                                                   (64, 128), (128, 128))] == [16, 64, 16, 32,
-                                                                              32, 64]
-    assert tma_box_rows(32, 128, 128) == 128
+    assert [tma_box_rows(dict(base, q_tile=qt, page_size=ps))
+            for qt, ps in ((16, 16), (16, 128), (64, 16), (64, 64), (64, 128),
+                           (128, 128))] == [16, 64, 16, 32, 32, 64]
+    assert tma_box_rows(dict(base, q_tile=32, page_size=128, kv_tile=128)) == 128
     # the op's choice, on 132 SMs: a grid of at most one CTA per SM (128 CTAs in 16 splits), a
     # split grid of two per SM (small, but crowded) and an unsplit grid of 512 CTAs (large)
     one, two, big = (128, 16, 132), (256, 4, 132), (512, 1, 132)

@@ -209,12 +209,12 @@ def tma_shape(cfg: dict) -> bool:
     return whole_boxes and (cfg["q_tile"] <= 32 or wgmma_shape(cfg))
 
 
-def tma_box_rows(q_tile: int, page_size: int, kv_tile_: int) -> int:
-    """KV positions per tensor-map box (mirrors TMA_BOX_ROWS in the source): a page, or the rows
-    one K/V pipeline copies of a larger page, a whole ``kv_tile_`` (0: 64) except in 64-row tiles,
+def tma_box_rows(cfg: dict) -> int:
+    """KV positions per tensor-map box of ``cfg`` (mirrors TMA_BOX_ROWS in the source): a page,
+    or the rows one K/V pipeline copies of a larger page, a whole kv_tile except in 64-row tiles,
     whose two warpgroups copy a half each."""
-    tile = kv_tile_ or KV_TILE
-    return min(page_size, tile // 2 if q_tile == 64 else tile)
+    tile = kv_tile(cfg)
+    return min(cfg["page_size"], tile // 2 if cfg["q_tile"] == 64 else tile)
 
 
 def wgmma_shape(cfg: dict) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+
 def device_index(device) -> int:
     """The index of CUDA ``device``: a torch.device or "cuda[:i]" (index-less: the current
     device), or already an index."""

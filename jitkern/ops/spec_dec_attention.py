@@ -105,8 +105,8 @@ def _launcher(key: tuple):
         conf = dict(kernel_config(*key[:-1]))
         kern = get_kernel(SPEC_DEC_ATTENTION, conf, key[-1])
         pdl = MERGE_PDL and capability(torch.device("cuda", key[-1])) >= (9, 0)
-        box = tma_box_rows(conf["q_tile"], conf["page_size"], conf.get("kv_tile", 0))
-        hit = _LAUNCH[key] = (kern, shared_bytes(conf), 32 * warps(conf["q_tile"]), pdl, box)
+        hit = _LAUNCH[key] = (kern, shared_bytes(conf), 32 * warps(conf["q_tile"]), pdl,
+                              tma_box_rows(conf))
     return hit
 
 
