@@ -112,8 +112,8 @@ class Preset:
 
     def _mamba2_configs(self) -> list[dict]:
         """The op's choices (jitkern.ops.mamba2): tree kernel only with a parent index and more
-        than one token, tiling from (N, state dtype, P, tree, one token or more, grid smaller
-        than the GPU or not), Nemotron dtypes and flags; plus the accepted-state commit's
+        than one token, tiling from (N, state dtype, P, tree, one token or more, the grid's
+        layout: default, small or coarse), Nemotron dtypes and flags; plus the accepted-state commit's
         configuration."""
         m = self.mamba2
         modes = [(False, False, 1)]                    # (tree, intermediate, T): plain decode
@@ -125,9 +125,12 @@ class Preset:
         out = []
         for sd in m.state_dtypes:
             for tree, inter, T in modes:
-                for small in (False, True):   # small grids: batch 1 of a few heads per rank
+                # small grids (batch 1 of a few heads per rank) and coarse ones (2-byte chains
+                # on grids that coarse_pays picks out)
+                for small, coarse in ((False, False), (True, False), (False, True)):
                     out.append(nemotron_config(sd, tree=tree, intermediate=inter, T=T,
-                                               N=m.d_state, P=m.head_dim, small_grid=small))
+                                               N=m.d_state, P=m.head_dim, small_grid=small,
+                                               coarse=coarse))
             if len(modes) > 1:  # the accepted-state commit runs this one, whatever N and P are
                 out.append(nemotron_config(sd, tree=False))
         return out

@@ -65,10 +65,10 @@ def test_mamba2_configs_are_the_ones_the_op_builds():
     cfgs = [c for f, c in PRESETS["nemotron-h-8b"].configs() if f == "mamba2_mtp_ssm_update"]
     # N=128, P=64 is the Nemotron shape the family's nemotron_config describes exactly; the op
     # runs decode (T=1), one-token and multi-token chains with intermediate states, trees of
-    # T > 1 (each also in its small-grid tiling), and the commit with
+    # T > 1 (each also in its small-grid tiling, chains in their coarse one), and the commit with
     # nemotron_config(state dtype, tree=False)
-    want = [nemotron_config(sd, tree=t, intermediate=i, T=T, small_grid=g)
-            for sd in ("bf16", "fp32") for g in (False, True)
+    want = [nemotron_config(sd, tree=t, intermediate=i, T=T, small_grid=g, coarse=c)
+            for sd in ("bf16", "fp32") for g, c in ((False, False), (True, False), (False, True))
             for t, i, T in ((False, False, 1), (False, True, 1), (False, True, None),
                             (True, True, None))]
     want += [nemotron_config(sd, tree=False) for sd in ("bf16", "fp32")]

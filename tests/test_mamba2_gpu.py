@@ -197,8 +197,46 @@ def test_sweep(i):
     _run_case(i)
 
 
+@pytest.mark.parametrize("state_dtype", ["bf16", "fp16"])
+@pytest.mark.parametrize("T", [2, 8, 16])
+def test_coarse_layout_of_the_op(state_dtype, T):
+    """The op's coarse layout (2-byte chains on the grids coarse_pays picks: here the smallest
+    batch of H = 32 that takes it on this GPU) against the float64 reference, pads and
+    intermediate states included, and the kernel it ran is the coarse one."""
+    from jitkern.families.mamba2 import layout_for_grid
+    from jitkern.ops import mamba2 as m2
+    from jitkern.ops.device import sm_count
+
+    sms = sm_count(torch.device("cuda", torch.cuda.current_device()))
+    bt = next(b for b in range(1, 512)
+              if layout_for_grid(128, state_dtype, 64, False, T, 32, b, sms)["TPR"] == 4)
+    update, _ = _ops()
+    update_ref, _ = _ref()
+    rng = random.Random(SEED + 11 + T)
+    c = dict(_random_case(rng), H=32, P=64, N=128, G=2, T=T, Bt=bt, state=state_dtype, inp="bf16",
+             dt="bf16", A="fp32", Dd="bf16", biasd="bf16", has_D=True, has_z=rng.random() < 0.5,
+             has_bias=True, softplus=True, inter=True, tree=False, sbi=True, pads=True,
+             expanded=False, squeeze=False, disable=False)
+    kw, _ = _build(c, rng)
+    rkw = {k: v for k, v in kw.items() if k != "out"}
+    rkw["state"] = kw["state"].clone()
+    rkw["intermediate_states"] = kw["intermediate_states"].clone()
+    y_ref = update_ref(**rkw)
+    args = [kw[k] for k in ("state", "x", "dt", "A", "B", "C", "D", "z", "dt_bias", "dt_softplus",
+                            "state_batch_indices", "pad_slot_id", "intermediate_states",
+                            "intermediate_state_indices", "retrieve_parent_token",
+                            "disable_state_update", "out")]
+    name = m2._prepare_update(*args).kernel.name
+    assert "TPR=4," in name and "ROWS=32," in name, name
+    y = update(**kw)
+    ctx = f"seed {SEED} coarse batch {bt} {c}"
+    _check("out", y, y_ref, 2e-2, ctx)
+    _check("state", kw["state"], rkw["state"], 2e-2, ctx)
+    _check("intermediate_states", kw["intermediate_states"], rkw["intermediate_states"], 2e-2, ctx)
+
+
 @pytest.mark.parametrize("tiling", [(32, 8, 1), (16, 16, 1), (8, 16, 2), (8, 64, 4), (4, 64, 2),
-                                    (4, 32, 4), (16, 32, 2), (2, 32, 2)])
+                                    (4, 32, 4), (4, 32, 2), (16, 32, 2), (2, 32, 2)])
 @pytest.mark.parametrize("state_dtype", ["fp32", "bf16"])
 @pytest.mark.parametrize("prefetch", [False, True])
 def test_tilings(tiling, state_dtype, prefetch):

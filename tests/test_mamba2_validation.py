@@ -404,10 +404,10 @@ def test_small_grid_layout():
                 MAMBA2.canonical(dict(nemotron_config(sd, tree=tree), N=n, **lay, state_dtype=sd))
                 assert p % lay["ROWS"] == 0 or lay["ROWS"] * lay["TPR"] // lay["RPT"] == 32
     # the op's choice: the small-grid layout only when the default grid leaves SMs idle
-    # (H = 32, batch 1: 128 blocks on 132 SMs; H = 128, batch 1: 512 blocks)
+    # (H = 32, batch 1: 128 blocks on 132 SMs; H = 128, batch 2: 1024 blocks)
     small = pick_layout(128, "bf16", 64, False, 8, small_grid=True)
     assert layout_for_grid(128, "bf16", 64, False, 8, 32, 1, 132) == small
-    assert layout_for_grid(128, "bf16", 64, False, 8, 128, 1, 132) == pick_layout(128, "bf16",
+    assert layout_for_grid(128, "bf16", 64, False, 8, 128, 2, 132) == pick_layout(128, "bf16",
                                                                                    64, False, 8)
     assert layout_for_grid(128, "fp32", 64, True, 8, 1, 1, 132) == pick_layout(128, "fp32", 64,
                                                                               True, 8)
@@ -417,12 +417,104 @@ def test_small_grid_layout():
         assert pick_layout(128, "fp32", 64, tree, 8, True) == pick_layout(128, "fp32", 64, tree, 8)
     # the row's 16-byte chunks bound the threads per row: N = 16 bf16 has two chunks
     assert pick_layout(16, "bf16", 64, False, 8, True)["TPR"] <= 2
-    # the warm-up set carries both layouts of the 2-byte multi-token kernels
+    # the warm-up set carries every layout of the 2-byte multi-token kernels
     key = lambda c: tuple(sorted(c.items()))  # noqa: E731
     warm = set(map(key, MAMBA2.warmup_configs()))
     for tree in (False, True):
         assert key(nemotron_config("bf16", tree, small_grid=True)) in warm
         assert key(nemotron_config("bf16", tree)) in warm
+    assert key(nemotron_config("bf16", False, coarse=True)) in warm
+
+
+def _tiling(layout):
+    return layout["TPR"], layout["ROWS"], layout["RPT"]
+
+
+def test_coarse_layout():
+    # 2-byte chains with T > 1: half the threads per row in the same 64-thread block
+    for sd in ("bf16", "fp16"):
+        for t in (2, 4, 8, 16):
+            assert _tiling(pick_layout(128, sd, 64, False, t)) == (8, 16, 2)
+            assert _tiling(pick_layout(128, sd, 64, False, t, coarse=True)) == (4, 32, 2)
+    # trees, one token, fp32 states, and rows a thread of the default holds differently (other
+    # d_state) or head dims without 32-row blocks keep the default
+    for args in ((128, "bf16", 64, True, 8), (128, "bf16", 64, False, 1), (128, "fp32", 64, False, 8),
+                 (256, "bf16", 64, False, 8), (64, "bf16", 64, False, 8), (128, "bf16", 80, False, 8)):
+        assert pick_layout(*args, coarse=True) == pick_layout(*args), args
+    # the op's choice on 132 SMs (the grids measured; P = 64: 4 default blocks a head)
+    coarse_batches = {128: {1, 4, 8}, 32: {2, 4, 15, 16, 32}}
+    for h, coarse in coarse_batches.items():
+        for bt in (1, 2, 3, 4, 5, 6, 8, 10, 12, 14, 15, 16, 20, 24, 28, 32, 36, 40, 48, 64, 128):
+            for sd, t in (("bf16", 8), ("fp16", 4)):
+                got = _tiling(layout_for_grid(128, sd, 64, False, t, h, bt, 132))
+                want = ((16, 8, 2) if grid_blocks(64, 16, h, bt) < 132
+                        else (4, 32, 2) if bt in coarse else (8, 16, 2))
+                assert got == want, (h, bt, sd, t)
+            # trees and fp32 states never take it
+            assert _tiling(layout_for_grid(128, "bf16", 64, True, 8, h, bt, 132)) in {(8, 16, 2),
+                                                                                     (16, 8, 2)}
+            assert _tiling(layout_for_grid(128, "fp32", 64, False, 8, h, bt, 132)) == (16, 16, 2)
+
+
+def test_coarse_pays_rounds():
+    from jitkern.families.mamba2 import coarse_pays, resident_blocks
+
+    assert resident_blocks(72, 64) == 14 and resident_blocks(120, 64) == 8
+    assert resident_blocks(73, 64) == 12          # 80 registers allocated a thread
+    assert resident_blocks(16, 64) == 32          # the per-SM block limit
+    assert resident_blocks(32, 1024) == 2         # the per-SM thread limit
+    # at most 4 default blocks on the busiest SM: coarse only without extra work there
+    assert coarse_pays(512, 256, 132) and coarse_pays(256, 128, 132)
+    assert not coarse_pays(384, 192, 132)         # 3 blocks against 2 x 2
+    # rounds of 14 default / 8 coarse blocks per SM
+    assert coarse_pays(2048, 1024, 132)           # 2 rounds against 1
+    assert coarse_pays(4096, 2048, 132)           # 3 against 2
+    assert not coarse_pays(2560, 1280, 132)       # 2 against 2
+    assert not coarse_pays(1024, 512, 132)        # 1 round
+    assert not coarse_pays(6144, 3072, 132)       # 4 rounds: bandwidth-bound
+    # scales with the SM count: the same grids per SM on 114 SMs
+    assert coarse_pays(114 * 16, 114 * 8, 114) and not coarse_pays(114 * 20, 114 * 10, 114)
+
+
+def _ptxas_registers(cfg: dict) -> int:
+    """Registers a thread of the update entry as ptxas reports them (sm_90, NVRTC)."""
+    import re as _re
+
+    from jitkern import sources, toolchain
+    from jitkern.key import compile_options
+
+    spec = MAMBA2.specialize(cfg)
+    closure = sources.read_closure(MAMBA2.root, MAMBA2.source)
+    nv = toolchain.nvrtc()
+    prog = nv.createProgram(closure.main_text, closure.main_name,
+                            [t.encode() for _, t in closure.headers],
+                            [n.encode() for n, _ in closure.headers])
+    try:
+        for _, expr in spec.name_expressions:
+            nv.addNameExpression(prog, expr)
+        nv.compileProgram(prog, compile_options(spec, "sm_90") + [
+            f"-I{toolchain.cuda_include_dir()}", "--ptxas-options=-v"])
+        log = nv.getProgramLog(prog)
+    finally:
+        nv.destroyProgram(prog)
+    log = log.decode() if isinstance(log, bytes) else log
+    found = _re.findall(r"Compiling entry function '(\S+)'.*?Used (\d+) registers", log, _re.S)
+    counts = [int(n) for name, n in found if "mtp_ssm_update" in name]
+    assert len(counts) == 1, log
+    return counts[0]
+
+
+@pytest.mark.parametrize("coarse", [False, True])
+def test_chain_registers_match_coarse_pays(coarse):
+    """coarse_pays counts resident blocks from CHAIN_REGISTERS: the kernels must still use them
+    (a kernel change that moves them changes the rounds, and the rule needs measuring again)."""
+    from jitkern.families.mamba2 import CHAIN_REGISTERS, resident_blocks
+
+    for t in (4, 8):
+        cfg = nemotron_config("bf16", False, T=t, coarse=coarse)
+        regs = _ptxas_registers(cfg)
+        want = CHAIN_REGISTERS["coarse" if coarse else "default"]
+        assert resident_blocks(regs, 64) == resident_blocks(want, 64), (t, regs, want)
 
 
 @pytest.fixture
@@ -440,9 +532,9 @@ def own_cache(tmp_path, monkeypatch):
 def test_warmup_set_compiles_for_hopper(own_cache):
     configs = MAMBA2.warmup_configs()
     # per state dtype: tree, chain, chain with T = 1 and plain decode. bf16's T = 1 has its own
-    # tiling, and its tree and chain a second (small-grid) one; fp32 uses one tiling for every T
-    # and grid, so its chain and T = 1 chain are one entry.
-    assert len(configs) == 9 and len({tuple(sorted(c.items())) for c in configs}) == 9
+    # tiling, its tree and chain a second (small-grid) one, and its chain a third (coarse); fp32
+    # uses one tiling for every T and grid, so its chain and T = 1 chain are one entry.
+    assert len(configs) == 10 and len({tuple(sorted(c.items())) for c in configs}) == 10
     assert sum(c["state_dtype"] == "fp32" for c in configs) == 3
     assert {(c["state_dtype"], c["tree"]) for c in configs} == {
         ("fp32", True), ("fp32", False), ("bf16", True), ("bf16", False)}

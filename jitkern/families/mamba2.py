@@ -94,7 +94,7 @@ def pick_tiling(N: int, state_dtype: str, P: int, tree: bool = False, T: int | N
 
 
 def pick_layout(N: int, state_dtype: str, P: int, tree: bool = False,
-                T: int | None = None, small_grid: bool = False) -> dict:
+                T: int | None = None, small_grid: bool = False, coarse: bool = False) -> dict:
     """The layout parameters of a configuration: TPR, ROWS, RPT (pick_tiling) and tree_prefetch
     (tree kernels: load the next step's parent one step ahead into registers of its own instead
     of into the registers of the state it replaces; measured slower or even, never chosen).
@@ -105,14 +105,66 @@ def pick_layout(N: int, state_dtype: str, P: int, tree: bool = False,
     H = 32, batch 1, 128 blocks of the default on 132 SMs): bf16 chains T = 4 / 8 1.06x / 1.10x,
     trees T = 8 1.09x; at 512 blocks and more (H = 128 batch 1, H = 32 batch 8) it was 1%
     slower to 7% faster, so larger grids keep the default. fp32 states gained nothing (at most
-    1%) from finer tilings at any grid size."""
+    1%) from finer tilings at any grid size.
+
+    ``coarse``: the opposite step, for 2-byte chains with T > 1 whose default tiling gives a
+    thread what it held in the measurements (two rows of 16 state elements): half the
+    threads per row in the same block size, twice the rows per block, half the blocks
+    (coarse_pays says on which grids). Trees keep their tiling (measured: 0.80-1.01x coarse
+    at T = 8, 0.86-1.10x at T = 4)."""
     tpr, rows, rpt = pick_tiling(N, state_dtype, P, tree, T)
+    threads = rows // rpt * tpr
     if small_grid and ESIZE[state_dtype] == 2 and T != 1:
-        threads = rows // rpt * tpr
         t2, r2, p2 = pick_tiling(N, state_dtype, P, tree, T, threads=threads, tpr=2 * tpr, rpt=rpt)
         if r2 < rows:
             tpr, rows, rpt = t2, r2, p2
+    elif (coarse and ESIZE[state_dtype] == 2 and T != 1 and not tree
+          and N // tpr == COARSE_ROW_SHARE and rpt == 2):
+        t2, r2, p2 = pick_tiling(N, state_dtype, P, tree, T, threads=threads, tpr=tpr // 2, rpt=rpt)
+        if r2 == 2 * rows:
+            tpr, rows, rpt = t2, r2, p2
     return dict(TPR=tpr, ROWS=rows, RPT=rpt, tree_prefetch=False)
+
+
+# The coarse layout of 2-byte chains (pick_layout) is measured for state rows of which a thread
+# of the default tiling holds 16 elements (N = 128 at TPR 8: Nemotron's d_state), where the
+# registers below hold. ptxas gives the Nemotron chain kernels (sm_90, any T) 72 registers a
+# thread in the default tiling and 120 in the coarse one: 14 and 8 resident 64-thread blocks per
+# SM. tests/test_mamba2_validation.py recompiles both and checks these numbers.
+COARSE_ROW_SHARE = 16
+CHAIN_REGISTERS = {"default": 72, "coarse": 120}
+
+
+def resident_blocks(registers: int, threads: int, regs_per_sm: int = 65536,
+                    max_blocks: int = 32, max_threads: int = 2048) -> int:
+    """Blocks of ``threads`` threads at ``registers`` registers a thread one SM holds at once
+    (registers are allocated per warp in units of 256)."""
+    per_warp = -(-registers * 32 // 256) * 256
+    return max(1, min(max_blocks, max_threads // threads,
+                      regs_per_sm // per_warp // (threads // 32)))
+
+
+def coarse_pays(blocks: int, coarse_blocks: int, sm_count: int) -> bool:
+    """Whether a 2-byte chain grid of ``blocks`` default-tiling blocks runs faster as
+    ``coarse_blocks`` coarse ones (twice the work each) on ``sm_count`` SMs.
+
+    Two cases, both measured (H200, 132 SMs; bf16 and fp16, T = 2-16, H = 32 and 128):
+    - at most 4 default blocks on the busiest SM, and the coarse grid puts no more work there:
+      the coarse threads' extra ILP (and one shuffle level less per row reduction) wins, 1.04-
+      1.08x at 256 and 512 blocks; at 5-8 per SM (640-1024 blocks) it lost 1-9%.
+    - the default grid takes 2 or 3 rounds of its resident blocks per SM (14) and the coarse
+      grid fewer (of 8): the default's last round runs nearly empty. 1920-2048 blocks (1.04-1.11
+      waves): 1.06-1.30x; 4096 (2.2 waves): 1.005-1.09x. Where both take as many rounds
+      (1280-3584 and 4608-5120 blocks) the coarse grid was 0.90-1.01x, and past 3 rounds
+      (6144 blocks and more, bandwidth-bound) 0.95-0.99x."""
+    busiest = -(-blocks // sm_count)
+    busiest_c = -(-coarse_blocks // sm_count)
+    if busiest <= 4:
+        return 2 * busiest_c == busiest
+    threads = 64
+    rounds = -(-busiest // resident_blocks(CHAIN_REGISTERS["default"], threads))
+    rounds_c = -(-busiest_c // resident_blocks(CHAIN_REGISTERS["coarse"], threads))
+    return 2 <= rounds <= 3 and rounds_c < rounds
 
 
 def update_grid(P: int, rows: int, H: int, Bt: int) -> tuple:
@@ -129,10 +181,15 @@ def grid_blocks(P: int, rows: int, H: int, Bt: int) -> int:
 def layout_for_grid(N: int, state_dtype: str, P: int, tree: bool, T: int, H: int, Bt: int,
                     sm_count: int) -> dict:
     """The op's layout for a launch of H heads x Bt sequences on a GPU of ``sm_count`` SMs:
-    pick_layout's, with ``small_grid`` when its grid would leave SMs without a block."""
+    pick_layout's, with ``small_grid`` when its grid would leave SMs without a block, or
+    ``coarse`` where coarse_pays says so."""
     layout = pick_layout(N, state_dtype, P, tree, T)
-    if grid_blocks(P, layout["ROWS"], H, Bt) < sm_count:
-        layout = pick_layout(N, state_dtype, P, tree, T, small_grid=True)
+    blocks = grid_blocks(P, layout["ROWS"], H, Bt)
+    if blocks < sm_count:
+        return pick_layout(N, state_dtype, P, tree, T, small_grid=True)
+    coarse = pick_layout(N, state_dtype, P, tree, T, coarse=True)
+    if coarse != layout and coarse_pays(blocks, grid_blocks(P, coarse["ROWS"], H, Bt), sm_count):
+        return coarse
     return layout
 
 
@@ -161,12 +218,13 @@ def _dtype_param(name: str) -> Param:
 
 def nemotron_config(state_dtype: str, tree: bool, intermediate: bool = True,
                     T: int | None = None, N: int = 128, P: int = 64,
-                    small_grid: bool = False) -> dict:
+                    small_grid: bool = False, coarse: bool = False) -> dict:
     """The Nemotron-H / Nemotron 3 decode configuration: bf16 x/B/C and dt/D/dt_bias (one dtype
     for the three, as FlashInfer and TensorRT-LLM callers pass them), fp32 A, softplus on, no z
     (the gate is applied by the gated RMSNorm after the op); d_state N and head_dim P (the
-    layout's inputs) default to Nemotron-H's 128 and 64; ``small_grid`` as in pick_layout."""
-    return dict(N=N, **pick_layout(N, state_dtype, P, tree, T, small_grid),
+    layout's inputs) default to Nemotron-H's 128 and 64; ``small_grid`` and ``coarse`` as in
+    pick_layout."""
+    return dict(N=N, **pick_layout(N, state_dtype, P, tree, T, small_grid, coarse),
                 state_dtype=state_dtype,
                 input_dtype="bf16", dt_dtype="bf16", A_dtype="fp32", D_dtype="bf16",
                 dt_bias_dtype="bf16", has_D=True, has_z=False, has_dt_bias=True, dt_softplus=True,
@@ -180,6 +238,7 @@ def _warmup() -> tuple:
         out.append(nemotron_config(sd, tree=False))
         out.append(nemotron_config(sd, tree=True, small_grid=True))    # batch 1 at TP >= 4
         out.append(nemotron_config(sd, tree=False, small_grid=True))
+        out.append(nemotron_config(sd, tree=False, coarse=True))          # see coarse_pays
         out.append(nemotron_config(sd, tree=False, T=1))                  # MTP with T = 1
         out.append(nemotron_config(sd, tree=False, intermediate=False, T=1))   # plain decode
     unique = []   # fp32 state picks one tiling for every T and grid: drop the repeats
