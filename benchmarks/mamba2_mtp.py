@@ -37,6 +37,7 @@ graph-replayed device time beside them.
     python benchmarks/mamba2_mtp.py --tune          # tiling sweep (threads per row, block size)
     python benchmarks/mamba2_mtp.py --tune-small    # finer tilings at batch 1 and 8, both shapes
     python benchmarks/mamba2_mtp.py --variants      # tree-read and tiling variants, T 4/8
+    python benchmarks/mamba2_mtp.py --coarse        # 2-byte default vs coarse layout by grid size
     python benchmarks/mamba2_mtp.py --host          # eager (host-inclusive) calls, batch 1 and 8
     python benchmarks/mamba2_mtp.py --update-state  # T > 1 rows also write the state back
 """
@@ -55,12 +56,12 @@ import torch
 sys.path.insert(0, __import__("os").path.dirname(__import__("os").path.dirname(
     __import__("os").path.abspath(__file__))))
 
-from jitkern.families.mamba2 import layout_for_grid, pick_tiling  # noqa: E402
+from jitkern.families.mamba2 import grid_blocks, layout_for_grid, pick_layout, pick_tiling  # noqa: E402,E501
 from jitkern.ops.device import sm_count  # noqa: E402
 from jitkern.ops import mamba2 as m2  # noqa: E402
 from bench_timing import eager_per_call, event_median_ms, warm_up  # noqa: E402  (this directory)
 
-DT = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DT = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MIN_TOUCH = 512 << 20
 REPLAYS = 4      # back-to-back replays per timing sample
 
@@ -298,6 +299,9 @@ def main():
     ap.add_argument("--tune-small", action="store_true",
                     help="finer tilings at small batches (grids of few blocks), FlashInfer beside")
     ap.add_argument("--variants", action="store_true")
+    ap.add_argument("--coarse", action="store_true",
+                    help="2-byte states: the default layout against the coarse one (pick_layout) "
+                         "by grid size, chains and trees, beside the op's choice")
     ap.add_argument("--no-eager", action="store_true")
     ap.add_argument("--no-flashinfer", action="store_true")
     ap.add_argument("--host", action="store_true")
@@ -327,6 +331,9 @@ def main():
         return
     if args.variants:
         variants(bw, args.batches, args.ts)
+        return
+    if args.coarse:
+        coarse_sweep(args.batches or [1, 2, 4, 8, 15, 16, 20, 32, 64], args.ts or [2, 4, 8, 16])
         return
     if args.floor:
         floor(fi, args.batches or [1])
@@ -598,6 +605,47 @@ def variants(bw, batches=None, ts=None):
                     print(f"| {sd} | {'yes' if tree else 'no'} | {T} | {Bt} | {threads} | "
                           f"{tiling[0]} | {tiling[1]} | {tiling[2]} | {'yes' if pf else 'no'} | "
                           f"{ms * 1e3:.1f} | {100 * pr.bytes / ms / 1e6 / bw:.0f}% |", flush=True)
+                del pr
+                torch.cuda.empty_cache()
+
+
+def coarse_sweep(batches, ts, cycles=3):
+    """2-byte states with T > 1 (engine calls): the default layout against the coarse one (twice
+    the rows per 64-thread block at half the threads per row) by grid size, chains (bf16, and
+    fp16 at T = 8) and trees (bf16, T 4 and 8), H = 128 and 32; best of ``cycles`` interleaved
+    cycles; the op's choice (layout_for_grid) beside. Grids under one block per SM are left out
+    (the small-grid layout runs them)."""
+    sms = sm_count(torch.device("cuda", 0))
+    print(f"\n## default vs coarse layout (P=64, N=128, binary tree; {sms} SMs)")
+    print("| H | state | T | tree | batch | default blocks | per SM | default us | coarse us | "
+          "coarse / default | op takes |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    cases = [("bf16", T, False) for T in ts] + [("fp16", 8, False)] + [
+        ("bf16", T, True) for T in ts if T in (4, 8)]
+    for H, G in ((128, 8), (32, 2)):
+        for sd, T, tree in cases:
+            default = pick_layout(128, sd, 64, tree, T)
+            coarse = pick_layout(128, sd, 64, tree, T, coarse=True)
+            if tree:   # (the op never takes it for trees; measured as the tiling itself)
+                coarse = dict(zip(("TPR", "ROWS", "RPT"), pick_tiling(
+                    128, sd, 64, tree, T, threads=64, tpr=default["TPR"] // 2, rpt=2)))
+            for Bt in batches:
+                blocks = grid_blocks(64, default["ROWS"], H, Bt)
+                if blocks < sms:
+                    continue
+                pr = Problem(H, G, 64, 128, T, Bt, DT[sd],
+                             tree, **call_mode(T))
+                tilings = [tuple(lay[k] for k in ("TPR", "ROWS", "RPT")) for lay in (default, coarse)]
+                best = [math.inf, math.inf]
+                for _ in range(cycles):
+                    for i, t in enumerate(tilings):
+                        best[i] = min(best[i], time_calls([pr.jitkern_call(r, t)
+                                                           for r in range(pr.R)]))
+                op = layout_for_grid(128, sd, 64, tree, T, H, Bt, sms)
+                took = "coarse" if op["ROWS"] == coarse["ROWS"] and not tree else "default"
+                print(f"| {H} | {sd} | {T} | {'yes' if tree else 'no'} | {Bt} | {blocks} | "
+                      f"{blocks / sms:.1f} | {best[0] * 1e3:.2f} | {best[1] * 1e3:.2f} | "
+                      f"{best[0] / best[1]:.3f} | {took} |", flush=True)
                 del pr
                 torch.cuda.empty_cache()
 
