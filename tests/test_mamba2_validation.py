@@ -531,11 +531,11 @@ def own_cache(tmp_path, monkeypatch):
 
 def test_warmup_set_compiles_for_hopper(own_cache):
     configs = MAMBA2.warmup_configs()
-    # per state dtype: tree, chain, chain with T = 1 and plain decode. bf16's T = 1 has its own
-    # tiling, its tree and chain a second (small-grid) one, and its chain a third (coarse); fp32
-    # uses one tiling for every T and grid, so its chain and T = 1 chain are one entry.
-    assert len(configs) == 10 and len({tuple(sorted(c.items())) for c in configs}) == 10
-    assert sum(c["state_dtype"] == "fp32" for c in configs) == 3
+    # per state dtype: tree, chain, chain with T = 1 and plain decode; T = 1 has its own tiling.
+    # bf16's tree and chain have a second (small-grid) layout and its chain a third (coarse);
+    # fp32 uses one tiling for every grid.
+    assert len(configs) == 11 and len({tuple(sorted(c.items())) for c in configs}) == 11
+    assert sum(c["state_dtype"] == "fp32" for c in configs) == 4
     assert {(c["state_dtype"], c["tree"]) for c in configs} == {
         ("fp32", True), ("fp32", False), ("bf16", True), ("bf16", False)}
     for cfg in configs:

@@ -49,11 +49,13 @@ def chunks_per_row(N: int, state_dtype: str) -> int:
 # The compile-time choices by state element size, tree mode and one token (T == 1) or more:
 # (threads per block, threads per row, rows per thread). Chosen by measurement on
 # an H200 (BENCHMARKS.md: variants, tiling sweep and table). fp32: 16 threads x 2 rows in
-# 128-thread blocks everywhere. In the calls an engine makes (T > 1: intermediates stored, the
+# 128-thread blocks with T > 1, 64-thread ones at T = 1. In the calls an engine makes (T > 1: intermediates stored, the
 # state not written) it was 15-16% faster than 16 x 1 x 256 at T = 4 (batch 32 and 256) and even
 # at T = 8 (benchmarks/probe_cache_hints.py --engine); 16 x 1 x 256 had been 1-3% faster only
 # when the state is written back as well. At T = 1 16 x 2 x 128 reached 89-93% of copy against
-# 77-80%: per-block fixed costs dominate one step. 2-byte state, T > 1: 8 x 2 in 64-thread blocks (16 rows); with B/C staged in
+# 77-80% for 256-thread blocks (per-block fixed costs dominate one step), and 16 x 2 in 64-thread
+# blocks (8 rows) 1.006-1.039x of that again on all 17 plain-decoding rows of H = 32 and 128,
+# batch 1-256 (seventeenth session; at T > 1 the 64-thread blocks lost 6-14% at H = 32 batch 8). 2-byte state, T > 1: 8 x 2 in 64-thread blocks (16 rows); with B/C staged in
 # 16-byte vectors it was 1-3% faster than 128-thread blocks at batch 32 and 256 (before that
 # change, 3-8% slower); 4 x 1, 4 x 2, 8 x 1, 16 x 2 and 256-thread blocks were 3-36% slower.
 # T = 1 keeps 8 x 2 x 128. Tree kernels read a parent node into the registers of the state it
@@ -61,8 +63,8 @@ def chunks_per_row(N: int, state_dtype: str) -> int:
 # SM instead of 8; 9-23% slower at batch >= 32) and gained fp32 at most 0.8%, so tree_prefetch
 # is never chosen (the parameter stays for measurements).
 DEFAULT_TILING = {
-    (4, False, False): (128, 16, 2), (4, False, True): (128, 16, 2),
-    (4, True, False): (128, 16, 2), (4, True, True): (128, 16, 2),
+    (4, False, False): (128, 16, 2), (4, False, True): (64, 16, 2),
+    (4, True, False): (128, 16, 2), (4, True, True): (64, 16, 2),
     (2, False, False): (64, 8, 2), (2, False, True): (128, 8, 2),
     (2, True, False): (64, 8, 2), (2, True, True): (128, 8, 2),
 }
@@ -241,7 +243,7 @@ def _warmup() -> tuple:
         out.append(nemotron_config(sd, tree=False, coarse=True))          # see coarse_pays
         out.append(nemotron_config(sd, tree=False, T=1))                  # MTP with T = 1
         out.append(nemotron_config(sd, tree=False, intermediate=False, T=1))   # plain decode
-    unique = []   # fp32 state picks one tiling for every T and grid: drop the repeats
+    unique = []   # fp32 state picks one tiling for every grid: drop the repeats
     for c in out:
         if c not in unique:
             unique.append(c)
