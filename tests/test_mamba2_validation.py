@@ -438,8 +438,9 @@ def test_coarse_layout():
             assert _tiling(pick_layout(128, sd, 64, False, t, coarse=True)) == (4, 32, 2)
     # trees, one token, fp32 states, and rows a thread of the default holds differently (other
     # d_state) or head dims without 32-row blocks keep the default
-    for args in ((128, "bf16", 64, True, 8), (128, "bf16", 64, False, 1), (128, "fp32", 64, False, 8),
-                 (256, "bf16", 64, False, 8), (64, "bf16", 64, False, 8), (128, "bf16", 80, False, 8)):
+    for args in ((128, "bf16", 64, True, 8), (128, "bf16", 64, False, 1),
+                 (128, "fp32", 64, False, 8), (256, "bf16", 64, False, 8),
+                 (64, "bf16", 64, False, 8), (128, "bf16", 80, False, 8)):
         assert pick_layout(*args, coarse=True) == pick_layout(*args), args
     # the op's choice on 132 SMs (the grids measured; P = 64: 4 default blocks a head)
     coarse_batches = {128: {1, 4, 8}, 32: {2, 4, 15, 16, 32}}
@@ -476,45 +477,53 @@ def test_coarse_pays_rounds():
     assert coarse_pays(114 * 16, 114 * 8, 114) and not coarse_pays(114 * 20, 114 * 10, 114)
 
 
-def _ptxas_registers(cfg: dict) -> int:
-    """Registers a thread of the update entry as ptxas reports them (sm_90, NVRTC)."""
-    import re as _re
+def _cubin_registers(cubin: bytes) -> dict:
+    """{kernel symbol: registers a thread}, from the cubin's .nv.info section (EIATTR_REGCOUNT
+    attributes: the counts ptxas reports with -v, whatever NVRTC prints in its log)."""
+    import struct
 
-    from jitkern import sources, toolchain
-    from jitkern.key import compile_options
+    shoff, = struct.unpack_from("<Q", cubin, 0x28)
+    shentsize, shnum, shstrndx = struct.unpack_from("<HHH", cubin, 0x3A)
+    # ELF64 section headers: name, type, flags, addr, offset, size, link, info, align, entsize
+    hdrs = [struct.unpack_from("<IIQQQQIIQQ", cubin, shoff + i * shentsize) for i in range(shnum)]
 
-    spec = MAMBA2.specialize(cfg)
-    closure = sources.read_closure(MAMBA2.root, MAMBA2.source)
-    nv = toolchain.nvrtc()
-    prog = nv.createProgram(closure.main_text, closure.main_name,
-                            [t.encode() for _, t in closure.headers],
-                            [n.encode() for n, _ in closure.headers])
-    try:
-        for _, expr in spec.name_expressions:
-            nv.addNameExpression(prog, expr)
-        nv.compileProgram(prog, compile_options(spec, "sm_90") + [
-            f"-I{toolchain.cuda_include_dir()}", "--ptxas-options=-v"])
-        log = nv.getProgramLog(prog)
-    finally:
-        nv.destroyProgram(prog)
-    log = log.decode() if isinstance(log, bytes) else log
-    found = _re.findall(r"Compiling entry function '(\S+)'.*?Used (\d+) registers", log, _re.S)
-    counts = [int(n) for name, n in found if "mtp_ssm_update" in name]
-    assert len(counts) == 1, log
-    return counts[0]
+    def cstr(off):
+        return cubin[off:cubin.index(b"\0", off)].decode()
+
+    names = [cstr(hdrs[shstrndx][4] + h[0]) for h in hdrs]
+    symtab = hdrs[names.index(".symtab")]
+    strtab = hdrs[symtab[6]]
+    info = hdrs[names.index(".nv.info")]
+    off, end, out = info[4], info[4] + info[5], {}
+    while off < end:   # attributes: format, id, then a value by format
+        fmt, attr = cubin[off], cubin[off + 1]
+        if fmt == 0x04:   # EIFMT_SVAL: 16-bit size, then the value
+            size, = struct.unpack_from("<H", cubin, off + 2)
+            if attr == 0x2F:   # EIATTR_REGCOUNT: (symbol index, registers)
+                sym, regs = struct.unpack_from("<II", cubin, off + 4)
+                name, = struct.unpack_from("<I", cubin, symtab[4] + 24 * sym)   # Elf64_Sym
+                out[cstr(strtab[4] + name)] = regs
+            off += 4 + size
+        else:             # EIFMT_HVAL / BVAL: a 16-bit value; NVAL: none
+            off += 4 if fmt in (0x02, 0x03) else 2
+    return out
 
 
 @pytest.mark.parametrize("coarse", [False, True])
-def test_chain_registers_match_coarse_pays(coarse):
+def test_chain_registers_match_coarse_pays(coarse, own_cache):
     """coarse_pays counts resident blocks from CHAIN_REGISTERS: the kernels must still use them
     (a kernel change that moves them changes the rounds, and the rule needs measuring again)."""
-    from jitkern.families.mamba2 import CHAIN_REGISTERS, resident_blocks
+    from jitkern.families.mamba2 import CHAIN_REGISTERS, CHAIN_THREADS, resident_blocks
 
     for t in (4, 8):
-        cfg = nemotron_config("bf16", False, T=t, coarse=coarse)
-        regs = _ptxas_registers(cfg)
+        cubin = jitkern.compile(MAMBA2, nemotron_config("bf16", False, T=t, coarse=coarse),
+                                arch="sm_90").cubin
+        regs = [n for k, n in _cubin_registers(cubin).items() if "mtp_ssm_update" in k]
+        assert len(regs) == 1, _cubin_registers(cubin)
+        regs = regs[0]
         want = CHAIN_REGISTERS["coarse" if coarse else "default"]
-        assert resident_blocks(regs, 64) == resident_blocks(want, 64), (t, regs, want)
+        assert resident_blocks(regs, CHAIN_THREADS) == resident_blocks(want, CHAIN_THREADS), \
+            (t, regs, want)
 
 
 @pytest.fixture
