@@ -56,7 +56,8 @@ import torch
 sys.path.insert(0, __import__("os").path.dirname(__import__("os").path.dirname(
     __import__("os").path.abspath(__file__))))
 
-from jitkern.families.mamba2 import grid_blocks, layout_for_grid, pick_layout, pick_tiling  # noqa: E402,E501
+from jitkern.families.mamba2 import (grid_blocks, layout_for_grid, pick_layout,  # noqa: E402
+                                     pick_tiling)
 from jitkern.ops.device import sm_count  # noqa: E402
 from jitkern.ops import mamba2 as m2  # noqa: E402
 from bench_timing import eager_per_call, event_median_ms, warm_up  # noqa: E402  (this directory)
@@ -633,9 +634,8 @@ def coarse_sweep(batches, ts, cycles=3):
                 blocks = grid_blocks(64, default["ROWS"], H, Bt)
                 if blocks < sms:
                     continue
-                pr = Problem(H, G, 64, 128, T, Bt, DT[sd],
-                             tree, **call_mode(T))
-                tilings = [tuple(lay[k] for k in ("TPR", "ROWS", "RPT")) for lay in (default, coarse)]
+                pr = Problem(H, G, 64, 128, T, Bt, DT[sd], tree, **call_mode(T))
+                tilings = [(lay["TPR"], lay["ROWS"], lay["RPT"]) for lay in (default, coarse)]
                 best = [math.inf, math.inf]
                 for _ in range(cycles):
                     for i, t in enumerate(tilings):

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .families.mamba2 import nemotron_config
+from .families.mamba2 import GRID_LAYOUTS, nemotron_config
 from .families.spec_dec_attention import op_configs, q_tiles_for
 
 ATTENTION_FAMILY = "spec_dec_attention"
@@ -113,7 +113,7 @@ class Preset:
     def _mamba2_configs(self) -> list[dict]:
         """The op's choices (jitkern.ops.mamba2): tree kernel only with a parent index and more
         than one token, tiling from (N, state dtype, P, tree, one token or more, the grid's
-        layout: default, small or coarse), Nemotron dtypes and flags; plus the accepted-state commit's
+        layout: GRID_LAYOUTS), Nemotron dtypes and flags; plus the accepted-state commit's
         configuration."""
         m = self.mamba2
         modes = [(False, False, 1)]                    # (tree, intermediate, T): plain decode
@@ -125,12 +125,10 @@ class Preset:
         out = []
         for sd in m.state_dtypes:
             for tree, inter, T in modes:
-                # small grids (batch 1 of a few heads per rank) and coarse ones (2-byte chains
-                # on grids that coarse_pays picks out)
-                for small, coarse in ((False, False), (True, False), (False, True)):
-                    out.append(nemotron_config(sd, tree=tree, intermediate=inter, T=T,
-                                               N=m.d_state, P=m.head_dim, small_grid=small,
-                                               coarse=coarse))
+                # default, small (batch 1 of a few heads per rank) and coarse (2-byte chains on
+                # the grids coarse_pays picks out) layouts
+                out += [nemotron_config(sd, tree=tree, intermediate=inter, T=T, N=m.d_state,
+                                        P=m.head_dim, **lay) for lay in GRID_LAYOUTS]
             if len(modes) > 1:  # the accepted-state commit runs this one, whatever N and P are
                 out.append(nemotron_config(sd, tree=False))
         return out

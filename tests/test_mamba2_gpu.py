@@ -167,28 +167,43 @@ def _check(name, got, ref, tol, ctx):
         assert err <= tol, f"{ctx}: {name}: max error {err:.3g} of scale {scale:.3g} > {tol}"
 
 
+# the op's arguments in the order of jitkern.ops.mamba2._prepare_update
+_OP_ARGS = ("state", "x", "dt", "A", "B", "C", "D", "z", "dt_bias", "dt_softplus",
+            "state_batch_indices", "pad_slot_id", "intermediate_states",
+            "intermediate_state_indices", "retrieve_parent_token", "disable_state_update", "out")
+
+
+def _reference(kw):
+    """The float64 reference on copies of the op's state and intermediate states: (the
+    reference's arguments, with the copies it updated, and its output)."""
+    update_ref, _ = _ref()
+    rkw = {k: v for k, v in kw.items() if k != "out"}
+    rkw["state"] = kw["state"].clone()
+    if kw["intermediate_states"] is not None:
+        rkw["intermediate_states"] = kw["intermediate_states"].clone()
+    return rkw, update_ref(**rkw)
+
+
+def _check_writes(kw, rkw, y_ref, tol, ctx):
+    """The op's output, state and intermediate states against the reference's."""
+    _check("out", kw["out"], y_ref, tol, ctx)
+    _check("state", kw["state"], rkw["state"], tol, ctx)
+    if kw["intermediate_states"] is not None:
+        _check("intermediate_states", kw["intermediate_states"], rkw["intermediate_states"],
+               tol, ctx)
+
+
 def _run_case(i: int):
     update, _ = _ops()
-    update_ref, _ = _ref()
     rng = random.Random(SEED * 1000 + i)
     torch.manual_seed(SEED * 1000 + i)
     c = _random_case(rng)
     kw, live = _build(c, rng)
     ctx = f"seed {SEED} case {i} {c}"
-    rkw = dict(kw)
-    rkw.pop("out")
-    rkw["state"] = kw["state"].clone()
-    if kw["intermediate_states"] is not None:
-        rkw["intermediate_states"] = kw["intermediate_states"].clone()
-    y_ref = update_ref(**rkw)
+    rkw, y_ref = _reference(kw)
     y = update(**kw)
     assert y is kw["out"]
-    tol = _tolerance(c)
-    _check("out", y, y_ref, tol, ctx)
-    _check("state", kw["state"], rkw["state"], tol, ctx)
-    if kw["intermediate_states"] is not None:
-        _check("intermediate_states", kw["intermediate_states"], rkw["intermediate_states"],
-               tol, ctx)
+    _check_writes(kw, rkw, y_ref, _tolerance(c), ctx)
     return c
 
 
@@ -211,28 +226,17 @@ def test_coarse_layout_of_the_op(state_dtype, T):
     bt = next(b for b in range(1, 512)
               if layout_for_grid(128, state_dtype, 64, False, T, 32, b, sms)["TPR"] == 4)
     update, _ = _ops()
-    update_ref, _ = _ref()
     rng = random.Random(SEED + 11 + T)
     c = dict(_random_case(rng), H=32, P=64, N=128, G=2, T=T, Bt=bt, state=state_dtype, inp="bf16",
              dt="bf16", A="fp32", Dd="bf16", biasd="bf16", has_D=True, has_z=rng.random() < 0.5,
              has_bias=True, softplus=True, inter=True, tree=False, sbi=True, pads=True,
              expanded=False, squeeze=False, disable=False)
     kw, _ = _build(c, rng)
-    rkw = {k: v for k, v in kw.items() if k != "out"}
-    rkw["state"] = kw["state"].clone()
-    rkw["intermediate_states"] = kw["intermediate_states"].clone()
-    y_ref = update_ref(**rkw)
-    args = [kw[k] for k in ("state", "x", "dt", "A", "B", "C", "D", "z", "dt_bias", "dt_softplus",
-                            "state_batch_indices", "pad_slot_id", "intermediate_states",
-                            "intermediate_state_indices", "retrieve_parent_token",
-                            "disable_state_update", "out")]
-    name = m2._prepare_update(*args).kernel.name
+    rkw, y_ref = _reference(kw)
+    name = m2._prepare_update(*[kw[k] for k in _OP_ARGS]).kernel.name
     assert "TPR=4," in name and "ROWS=32," in name, name
-    y = update(**kw)
-    ctx = f"seed {SEED} coarse batch {bt} {c}"
-    _check("out", y, y_ref, 2e-2, ctx)
-    _check("state", kw["state"], rkw["state"], 2e-2, ctx)
-    _check("intermediate_states", kw["intermediate_states"], rkw["intermediate_states"], 2e-2, ctx)
+    assert update(**kw) is kw["out"]
+    _check_writes(kw, rkw, y_ref, 2e-2, f"seed {SEED} coarse batch {bt} {c}")
 
 
 @pytest.mark.parametrize("tiling", [(32, 8, 1), (16, 16, 1), (8, 16, 2), (8, 64, 4), (4, 64, 2),
@@ -244,7 +248,6 @@ def test_tilings(tiling, state_dtype, prefetch):
     with the tree's parent nodes prefetched one step ahead or read into the state's registers."""
     from jitkern.ops import mamba2 as m2
 
-    update_ref, _ = _ref()
     rng = random.Random(SEED + 7)
     c = dict(_random_case(rng), H=8, P=64, N=128, G=2, T=8, Bt=4, state=state_dtype, inp="bf16",
              dt="bf16", A="fp32", Dd="bf16", biasd="bf16", has_D=True, has_z=True, has_bias=True,
@@ -254,14 +257,8 @@ def test_tilings(tiling, state_dtype, prefetch):
     if state_dtype == "fp32" and tpr < 4 or state_dtype == "bf16" and tpr > 16:
         pytest.skip("not a valid tiling for this state dtype")
     kw, _ = _build(c, rng)
-    rkw = {k: v for k, v in kw.items() if k != "out"}
-    rkw["state"] = kw["state"].clone()
-    rkw["intermediate_states"] = kw["intermediate_states"].clone()
-    y_ref = update_ref(**rkw)
-    args = [kw[k] for k in ("state", "x", "dt", "A", "B", "C", "D", "z", "dt_bias", "dt_softplus",
-                            "state_batch_indices", "pad_slot_id", "intermediate_states",
-                            "intermediate_state_indices", "retrieve_parent_token",
-                            "disable_state_update", "out")]
+    rkw, y_ref = _reference(kw)
+    args = [kw[k] for k in _OP_ARGS]
     plan = m2._prepare_update(*args, tiling=tiling + (prefetch,))
     assert f"tree_prefetch={int(prefetch)}" in plan.kernel.name   # the variant asked for ran
     a = dict(zip(("state", "x", "dt", "A", "B", "C", "D", "z", "dt_bias", "dt_softplus", "sbi",
@@ -269,10 +266,8 @@ def test_tilings(tiling, state_dtype, prefetch):
     m2._launch_update(plan, a["state"], a["x"], a["dt"], a["A"], a["B"], a["C"], a["D"], a["z"],
                       a["dt_bias"], a["sbi"], a["pad"], a["inter"], a["iidx"], a["parent"],
                       a["disable"], a["out"])
-    ctx = f"seed {SEED} tiling {tiling} prefetch {prefetch} {state_dtype}"
-    _check("out", kw["out"], y_ref, 2e-2, ctx)
-    _check("state", kw["state"], rkw["state"], 2e-2, ctx)
-    _check("intermediate_states", kw["intermediate_states"], rkw["intermediate_states"], 2e-2, ctx)
+    _check_writes(kw, rkw, y_ref, 2e-2,
+                  f"seed {SEED} tiling {tiling} prefetch {prefetch} {state_dtype}")
 
 
 def test_sweep_covers_the_space():
@@ -349,7 +344,7 @@ def test_graph_capture_replay_is_identical():
 def test_commit_matches_reference(state_dtype):
     _, commit = _ops()
     _, commit_ref = _ref()
-    S, S2, T, H, P, N, Bt = 7, 6, 5, 8, 16, 64, 5
+    S, S2, T, H, P, N = 7, 6, 5, 8, 16, 64   # five sequences (accepted, sbi below)
     state = torch.randn(S, H, P, N, device="cuda").to(state_dtype)
     inter = torch.randn(S2, T, H, P, N, device="cuda").to(state_dtype)
     accepted = torch.tensor([3, -1, 0, 4, 2], dtype=torch.int32, device="cuda")

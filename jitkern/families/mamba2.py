@@ -47,21 +47,24 @@ def chunks_per_row(N: int, state_dtype: str) -> int:
 
 
 # The compile-time choices by state element size, tree mode and one token (T == 1) or more:
-# (threads per block, threads per row, rows per thread). Chosen by measurement on
-# an H200 (BENCHMARKS.md: variants, tiling sweep and table). fp32: 16 threads x 2 rows in
-# 128-thread blocks with T > 1, 64-thread ones at T = 1. In the calls an engine makes (T > 1: intermediates stored, the
-# state not written) it was 15-16% faster than 16 x 1 x 256 at T = 4 (batch 32 and 256) and even
-# at T = 8 (benchmarks/probe_cache_hints.py --engine); 16 x 1 x 256 had been 1-3% faster only
-# when the state is written back as well. At T = 1 16 x 2 x 128 reached 89-93% of copy against
-# 77-80% for 256-thread blocks (per-block fixed costs dominate one step), and 16 x 2 in 64-thread
+# (threads per block, threads per row, rows per thread). Chosen by measurement on an H200
+# (BENCHMARKS.md: variants, tiling sweep and table).
+# fp32: 16 threads x 2 rows, in 128-thread blocks with T > 1. In the calls an engine makes (T > 1:
+# intermediates stored, the state not written) it was 15-16% faster than 16 x 1 x 256 at T = 4
+# (batch 32 and 256) and even at T = 8 (benchmarks/probe_cache_hints.py --engine); 16 x 1 x 256
+# had been 1-3% faster only when the state is written back as well (64-thread blocks: 1-2% faster
+# from batch 32, 6-14% slower at H = 32 batch 8). At T = 1 16 x 2 x 128 reached 89-93% of copy
+# against 77-80% for 256-thread blocks (per-block fixed costs dominate one step), and 64-thread
 # blocks (8 rows) 1.006-1.039x of that again on all 17 plain-decoding rows of H = 32 and 128,
-# batch 1-256 (seventeenth session; at T > 1 the 64-thread blocks lost 6-14% at H = 32 batch 8). 2-byte state, T > 1: 8 x 2 in 64-thread blocks (16 rows); with B/C staged in
-# 16-byte vectors it was 1-3% faster than 128-thread blocks at batch 32 and 256 (before that
-# change, 3-8% slower); 4 x 1, 4 x 2, 8 x 1, 16 x 2 and 256-thread blocks were 3-36% slower.
-# T = 1 keeps 8 x 2 x 128. Tree kernels read a parent node into the registers of the state it
-# replaces: prefetching it one step ahead costs 16 registers (bf16: 80 per thread, 6 blocks per
-# SM instead of 8; 9-23% slower at batch >= 32) and gained fp32 at most 0.8%, so tree_prefetch
-# is never chosen (the parameter stays for measurements).
+# batch 1-256, so T = 1 takes those.
+# 2-byte state, T > 1: 8 x 2 in 64-thread blocks (16 rows); with B/C staged in 16-byte vectors
+# it was 1-3% faster than 128-thread blocks at batch 32 and 256 (before that change, 3-8%
+# slower); 4 x 1, 4 x 2, 8 x 1, 16 x 2 and 256-thread blocks were 3-36% slower. T = 1 keeps
+# 8 x 2 x 128.
+# Tree kernels read a parent node into the registers of the state it replaces: prefetching it one
+# step ahead costs 16 registers (bf16: 80 per thread, 6 blocks per SM instead of 8; 9-23% slower
+# at batch >= 32) and gained fp32 at most 0.8%, so tree_prefetch is never chosen (the parameter
+# stays for measurements).
 DEFAULT_TILING = {
     (4, False, False): (128, 16, 2), (4, False, True): (64, 16, 2),
     (4, True, False): (128, 16, 2), (4, True, True): (64, 16, 2),
@@ -135,6 +138,10 @@ def pick_layout(N: int, state_dtype: str, P: int, tree: bool = False,
 # SM. tests/test_mamba2_validation.py recompiles both and checks these numbers.
 COARSE_ROW_SHARE = 16
 CHAIN_REGISTERS = {"default": 72, "coarse": 120}
+CHAIN_THREADS = DEFAULT_TILING[(2, False, False)][0]   # both layouts' block size
+
+# The layouts layout_for_grid chooses among (pick_layout's keywords): warm-up sets carry each.
+GRID_LAYOUTS = ({}, {"small_grid": True}, {"coarse": True})
 
 
 def resident_blocks(registers: int, threads: int, regs_per_sm: int = 65536,
@@ -163,9 +170,8 @@ def coarse_pays(blocks: int, coarse_blocks: int, sm_count: int) -> bool:
     busiest_c = -(-coarse_blocks // sm_count)
     if busiest <= 4:
         return 2 * busiest_c == busiest
-    threads = 64
-    rounds = -(-busiest // resident_blocks(CHAIN_REGISTERS["default"], threads))
-    rounds_c = -(-busiest_c // resident_blocks(CHAIN_REGISTERS["coarse"], threads))
+    rounds = -(-busiest // resident_blocks(CHAIN_REGISTERS["default"], CHAIN_THREADS))
+    rounds_c = -(-busiest_c // resident_blocks(CHAIN_REGISTERS["coarse"], CHAIN_THREADS))
     return 2 <= rounds <= 3 and rounds_c < rounds
 
 
@@ -236,14 +242,11 @@ def nemotron_config(state_dtype: str, tree: bool, intermediate: bool = True,
 def _warmup() -> tuple:
     out = []
     for sd in ("fp32", "bf16"):
-        out.append(nemotron_config(sd, tree=True))
-        out.append(nemotron_config(sd, tree=False))
-        out.append(nemotron_config(sd, tree=True, small_grid=True))    # batch 1 at TP >= 4
-        out.append(nemotron_config(sd, tree=False, small_grid=True))
-        out.append(nemotron_config(sd, tree=False, coarse=True))          # see coarse_pays
+        for tree in (True, False):
+            out += [nemotron_config(sd, tree=tree, **lay) for lay in GRID_LAYOUTS]
         out.append(nemotron_config(sd, tree=False, T=1))                  # MTP with T = 1
         out.append(nemotron_config(sd, tree=False, intermediate=False, T=1))   # plain decode
-    unique = []   # fp32 state picks one tiling for every grid: drop the repeats
+    unique = []   # layouts that change nothing (fp32, trees' coarse): drop the repeats
     for c in out:
         if c not in unique:
             unique.append(c)
