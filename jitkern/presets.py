@@ -136,13 +136,18 @@ class Preset:
     def _attention_configs(self, tp: int) -> list[dict]:
         a = self.attention
         g = a.group(tp)
-        tiles = sorted({("decode", qt) for qt in q_tiles_for(g)})
-        tiles += sorted({("chain", qt) for n in range(1, self.spec.chain + 1)
-                         for qt in q_tiles_for(n * g)})
-        if self.spec.tree is not None:
-            lo, hi = self.spec.tree
-            tiles += sorted({("tree", qt) for n in range(lo, hi + 1) for qt in q_tiles_for(n * g)})
-        return [c for kv in a.kv_dtypes for ps in a.page_sizes for mode, qt in tiles
+
+        def tiles(fp8):   # (mode, query tile) pairs the op may run
+            out = sorted({("decode", qt) for qt in q_tiles_for(g, fp8)})
+            out += sorted({("chain", qt) for n in range(1, self.spec.chain + 1)
+                           for qt in q_tiles_for(n * g, fp8)})
+            if self.spec.tree is not None:
+                lo, hi = self.spec.tree
+                out += sorted({("tree", qt) for n in range(lo, hi + 1)
+                               for qt in q_tiles_for(n * g, fp8)})
+            return out
+        return [c for kv in a.kv_dtypes for ps in a.page_sizes
+                for mode, qt in tiles(kv == "fp8_e4m3")
                 for c in op_configs(dict(head_dim=a.head_dim, dtype=a.dtype, kv_dtype=kv,
                                          kv_layout=a.kv_layout, page_size=ps, mode=mode,
                                          q_tile=qt, split_kv=True))]

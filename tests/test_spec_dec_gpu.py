@@ -474,6 +474,46 @@ def test_small_tile_merge_many_splits(shape, kv, drafts, splits):
     assert _check(a, out, dtype) < BOUND[dtype]
 
 
+@pytest.mark.parametrize("shape,nodes,kv,ctx,batch,layout,tile", [
+    ((32, 8, 128), 16, "bf16", 1000, 1, "NHD", 16),    # 64 rows per KV head in 16-row tiles
+    ((32, 8, 128), 16, "fp8", 700, 2, "HND", 16),
+    ((32, 8, 128), 16, "fp8", 4000, 1, "NHD", 32),     # fp8: 32-row tiles a little further
+    ((32, 8, 128), 64, "bf16", 2000, 1, "HND", 64),    # 256 rows: the 128-row tile's half
+    ((8, 1, 128), 16, "bf16", 8000, 1, "NHD", 16),     # one KV head: 8 row tiles, 16 splits
+    ((8, 1, 128), 4, "fp8", 8000, 1, "HND", 16),       # a 4-chain of 32 rows in two tiles
+    ((8, 4, 256), 16, "bf16", 1000, 1, "NHD", 16),
+    ((16, 16, 64), 64, "fp16", 1000, 1, "NHD", 16),
+])
+def test_small_grids_run_small_query_tiles(shape, nodes, kv, ctx, batch, layout, tile):
+    """Grids with little work per SM take query tiles smaller than the shape's (pick_tiling):
+    many row tiles per KV head, each masking its own draft rows, split and merged; ragged
+    contexts, poisoned outputs, and a graph replay that reproduces the eager call."""
+    from jitkern.ops import spec_dec_attention
+    from jitkern.ops.spec_dec_attention import planned_config
+
+    hq, hkv, d = shape
+    dtype = torch.float16 if kv == "fp16" else torch.bfloat16
+    kv_dtype = torch.float8_e4m3fn if kv == "fp8" else dtype
+    rng = random.Random(nodes * ctx + batch)
+    tree = nodes > 4
+    drafts = ([random_eagle_tree(nodes, rng) for _ in range(batch)] if tree
+              else [nodes] * batch)
+    gen = torch.Generator().manual_seed(ctx + nodes)
+    a = random_paged_inputs([ctx - 37 * i for i in range(batch)], drafts, num_heads=hq,
+                            num_kv_heads=hkv, head_dim=d, dtype=dtype, kv_dtype=kv_dtype,
+                            kv_layout=layout, page_size=64, tree=tree,
+                            kv_scale=0.8 if kv == "fp8" else None, generator=gen)
+    if torch.cuda.get_device_properties(0).multi_processor_count == 132:   # H100 / H200
+        assert planned_config(**a)["q_tile"] == tile
+    out = _run(a)
+    assert _check(a, out, dtype) < BOUND[dtype]
+    replay = torch.full_like(out, float("nan"))
+    g = _captured(lambda: spec_dec_attention(**a, out=replay))
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(replay, out)
+
+
 def test_kv_bound_from_max_seq_len():
     """Split ranges come from the host's KV bound (max_seq_len when given): a tight bound and a
     loose page table give the same result as the reference; sequences far shorter than the bound
@@ -640,8 +680,11 @@ def test_tma_loads_equal_cp_async_over_poisoned_tails(shape, mode, kv, layout, p
                             extra_table_cols=3, generator=torch.Generator().manual_seed(ps * d))
     if mode == "tree64":   # forced splits run the shape's own tile (128 rows where G > 1)
         a["num_kv_splits"] = 2
-    # (tiles that take tensor maps on large or crowded grids only: on every grid here)
+    # (tiles that take tensor maps on large or crowded grids only: on every grid here; each
+    # case's own tile, not the smaller one a grid of little work per SM may take)
     monkeypatch.setattr(sda, "tma_on_grid", lambda grids, *_: grids != "none")
+    monkeypatch.setattr(sda, "SMALL_GRID_TILES", False)
+    monkeypatch.setattr(sda, "_PLANS", type(sda._PLANS)())   # plans of this test only
     lens, table = a["seq_lens"].tolist(), a["block_tables"]
     for b, L in enumerate(lens):
         used = -(-L // ps)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import pytest
@@ -253,25 +254,63 @@ def test_query_tile_and_split_choices():
     assert pick_num_splits(32, 1024, sms, two, 64 * 32, 128, kv8 // 8, 64, fp8=True) == 4
 
 
-def test_small_grids_halve_128_row_tiles():
-    from jitkern.families.spec_dec_attention import q_tiles_for
+def _tiling(rows, bt, hkv, length, fp8=False):   # 132 SMs holding two CTAs each, D = 128
     from jitkern.ops.spec_dec_attention import pick_tiling
+    return pick_tiling(rows, bt, hkv, length, bt * hkv * rows, 128, 1 if fp8 else 2, fp8,
+                       lambda qt: (132, 2))
 
-    def tiling(rows, bt, hkv, length):   # 132 SMs holding two CTAs each, bf16, D = 128
-        return pick_tiling(rows, bt, hkv, length, bt * hkv * rows, 128, 2, False,
-                           lambda qt: (132, 2))
+
+def test_small_grids_halve_128_row_tiles(monkeypatch):
+    op = importlib.import_module("jitkern.ops.spec_dec_attention")
+    # the shape's tile where the work per SM does not choose one (SMALL_GRID_TILES off): a
     # 64-node tree, G = 4, 1k, batch 1: 16 CTAs x 8 splits = 128 < 132 SMs -> 64-row tiles,
     # 32 CTAs, one per SM: 4 splits; batch 8: 128 CTAs unsplit -> 256 in 64-row tiles
-    assert tiling(256, 1, 8, 1024) == (64, 4)
-    assert tiling(256, 8, 8, 1024) == (64, 1)
+    monkeypatch.setattr(op, "SMALL_GRID_TILES", False)
+    assert _tiling(256, 1, 8, 1024) == (64, 4)
+    assert _tiling(256, 8, 8, 1024) == (64, 1)
     # at 8k the 128-row grid reaches the SMs (16 CTAs x 16 splits): kept
-    assert tiling(256, 1, 8, 8192) == (128, 16)
+    assert _tiling(256, 1, 8, 8192) == (128, 16)
     # one KV head (8/1/128), 8k, batch 1: 64-node (512 rows) and 16-node (128 rows) trees
-    assert tiling(512, 1, 1, 8192) == (64, 16)
-    assert tiling(128, 1, 1, 8192) == (64, 32)   # 2 CTAs: split to half the SMs
-    # tiles up to 64 rows are never changed; a 128-row tile's half is in every warm-up set
-    assert tiling(64, 1, 8, 1024)[0] == 64 and tiling(16, 1, 8, 1024)[0] == 16
-    assert q_tiles_for(256) == (128, 64) and q_tiles_for(64) == (64,)
+    assert _tiling(512, 1, 1, 8192) == (64, 16)
+    assert _tiling(128, 1, 1, 8192) == (64, 32)   # 2 CTAs: split to half the SMs
+    # tiles up to 64 rows are then never changed
+    assert _tiling(64, 1, 8, 1024)[0] == 64 and _tiling(16, 1, 8, 1024)[0] == 16
+
+
+def test_small_grids_take_small_tiles():
+    from jitkern.families.spec_dec_attention import q_tiles_for
+    from jitkern.ops.spec_dec_attention import small_tile_splits
+
+    # (the H200's fastest measured tiling of each, BENCHMARKS.md) 32/8/128 16-node trees,
+    # batch 1: 1k, about one work unit an SM -> 16-row tiles, 4 splits (8.7 us fp8, 9.2 bf16)
+    assert _tiling(64, 1, 8, 1024, fp8=True) == (16, 4)
+    assert _tiling(64, 1, 8, 1024) == (16, 4)
+    # 4k, 3.9 units: 32-row tiles with an fp8 cache (14.4 us against 18.7 in 64-row ones), the
+    # shape's 64-row tile with a 16-bit one; 8k (7.8 units): 64-row tiles either way
+    assert _tiling(64, 1, 8, 4096, fp8=True) == (32, 8)
+    assert _tiling(64, 1, 8, 4096) == (64, 8)
+    assert _tiling(64, 1, 8, 8192, fp8=True) == (64, 16)
+    # 128-row tiles only from HALF_TILE_WORK: 64-node trees at 2k batch 1 (15.5 us against
+    # 21.4), 64/8/128 16-node trees at 1k batch 8 (20.7 against 28.3); 8k keeps them
+    assert _tiling(256, 1, 8, 2048) == (64, 4)
+    assert _tiling(128, 8, 8, 1024) == (64, 1)
+    assert _tiling(256, 1, 8, 8192) == (128, 16)
+    # one KV head, 8k, batch 1: 16-node trees (128 rows) and 4-chains (32 rows) of 8/1/128
+    assert _tiling(128, 1, 1, 8192) == (16, 16)
+    assert _tiling(32, 1, 1, 8192) == (16, 32)
+    # decode and short chains already run 16-row tiles
+    assert _tiling(8, 1, 8, 8192) == (16, 16)
+    # splits: 32 CTAs over 16 tiles -> 4 (128 CTAs, 4 tiles each); 2 CTAs over 128 tiles -> 32;
+    # 32-row tiles stay at one CTA per SM: 16 CTAs over 64 tiles -> 8
+    assert small_tile_splits(16, 32, 16, 132, 2, 512, 128) == 4
+    assert small_tile_splits(16, 2, 128, 132, 2, 32, 128) == 32
+    assert small_tile_splits(32, 16, 64, 132, 2, 512, 128) == 8
+    # never under MIN_TILES_PER_SPLIT tiles a split, whatever the grid
+    assert small_tile_splits(16, 1, 16, 132, 2, 8, 128) == 8
+    # every tile the op may pick is in the warm-up sets: the shape's, its halves, 32 for fp8
+    assert q_tiles_for(256) == (128, 64, 16) and q_tiles_for(64) == (64, 16)
+    assert q_tiles_for(256, fp8=True) == (128, 64, 32, 16) and q_tiles_for(16) == (16,)
+    assert q_tiles_for(32, fp8=True) == (32, 16)
 
 
 def test_small_grids_of_64_row_16_bit_tiles_run_three_stages():
@@ -383,8 +422,6 @@ def test_family_rejects_head_dims_off_the_grid():
 def test_plan_key_covers_what_validation_checks():
     """The per-signature plan key changes with everything ``prepare`` decides from, and is None
     for arguments without metadata (those take the full checks)."""
-    import importlib
-
     mod = importlib.import_module("jitkern.ops.spec_dec_attention")
     q = torch.randn(8, 8, 128, dtype=torch.bfloat16)
     k = torch.zeros(6, 16, 2, 128, dtype=torch.bfloat16)
@@ -523,8 +560,9 @@ def test_kv_tma_configurations():
             assert ((c["q_tile"] == 64 or fp8 and c["q_tile"] < 128)
                     and (dict(c, kv_tma=True) in warm or c.get("kv_stages") == 3)
                     or fp8 and c["q_tile"] == 128)
-    # decode and 4-chains (16 and 32 rows) x 2 pages x bf16 / fp8; the trees' warpgroup tiles
-    assert sum(1 for c in warm if c.get("kv_tma") and c["q_tile"] <= 32) == 12
+    # decode, 4-chains (16 and 32 rows) and the trees' small-grid tiles (16 rows; 32 with fp8)
+    # x 2 pages x bf16 / fp8; the trees' warpgroup tiles
+    assert sum(1 for c in warm if c.get("kv_tma") and c["q_tile"] <= 32) == 4 * 2 + 5 * 2
     assert sum(1 for c in warm if c.get("kv_tma") and c["q_tile"] >= 64) > 0
 
 

@@ -78,12 +78,21 @@ def pick_q_tile(rows: int) -> int:
     return Q_TILES[-1]
 
 
-def q_tiles_for(rows: int) -> tuple:
-    """Every query tile the op may run for ``rows`` rows per KV head: pick_q_tile's, and 64
-    beside 128 (the op halves a 128-row tile on grids under one CTA per SM; see
+def q_tiles_for(rows: int, fp8: bool = False) -> tuple:
+    """Every query tile the op may run for ``rows`` rows per KV head (``fp8``: with an fp8
+    cache), pick_q_tile's first: 64 beside 128 (a 128-row tile runs as its 64-row half on small
+    grids), and on grids with little work per SM the smaller tiles, 16 rows below any larger
+    tile and, with an fp8 cache, 32 below 64 and 128 (see
     jitkern.ops.spec_dec_attention.pick_tiling). Warm-up sets use this."""
     qt = pick_q_tile(rows)
-    return (qt, qt // 2) if qt == Q_TILES[-1] else (qt,)
+    out = [qt]
+    if qt == Q_TILES[-1]:
+        out.append(qt // 2)
+    if fp8 and qt > 32:
+        out.append(32)
+    if qt > 16:
+        out.append(16)
+    return tuple(out)
 
 
 # 64-row tiles of a 16-bit cache at a padded head_dim of 128 run 3 K/V stages instead of the
@@ -308,11 +317,13 @@ SPEC_DEC_ATTENTION = register_family(KernelFamily(
         c
         for kv in ("bf16", "fp8_e4m3")
         for ps in (16, 64)
-        # Llama-3-8B (G=4) and 70B-TP8 (G=8), the query tiles the op picks (rows = q_len * G):
-        # decode 4/8 rows -> 16; a 4-chain 16/32 rows -> 16/32; 16-node trees 64/128 -> 64/128;
-        # 64-node trees 256/512 -> 128
-        for mode, qt in (("decode", 16), ("chain", 16), ("chain", 32), ("tree", 64), ("tree", 128))
+        # Llama-3-8B (G=4) and 70B-TP8 (G=8), every query tile the op may pick (q_tiles_for)
+        # for rows = q_len * G: decode 4/8 rows, 4-chains 16/32, 16-node trees 64/128 and
+        # 64-node trees 256/512
+        for mode, qt in sorted({(mode, qt) for mode, n in (("decode", 1), ("chain", 4),
+                                                           ("tree", 16), ("tree", 64))
+                                for g in (4, 8) for qt in q_tiles_for(n * g, kv == "fp8_e4m3")})
         for c in op_configs(dict(head_dim=128, dtype="bf16", kv_dtype=kv, kv_layout="NHD",
-                                     page_size=ps, mode=mode, q_tile=qt, split_kv=True))
+                                 page_size=ps, mode=mode, q_tile=qt, split_kv=True))
     ),
 ))

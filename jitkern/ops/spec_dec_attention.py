@@ -43,6 +43,14 @@ TREE_MIN_GRID_SHARE = 2          # ... unless that leaves the grid under 1/2 of 
 LONG_SPLIT_TILES = 64            # 64-row tree splits this long keep two CTAs per SM (see below),
 FP8_LONG_SPLIT_TILES = 8         # ... with an fp8 cache (more arithmetic a byte) this long
 WORKSPACE_CAP_BYTES = 256 << 20  # splits are reduced before the workspace would outgrow this
+# Query tiles by the work per SM (pick_tiling): up to SMALL_TILE_WORK units (64 query rows x 64
+# KV positions x head_dim 128) an SM, 16-row tiles; with an fp8 cache up to FP8_MID_TILE_WORK,
+# 32-row ones; up to HALF_TILE_WORK a 128-row tile runs as its 64-row half.
+SMALL_TILE_WORK = 2
+FP8_MID_TILE_WORK = 4
+HALF_TILE_WORK = 16
+SPLIT_COST = 0.1                 # small tiles' splits: the cost of one more split, in KV tiles
+SMALL_GRID_TILES = True          # that choice; off: the shape's tile (a switch for measurements)
 # Split partials are merged by a second kernel, which spreads the rows over the whole GPU (a merge
 # by the last CTA of each group, once used for 16-row tiles, ran 1.08-1.5x slower: its L2 round
 # trips are one CTA's chain; BENCHMARKS.md).
@@ -309,15 +317,31 @@ def pick_num_splits(ctas: int, max_kv_len: int, sm_count: int, per_sm: int, rows
 def pick_tiling(rows: int, bt: int, hkv: int, max_kv_len: int, rows_total: int, head_dim: int,
                 kv_elem_bytes: int, fp8: bool, occupancy) -> tuple:
     """(query tile, KV splits) for ``rows`` query rows per KV head, ``bt`` sequences and ``hkv``
-    KV heads; ``occupancy(q_tile)`` gives (SMs, CTAs one SM holds). The tile is the shape's
-    (the first of q_tiles_for); a 128-row tile whose grid, split as pick_num_splits allows,
-    stays under one CTA per SM runs as its 64-row half: at such small grids row tiles are
-    cheaper parallelism than splits (they add no partials to merge, and their extra K/V reads
-    hit L2). Measured (H200, batch 1-8, 64-row against 128-row tiles, each with its split
-    rule): 32/8/128 64-node trees at 1k batch 1 14.2 us against 16.7, batch 8 31.7 against
-    34.1; 8/1/128 trees at 8k batch 1: 64-node 17.1 against 20.0, 16-node 13.7-14.6 against
-    19.3; grids of one CTA per SM or more (8k batch 1 of 32/8/128, 64/8/128) were faster in
-    128-row tiles, so they keep them."""
+    KV heads; ``occupancy(q_tile)`` gives (SMs, CTAs one SM holds).
+
+    The tile follows the work an SM gets, in units of 64 query rows x 64 KV positions x head_dim
+    128. A call's time is about a fixed cost per CTA (launch, query, epilogue, merge) plus its
+    share of KV tiles, and the larger the tile the larger its fixed cost and the smaller its
+    cost per unit. Fitted on an H200 (32/8/128 fp8 16-node trees, batch 1, one CTA per SM):
+    16-row tiles about 6.2 us + 2.5 us a unit, 32-row 7.9 + 1.6, 64-row (warpgroup MMAs) 10.2 +
+    1.3. So on small grids with little work the small tiles win, and from a few units an SM the
+    shape's tile:
+    - up to SMALL_TILE_WORK units, 16-row tiles (split as small_tile_splits says);
+    - with an fp8 cache, up to FP8_MID_TILE_WORK units, 32-row tiles (likewise; fp8 64-row
+      tiles convert K/V in shared memory, a cost per tile the direct path has not);
+    - up to HALF_TILE_WORK, a 128-row tile's 64-row half (pick_num_splits for both);
+    - else the shape's tile (the first of q_tiles_for), except that a 128-row tile whose grid,
+      split as pick_num_splits allows, stays under one CTA per SM runs as its 64-row half: row
+      tiles are cheaper parallelism than splits (no partials to merge; the extra K/V reads hit
+      L2).
+    Measured (H200, every tile in 1-32 splits, BENCHMARKS.md): over 89 rows (trees and chains,
+    1k-32k, batch 1-64, bf16 and fp8, five shapes) the choice was the fastest measured on 76
+    and at most 15% from it; the 50 rows whose tiling it changed ran 1.01-1.38x faster (e.g.
+    32/8/128 fp8 16-node trees at 1k batch 1 8.7 us in 16-row tiles against 10.8 in 64-row
+    ones; 64/8/128 16-node trees at 1k batch 8 20.7 in 64-row tiles against 28.3 in 128-row
+    ones); 18 rows measured after the fit 0.99-1.31x. The 128-row half was measured before:
+    32/8/128 64-node trees at 1k batch 1 14.2 us against 16.7; grids of one CTA per SM or more
+    (8k batch 1 of 32/8/128, 64/8/128) keep 128-row tiles."""
     kv_bytes = bt * max_kv_len * hkv * head_dim * 2 * kv_elem_bytes
 
     def split(q_tile):
@@ -327,11 +351,48 @@ def pick_tiling(rows: int, bt: int, hkv: int, max_kv_len: int, rows_total: int, 
                                  q_tile, fp8)
         return splits, ctas * splits >= sms
 
-    tiles = q_tiles_for(rows)
-    splits, fills = split(tiles[0])
-    if fills or len(tiles) == 1:
-        return tiles[0], splits
-    return tiles[1], split(tiles[1])[0]
+    tiles = q_tiles_for(rows, fp8)
+    shape_tile = tiles[0]
+    if SMALL_GRID_TILES and shape_tile > 16:
+        sms = occupancy(shape_tile)[0]
+        kv_tiles = -(-max_kv_len // KV_TILE)
+        work = bt * hkv * rows * kv_tiles * head_dim / (64 * 128 * sms)   # 64-row x tile units
+        small = (16 if work <= SMALL_TILE_WORK else
+                 32 if fp8 and work <= FP8_MID_TILE_WORK and shape_tile > 32 else 0)
+        if small:
+            sms, per_sm = occupancy(small)
+            return small, small_tile_splits(small, bt * hkv * -(-rows // small), kv_tiles, sms,
+                                            per_sm, rows_total, head_dim)
+        if shape_tile == 128 and work <= HALF_TILE_WORK:
+            return 64, split(64)[0]
+    splits, fills = split(shape_tile)
+    if fills or shape_tile != 128:
+        return shape_tile, splits
+    return 64, split(64)[0]
+
+
+def small_tile_splits(q_tile: int, ctas: int, kv_tiles: int, sm_count: int, per_sm: int,
+                      rows_total: int, head_dim: int) -> int:
+    """KV splits of pick_tiling's small tiles (16 or 32 rows, smaller than the shape's) for
+    ``ctas`` CTAs over ``kv_tiles`` 64-position tiles: among splits of at least
+    MIN_TILES_PER_SPLIT tiles, the count that minimizes a split's KV
+    tiles times the CTAs an SM then runs (over one), plus SPLIT_COST tiles a split (its share
+    of the merge and the CTA's fixed cost), up to ``per_sm`` CTAs per SM for 16-row tiles and
+    one for 32-row ones. Fitted on the H200's measurements of 1-64 splits (BENCHMARKS.md): over
+    72 rows of 16-row tiles 0.35% slower than the best measured count on average (worst 8%),
+    over 28 fp8 rows of 32-row tiles 0.07% (worst 2%), where the memory-bound rule of
+    pick_num_splits lost up to 1.5x. The workspace caps it as in pick_num_splits."""
+    cap = sm_count * (per_sm if q_tile == 16 else 1)
+    by_ws = max(1, WORKSPACE_CAP_BYTES // max(1, rows_total * (head_dim + 2) * 4))
+    best, best_cost = 1, math.inf
+    for s in range(1, min(kv_tiles // MIN_TILES_PER_SPLIT, by_ws, MAX_SPLITS) + 1):
+        per_split = -(-kv_tiles // s)
+        if -(-kv_tiles // per_split) != s or (s > 1 and ctas * s > cap):
+            continue   # (the same tiles a split as a smaller count; past the cap)
+        cost = per_split * max(1.0, ctas * s / sm_count) + SPLIT_COST * s
+        if cost < best_cost:
+            best, best_cost = s, cost
+    return best
 
 
 # ---- validation --------------------------------------------------------------------------------
