@@ -18,7 +18,8 @@ for 64-row warpgroup tiles), fp8_qk (the op's allow_fp8_qk: e4m3 Q K^T on fp8 tr
 for every row, 128-row tiles included, which the op leaves out),
 kv_stages 3 / 4 / 5 / 6 and kv_tile 128 (configuration overrides), 2 / 3 / 4 / 8 / 16 / 32 / 64
 splits (the op's num_kv_splits), "no TMA" (the cp.async K/V copies where the op uses tensor maps),
-"TMA on every grid" (tensor maps where the op's grid rule keeps cp.async) and
+"TMA on every grid" (tensor maps where the op's grid rule keeps cp.async), "shape tiles" (the
+shape's query tile where the op picks a smaller one for a grid of little work per SM) and
 JK_SD_PROBE_LOAD_ONLY (the tile loop without its arithmetic: the loads' own ceiling),
 JK_SD_PROBE_EMPTY ("empty": no KV tiles at all, so the launch, prologue, epilogue and merge
 alone: a split call's fixed cost), with XQA's
@@ -29,7 +30,8 @@ checked against the default's output. Other spec-dec hooks the kernel keeps: JK_
     python benchmarks/probe_cache_hints.py [--only mamba|attention] [--tree-only] [--engine]
         [--row "32/8/128 q=1 8k b=64 bf16" ...] [--variant mma.sync ...]
         (--variant "load-only+2 splits": variants combined; --variant "tile 64x16": the query
-        tile and split count forced)
+        tile and split count forced; --row takes any row of that form; each row prints the
+        op's own tiling)
 """
 
 from __future__ import annotations
@@ -242,6 +244,14 @@ def row_name(shape, n, ctx, batch, kvn, layout="NHD"):
             + (f" {layout}" if layout != "NHD" else ""))
 
 
+def parse_row(name):
+    """The row tuple of a printed row name (row_name's inverse), e.g. "32/8/128 q=16 1k b=1 fp8"
+    or "16/16/64 q=1 8k b=64 bf16 HND"."""
+    shape, n, ctx, batch, kvn, *layout = name.split()
+    hq, hkv, d = (int(x) for x in shape.split("/"))
+    return ((hq, hkv, d), int(n[2:]), int(ctx[:-1]) * 1024, int(batch[2:]), kvn, *layout)
+
+
 def attention(rbw, match=(), only_variants=()):
     base = sda.SPEC_DEC_ATTENTION
     base_config = sda.kernel_config
@@ -270,7 +280,8 @@ def attention(rbw, match=(), only_variants=()):
                     ("TMA on every grid", {}, {"tma_everywhere": True}),
                     ("8 splits", {}, {"num_kv_splits": 8}), ("16 splits", {}, {"num_kv_splits": 16}),
                     ("32 splits", {}, {"num_kv_splits": 32}),
-                    ("64 splits", {}, {"num_kv_splits": 64})]
+                    ("64 splits", {}, {"num_kv_splits": 64}),
+                    ("shape tiles", {}, {"small_grid_tiles": False})]
     base_tiling = sda.pick_tiling
     base_on_grid = sda.tma_on_grid
     if only_variants:
@@ -296,6 +307,7 @@ def attention(rbw, match=(), only_variants=()):
         tma_everywhere = over.pop("tma_everywhere", False)   # where the op keeps cp.async too
         kw = {k: over.pop(k) for k in ("num_kv_splits",) if k in over}
         tiling = over.pop("tiling", None)
+        small_tiles = over.pop("small_grid_tiles", True)   # pick_tiling's small-grid tiles
 
         def config(*a, **k):
             cfg = dict(base_config(*a, **k), **over)
@@ -311,6 +323,7 @@ def attention(rbw, match=(), only_variants=()):
             sda.tma_on_grid = ((lambda grids, *a: grids != "none") if tma_everywhere
                                else base_on_grid)
             sda.pick_tiling = (lambda *a, **k: tiling) if tiling else base_tiling
+            sda.SMALL_GRID_TILES = small_tiles
             sda._LAUNCH.clear()
             sda._PLANS.clear()   # (the plan holds the kv_tma choice)
             call_kw.clear()
@@ -357,9 +370,9 @@ def attention(rbw, match=(), only_variants=()):
             ((32, 8, 128), 4, 8192, 1, "fp8"), ((32, 8, 128), 4, 32768, 1, "fp8"),
             ((32, 8, 128), 4, 1024, 1, "fp8"), ((32, 8, 128), 4, 1024, 8, "fp8"),
             ((32, 8, 128), 1, 32768, 8, "fp8"), ((32, 8, 128), 4, 32768, 64, "fp8"),
-            ((32, 8, 128), 4, 32768, 8, "fp8"))
-    if match:
-        rows = [r for r in rows if any(m == row_name(*r) for m in match)]
+            ((32, 8, 128), 4, 32768, 8, "fp8"), ((32, 8, 128), 16, 1024, 1, "fp8"))
+    if match:   # the named rows, in the order named (any shape, not only the list above)
+        rows = [parse_row(m) for m in match]
     for (hq, hkv, d), n, ctx, batch, kvn, *layout in rows:
         layout = layout[0] if layout else "NHD"
         kv_dtype = torch.float8_e4m3fn if kvn == "fp8" else torch.bfloat16
@@ -371,6 +384,9 @@ def attention(rbw, match=(), only_variants=()):
                 for s in range(copies)]
         outs = [torch.empty_like(s["q"]) for s in sets]
         name = row_name((hq, hkv, d), n, ctx, batch, kvn, layout)
+        variants[0][1]()
+        plan = dict(zip(sda.OP_ARGS, sda.prepare(**sets[0], out=outs[0])))
+        print(f"<!-- {name}: the op's tiling {plan['q_tile']}x{plan['num_splits']} -->", flush=True)
         ab(name, variants,
            lambda: [(lambda s=s, o=o: sda.spec_dec_attention(**s, out=o, **call_kw))
                     for s, o in zip(sets, outs)],
@@ -405,6 +421,7 @@ def attention(rbw, match=(), only_variants=()):
     sda.KV_TMA = True
     sda.tma_on_grid = base_on_grid
     sda.pick_tiling = base_tiling
+    sda.SMALL_GRID_TILES = True
     sda._LAUNCH.clear()
     sda._PLANS.clear()
 
