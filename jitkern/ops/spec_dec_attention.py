@@ -198,6 +198,17 @@ def workspace_floats(total_q: int, num_heads: int, head_dim: int, num_splits: in
     return num_splits * total_q * num_heads * (head_dim + 2)
 
 
+def _split_bytes(rows_total: int, head_dim: int) -> int:
+    """Workspace bytes of one KV split for ``rows_total`` (query token, head) rows (the split
+    planners' unit: workspace_floats per split)."""
+    return max(1, 4 * workspace_floats(rows_total, 1, head_dim, 2) // 2)
+
+
+def _workspace_splits(rows_total: int, head_dim: int) -> int:
+    """The most splits whose workspace stays within WORKSPACE_CAP_BYTES."""
+    return max(1, WORKSPACE_CAP_BYTES // _split_bytes(rows_total, head_dim))
+
+
 def reserve_workspace(device, floats: int) -> torch.Tensor:
     """Grow the cached workspace of ``device`` (a device or its index) to at least ``floats``
     float32 elements (call before capturing a CUDA graph whose calls need a larger one)."""
@@ -307,9 +318,9 @@ def pick_num_splits(ctas: int, max_kv_len: int, sm_count: int, per_sm: int, rows
     if s <= 1:
         return 1
     by_len = max(1, tiles // MIN_TILES_PER_SPLIT)
-    per_split = max(1, rows_total * (head_dim + 2) * 4)
-    by_ws = max(1, WORKSPACE_CAP_BYTES // per_split)
-    by_traffic = max(1, kv_bytes // (2 * per_split)) if memory_bound else by_ws
+    by_ws = _workspace_splits(rows_total, head_dim)
+    by_traffic = (max(1, kv_bytes // (2 * _split_bytes(rows_total, head_dim))) if memory_bound
+                  else by_ws)
     s = max(1, min(s, by_len, by_traffic, by_ws, MAX_SPLITS))
     return -(-tiles // -(-tiles // s))
 
@@ -357,8 +368,9 @@ def pick_tiling(rows: int, bt: int, hkv: int, max_kv_len: int, rows_total: int, 
         sms = occupancy(shape_tile)[0]
         kv_tiles = -(-max_kv_len // KV_TILE)
         work = bt * hkv * rows * kv_tiles * head_dim / (64 * 128 * sms)   # 64-row x tile units
+        # (q_tiles_for lists the smaller tiles this may take: 32 rows only with an fp8 cache)
         small = (16 if work <= SMALL_TILE_WORK else
-                 32 if fp8 and work <= FP8_MID_TILE_WORK and shape_tile > 32 else 0)
+                 32 if work <= FP8_MID_TILE_WORK and 32 in tiles[1:] else 0)
         if small:
             sms, per_sm = occupancy(small)
             return small, small_tile_splits(small, bt * hkv * -(-rows // small), kv_tiles, sms,
@@ -383,9 +395,9 @@ def small_tile_splits(q_tile: int, ctas: int, kv_tiles: int, sm_count: int, per_
     over 28 fp8 rows of 32-row tiles 0.07% (worst 2%), where the memory-bound rule of
     pick_num_splits lost up to 1.5x. The workspace caps it as in pick_num_splits."""
     cap = sm_count * (per_sm if q_tile == 16 else 1)
-    by_ws = max(1, WORKSPACE_CAP_BYTES // max(1, rows_total * (head_dim + 2) * 4))
+    most = min(kv_tiles // MIN_TILES_PER_SPLIT, _workspace_splits(rows_total, head_dim), MAX_SPLITS)
     best, best_cost = 1, math.inf
-    for s in range(1, min(kv_tiles // MIN_TILES_PER_SPLIT, by_ws, MAX_SPLITS) + 1):
+    for s in range(1, most + 1):
         per_split = -(-kv_tiles // s)
         if -(-kv_tiles // per_split) != s or (s > 1 and ctas * s > cap):
             continue   # (the same tiles a split as a smaller count; past the cap)
