@@ -224,7 +224,6 @@ constexpr int STAGES = JK_KV_STAGES > 0 ? JK_KV_STAGES
 constexpr int Q_ROW = (D + 8) * 2;
 constexpr int CPR = D * KV_BYTES / 16;         // 16-byte chunks per KV row (padded)
 constexpr int CPR_Q = DQ * KV_BYTES / 16;      // ... of them that exist in memory
-constexpr int NP = PS >= TILE ? 1 : TILE / PS; // pages per KV tile
 constexpr int O_ROW = D + 4;                   // floats per row of the epilogue staging
 constexpr bool Q_IN_REGS = D <= 128 && QT < 64; // else Q fragments are reloaded (register budget)
 // CTAs per SM the register budget must allow: 16-row tiles (~160 registers) fit three, which a
@@ -266,6 +265,14 @@ static_assert(!TMA || (PIPE_ROWS % TMA_BOX_ROWS == 0 && !WARP_PIPE), "TMA pipeli
 constexpr int RSTEP = PIPE_T / CPR;            // a thread copies rows r0 + k * RSTEP of a tile,
 constexpr int RCOPY = PIPE_ROWS / RSTEP;       // k < RCOPY (K and V)
 static_assert(PIPE_T % CPR == 0 && RSTEP > 0 && PIPE_ROWS % RSTEP == 0, "pipeline shape");
+// Pages one pipeline's rows of a tile span (its page-table slots): pages smaller than a tile
+// (16 or 32 positions) split a pipeline's rows over several. Slots are numbered from the
+// pipeline's first row, so which slot a copied row or box reads is a compile-time constant
+// wherever a thread's rows step by a divisor of the page (SLOT_BASE): one 64-bit base per slot
+// and tile, and no run-time index into the slots (which put them in local memory, and 128-row
+// tiles spilled, at page 16).
+constexpr int PIPE_PAGES = PS >= PIPE_ROWS ? 1 : PIPE_ROWS / PS;
+constexpr bool SLOT_BASE = TILE_BASE && PS < TILE && (PIPE_PAGES == 1 || PS % RSTEP == 0);
 static_assert(D % 32 == 0, "head dim");
 
 // bar.sync on barrier ID (1..15; 0 is __syncthreads) for N threads; immediate operands, so
@@ -392,12 +399,19 @@ __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const __gri
     const int kv_tiles = (p.kv_tiles * 64 + TILE - 1) / TILE;   // host units: 64 positions
     const int per0 = (kv_tiles + p.num_splits - 1) / p.num_splits;
     const int* bt = p.block_tables + (size_t)b * p.bt_stride;
-    int pg[NP];
-    auto load_pages = [&](int tile) {   // page ids of `tile` (-1 past the table), one tile ahead
+    int pg[PIPE_PAGES];
+    // page ids of the pipeline's rows of `tile` (-1 past the table), loaded one tile ahead: slot
+    // j holds logical page (tile * TILE + row_lo) / PS + j (row_lo: the pipeline's first row,
+    // below)
+    auto load_pages = [&](int tile) {
+        if constexpr (PS >= TILE) {
+            const int lp = (tile * TILE) / PS;
+            pg[0] = lp < p.bt_stride ? __ldg(bt + lp) : -1;
+        } else {
+            const int lp0 = (tile * TILE + (PRIVATE_PIPE ? wn * NW : 0)) / PS;
 #pragma unroll
-        for (int k = 0; k < NP; ++k) {
-            const int lp = PS >= TILE ? (tile * TILE) / PS : tile * NP + k;
-            pg[k] = lp < p.bt_stride ? __ldg(bt + lp) : -1;
+            for (int j = 0; j < PIPE_PAGES; ++j)
+                pg[j] = lp0 + j < p.bt_stride ? __ldg(bt + lp0 + j) : -1;
         }
     };
     load_pages(split * per0);
@@ -492,10 +506,7 @@ __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const __gri
 #pragma unroll
             for (int k = 0; k < PIPE_ROWS / TMA_BOX_ROWS; ++k) {
                 const int r = row_lo + k * TMA_BOX_ROWS;   // the box's first row in the tile
-                int page = pg[0];
-#pragma unroll
-                for (int s = 1; s < NP; ++s)
-                    if (r / PS == s) page = pg[s];
+                const int page = pg[k * TMA_BOX_ROWS / PS];  // (a box lies in one page)
                 const int tpos = (tile * TILE + r) % PS;
 #if JK_KV_HND
                 const int c1 = tpos, c2 = page * p.hkv + hk;
@@ -512,7 +523,7 @@ __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const __gri
             }
             return;
         }
-        constexpr bool ONE_PAGE = NP == 1 && TILE_BASE;
+        constexpr bool ONE_PAGE = PS >= TILE && TILE_BASE;
         size_t base = 0;   // whole-page tile: byte offset of its first row; the rows that exist
         int rows = 0;
         if constexpr (ONE_PAGE) {
@@ -525,6 +536,25 @@ __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const __gri
 #endif
             rows = pg[0] >= 0 && c_ok ? L - tile * TILE : 0;
         }
+        // SLOT_BASE (pages smaller than a tile): per slot, the byte offset of tile row 0 as if
+        // the slot's page held the whole tile (modulo 2^64: rows before the slot's page wrap; no
+        // row of another slot adds to it), and the rows that exist (none past the table)
+        size_t sbase[PIPE_PAGES];
+        int srows[PIPE_PAGES];
+        if constexpr (SLOT_BASE) {
+            const int lp0 = (tile * TILE + row_lo) / PS;
+#pragma unroll
+            for (int j = 0; j < PIPE_PAGES; ++j) {
+                const size_t page = max(pg[j], 0);
+                const size_t shift = (size_t)tile * TILE - (size_t)(lp0 + j) * PS;
+#if JK_KV_HND
+                sbase[j] = ((page * p.hkv + hk) * PS + shift) * row_bytes;
+#else
+                sbase[j] = (page * PS + shift) * row_bytes;
+#endif
+                srows[j] = pg[j] >= 0 && c_ok ? L - tile * TILE : 0;
+            }
+        }
 #pragma unroll
         for (int k = 0; k < RCOPY; ++k) {
             const int r = r0 + k * RSTEP;
@@ -533,12 +563,20 @@ __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const __gri
             if constexpr (ONE_PAGE) {
                 ok = r < rows;
                 src = base + (ok ? off0 + k * RSTEP * row_bytes : 0u);
+            } else if constexpr (SLOT_BASE) {
+                // the row's slot: k * RSTEP <= r - row_lo < (k + 1) * RSTEP, and RSTEP divides PS
+                const int j = PIPE_PAGES == 1 ? 0 : k * RSTEP / PS;
+                ok = r < srows[j];
+                if constexpr (PIPE_PAGES == 1)   // (the base is a row of the page)
+                    src = sbase[0] + (ok ? off0 + k * RSTEP * row_bytes : 0u);
+                else
+                    src = ok ? sbase[j] + off0 + k * RSTEP * row_bytes : 0;
             } else {
                 const int pos = tile * TILE + r;
                 int page = pg[0];
 #pragma unroll
-                for (int s = 1; s < NP; ++s)
-                    if (r / PS == s) page = pg[s];
+                for (int s = 1; s < PIPE_PAGES; ++s)
+                    if ((r - row_lo) / PS == s) page = pg[s];
                 const int off = pos % PS;
                 ok = pos < L && page >= 0 && c_ok;
 #if JK_KV_HND

@@ -491,7 +491,7 @@ def test_kv_tma_configurations():
     import jitkern
     from jitkern.families.spec_dec_attention import (SPEC_DEC_ATTENTION, op_configs,
                                                      resident_ctas, shared_bytes, tma_box_rows,
-                                                     tma_shape)
+                                                     tma_grids, tma_shape)
     from jitkern.ops.spec_dec_attention import use_tma
 
     base = dict(head_dim=128, dtype="bf16", kv_dtype="bf16", kv_layout="NHD", page_size=64,
@@ -546,6 +546,22 @@ def test_kv_tma_configurations():
         assert use_tma("fp8_e4m3", 128, qt, (9, 0), *grid) == want
     assert not use_tma("fp8_e4m3", 64, 64, (9, 0), *big)   # head_dim 64: no whole boxes
     assert not use_tma("fp8_e4m3", 64, 16, (9, 0), *big)
+    # pages of 16 (boxes of 16 rows): large grids only, and never for fp8 16/32-row tiles; pages
+    # of 32 as 64
+    for kv, qt, grid, want in (("bf16", 16, one, False), ("bf16", 16, two, False),
+                               ("bf16", 16, big, True), ("bf16", 32, big, True),
+                               ("bf16", 64, two, False), ("bf16", 64, big, True),
+                               ("bf16", 128, one, False), ("bf16", 128, big, True),
+                               ("fp8_e4m3", 16, two, False), ("fp8_e4m3", 16, big, False),
+                               ("fp8_e4m3", 32, big, False), ("fp8_e4m3", 64, big, True),
+                               ("fp8_e4m3", 128, big, False)):
+        assert use_tma(kv, 128, qt, (9, 0), *grid, page_size=16) == want, (kv, qt, grid)
+        assert (use_tma(kv, 128, qt, (9, 0), *grid, page_size=32)
+                == use_tma(kv, 128, qt, (9, 0), *grid)), (kv, qt, grid)
+    assert op_configs(dict(base, page_size=16)) == [dict(base, page_size=16),
+                                                   dict(base, page_size=16, kv_tma=True)]
+    assert op_configs(dict(base, page_size=16, kv_dtype="fp8_e4m3")) == [
+        dict(base, page_size=16, kv_dtype="fp8_e4m3")]
     fp8_decode = dict(base, kv_dtype="fp8_e4m3")
     assert op_configs(fp8_decode) == [fp8_decode, dict(fp8_decode, kv_tma=True)]
     fp8_tree = dict(base, kv_dtype="fp8_e4m3", mode="tree", q_tile=64)
@@ -556,13 +572,13 @@ def test_kv_tma_configurations():
         if c.get("kv_tma"):
             assert tma_shape(c)
         elif tma_shape(c):   # a cp.async form for small grids, with its tensor-map form
-            fp8 = c["kv_dtype"] == "fp8_e4m3"
-            assert ((c["q_tile"] == 64 or fp8 and c["q_tile"] < 128)
-                    and (dict(c, kv_tma=True) in warm or c.get("kv_stages") == 3)
-                    or fp8 and c["q_tile"] == 128)
-    # decode, 4-chains (16 and 32 rows) and the trees' small-grid tiles (16 rows; 32 with fp8)
-    # x 2 pages x bf16 / fp8; the trees' warpgroup tiles
-    assert sum(1 for c in warm if c.get("kv_tma") and c["q_tile"] <= 32) == 4 * 2 + 5 * 2
+            grids = tma_grids(c)
+            assert grids == "none" or (grids in ("large", "crowded") and (
+                dict(c, kv_tma=True) in warm or c.get("kv_stages") == 3)), c
+    # decode, 4-chains (16 and 32 rows) and the trees' small-grid tiles (16 rows; 32 with fp8):
+    # bf16 at pages 16 and 64, fp8 at page 64 (fp8 16/32-row tiles at page 16 take none); the
+    # trees' warpgroup tiles
+    assert sum(1 for c in warm if c.get("kv_tma") and c["q_tile"] <= 32) == 4 * 2 + 5
     assert sum(1 for c in warm if c.get("kv_tma") and c["q_tile"] >= 64) > 0
 
 

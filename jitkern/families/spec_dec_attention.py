@@ -144,12 +144,23 @@ def tma_grids(cfg: dict) -> str:
     1.02-1.06x, on grids of at most one CTA per SM (batch 1, 1k batch 8) 0.83-0.96x (the
     tensor-map pipeline is the CTA's, the cp.async ones are private to each warp; one
     tensor-map pipeline per warp measured slower still); 64-row tiles on large grids 1.00-1.10x;
-    128-row tiles 0.95-1.00x."""
+    128-row tiles 0.95-1.00x.
+
+    Pages of 16 positions cut every box to 16 rows (a box never spans pages): four times the
+    copies a tile, issued by one thread. There the tensor maps pay on large grids only (16-bit
+    decode at 8k batch 64 1.02x, head_dim 64 1.08x, 128-row tiles 1.04x, fp8 64-row tiles
+    1.07x), not on smaller ones (16-bit decode at 8k and 32k batch 8 0.85-0.90x, 128-row tiles
+    at 8k batch 8 0.93x, batch 1 0.91-0.95x), nor for fp8 16-row tiles (decode at 8k batch 64
+    0.89x). Pages of 32 keep the rule above (1.00-1.28x on the same rows)."""
     if not tma_shape(cfg):
         return "none"
     if cfg["kv_dtype"] == "fp8_e4m3":
-        return "crowded" if cfg["q_tile"] <= 32 else "large" if cfg["q_tile"] == 64 else "none"
-    return "large" if cfg["q_tile"] == 64 else "all"
+        grids = "crowded" if cfg["q_tile"] <= 32 else "large" if cfg["q_tile"] == 64 else "none"
+    else:
+        grids = "large" if cfg["q_tile"] == 64 else "all"
+    if cfg.get("page_size", 64) < 32 and grids != "none":
+        return "none" if cfg["kv_dtype"] == "fp8_e4m3" and cfg["q_tile"] <= 32 else "large"
+    return grids
 
 
 def tma_on_grid(grids: str, ctas: int, splits: int, sms: int) -> bool:

@@ -97,13 +97,14 @@ def kernel_config(dtype, kv_dtype, head_dim, kv_layout, mode, page_size, q_tile,
 
 
 def use_tma(kv_dtype: str, head_dim: int, q_tile: int, capability: tuple, ctas: int,
-            splits: int, sms: int) -> bool:
+            splits: int, sms: int, page_size: int = 64) -> bool:
     """Whether a call of ``ctas`` CTAs (``splits`` KV splits) on ``sms`` SMs loads K/V with tensor
     maps (``kv_tma``): on compute capability 9.0 and later, on the grids the family's tma_grids
-    names for the tile (family tma_on_grid)."""
+    names for the tile and page size (family tma_on_grid)."""
     if not KV_TMA or capability < (9, 0):
         return False
-    grids = tma_grids(dict(kv_dtype=kv_dtype, head_dim=head_dim, q_tile=q_tile))
+    grids = tma_grids(dict(kv_dtype=kv_dtype, head_dim=head_dim, q_tile=q_tile,
+                           page_size=page_size))
     return tma_on_grid(grids, ctas, splits, sms)
 
 
@@ -592,8 +593,8 @@ def _plan(q, k_cache, v_cache, block_tables, seq_lens, q_cu_seqlens, tree_mask, 
     ctas, sms = bt * hkv * row_tiles * splits, sm_count(dev)
     stages = small_grid_stages(_KV_DTYPES[k_cache.dtype], d, q_tile, ctas, splits, sms)
     # (a pool too large for a tensor map's int32 coordinates keeps the cp.async copies)
-    kv_tma = (use_tma(_KV_DTYPES[k_cache.dtype], d, q_tile, capability(dev), ctas, splits, sms)
-              and fits_tensor_map(k_cache.shape))
+    kv_tma = (use_tma(_KV_DTYPES[k_cache.dtype], d, q_tile, capability(dev), ctas, splits, sms,
+                      page_size) and fits_tensor_map(k_cache.shape))
     static = (float(scale), kv_scale_f, kv_layout, mode, q_tile, page_size, q_len, row_tiles,
               splits, sliding_window or 0, -(-max_kv // KV_TILE), stages, 0, fp8_qk, kv_tma)
     return _Plan(static, need if splits > 1 else 0, workspace is not None)
