@@ -238,18 +238,22 @@ def mamba_engine(bw):
     use_mamba2(fams, "", {})
 
 
-def row_name(shape, n, ctx, batch, kvn, layout="NHD"):
+def row_name(shape, n, ctx, batch, kvn, layout="NHD", page_size=64):
     hq, hkv, d = shape
     return (f"{hq}/{hkv}/{d} q={n} {ctx // 1024}k b={batch} {kvn}"
-            + (f" {layout}" if layout != "NHD" else ""))
+            + (f" {layout}" if layout != "NHD" else "")
+            + (f" p{page_size}" if page_size != 64 else ""))
 
 
 def parse_row(name):
-    """The row tuple of a printed row name (row_name's inverse), e.g. "32/8/128 q=16 1k b=1 fp8"
-    or "16/16/64 q=1 8k b=64 bf16 HND"."""
-    shape, n, ctx, batch, kvn, *layout = name.split()
+    """The row tuple of a printed row name (row_name's inverse), e.g. "32/8/128 q=16 1k b=1 fp8",
+    "16/16/64 q=1 8k b=64 bf16 HND" or "32/8/128 q=1 32k b=1 fp8 p16" (page size 16; 64 when
+    not named)."""
+    shape, n, ctx, batch, kvn, *rest = name.split()
     hq, hkv, d = (int(x) for x in shape.split("/"))
-    return ((hq, hkv, d), int(n[2:]), int(ctx[:-1]) * 1024, int(batch[2:]), kvn, *layout)
+    layout = next((x for x in rest if x in ("NHD", "HND")), "NHD")
+    page = next((int(x[1:]) for x in rest if x.startswith("p")), 64)
+    return ((hq, hkv, d), int(n[2:]), int(ctx[:-1]) * 1024, int(batch[2:]), kvn, layout, page)
 
 
 def attention(rbw, match=(), only_variants=()):
@@ -331,7 +335,7 @@ def attention(rbw, match=(), only_variants=()):
         return use
 
     have_xqa = importlib.util.find_spec("flashinfer") is not None   # the XQA line of each row
-    print("\n## spec-dec attention (page 64, NHD unless named); % of read bandwidth")
+    print("\n## spec-dec attention (page 64 and NHD unless named); % of read bandwidth")
     print("| row | variant | us | % read | vs default |\n|---|---|---|---|---|")
     rows = (((32, 8, 128), 1, 8192, 64, "bf16"), ((32, 8, 128), 4, 8192, 64, "bf16"),
             ((32, 8, 128), 1, 32768, 8, "bf16"), ((32, 8, 128), 4, 32768, 8, "bf16"),
@@ -373,17 +377,18 @@ def attention(rbw, match=(), only_variants=()):
             ((32, 8, 128), 4, 32768, 8, "fp8"), ((32, 8, 128), 16, 1024, 1, "fp8"))
     if match:   # the named rows, in the order named (any shape, not only the list above)
         rows = [parse_row(m) for m in match]
-    for (hq, hkv, d), n, ctx, batch, kvn, *layout in rows:
-        layout = layout[0] if layout else "NHD"
+    for (hq, hkv, d), n, ctx, batch, kvn, *named in rows:
+        layout = named[0] if named else "NHD"
+        page = named[1] if len(named) > 1 else 64
         kv_dtype = torch.float8_e4m3fn if kvn == "fp8" else torch.bfloat16
         variants = [(tag, user(tag, mac, over)) for tag, mac, over in variants_all]
         draft = sb.chain_parents(n) if n <= 4 else sb.random_eagle_tree(n, random.Random(n))
         kv_bytes = batch * ctx * hkv * d * 2 * (1 if kvn == "fp8" else 2)
         copies = max(1, min(16, math.ceil(sb.L2_DEFEAT_BYTES / kv_bytes)))
-        sets = [sb.build(batch, hq, hkv, d, ctx - n, draft, kv_dtype, layout=layout, seed=s)
+        sets = [sb.build(batch, hq, hkv, d, ctx - n, draft, kv_dtype, page, layout, seed=s)
                 for s in range(copies)]
         outs = [torch.empty_like(s["q"]) for s in sets]
-        name = row_name((hq, hkv, d), n, ctx, batch, kvn, layout)
+        name = row_name((hq, hkv, d), n, ctx, batch, kvn, layout, page)
         variants[0][1]()
         plan = dict(zip(sda.OP_ARGS, sda.prepare(**sets[0], out=outs[0])))
         print(f"<!-- {name}: the op's tiling {plan['q_tile']}x{plan['num_splits']} -->", flush=True)
@@ -411,7 +416,7 @@ def attention(rbw, match=(), only_variants=()):
                       f"nan {bool(o.isnan().any())} -->", flush=True)
         if have_xqa:
             for tag, pdl in (("XQA", None), ("XQA no PDL", False)):
-                calls = [sb.xqa_thunk(s, n, hkv, 64, enable_pdl=pdl)[0] for s in sets]
+                calls = [sb.xqa_thunk(s, n, hkv, page, enable_pdl=pdl)[0] for s in sets]
                 t = sb.time_graph(calls)
                 print(f"| {name} | {tag} | {t * 1e6:.1f} | {100 * kv_bytes / t / rbw:.1f}% | |",
                       flush=True)

@@ -10,7 +10,7 @@ kernel of that size, launch and ramp included) and the issue's strictest goal fo
 ratio and as a time.
 
     python benchmarks/spec_dec_attention.py [--grid quick|story|sampled|full|padded|small-trees|misses]
-        [--no-flex] [--fp8-qk] [--kv bf16|fp8] [--xqa-no-pdl] [--floor]
+        [--no-flex] [--no-dense] [--page-size N] [--layout NHD|HND] [--fp8-qk] [--kv bf16|fp8] [--xqa-no-pdl] [--floor]
         [--explore [--explore-trees [--explore-both]]] [--budget SECONDS]
 """
 
@@ -137,8 +137,10 @@ def gathered(a, d):
     batch, npg = bt.shape
     ks = a["kv_scale"] or 1.0
     L = int(a["seq_lens"][0])
-    k = kc[bt.long()].to(torch.bfloat16) * ks      # [B, npg, PS, Hkv, D]
+    k = kc[bt.long()].to(torch.bfloat16) * ks      # [B, npg, PS, Hkv, D] (HND: [B, npg, Hkv, PS, D])
     v = vc[bt.long()].to(torch.bfloat16) * ks
+    if a["kv_layout"] == "HND":
+        k, v = k.transpose(2, 3), v.transpose(2, 3)
     k = k.reshape(batch, -1, k.shape[-2], d)[:, :L].transpose(1, 2).contiguous()
     v = v.reshape(batch, -1, v.shape[-2], d)[:, :L].transpose(1, 2).contiguous()
     return k, v
@@ -411,6 +413,10 @@ def main():
     ap.add_argument("--no-flex", action="store_true")
     ap.add_argument("--rows", type=int, default=0, help="run only the first N rows")
     ap.add_argument("--page-size", type=int, default=64)
+    ap.add_argument("--layout", choices=("NHD", "HND"), default="NHD",
+                    help="K/V cache layout of every row (ours and XQA's alike)")
+    ap.add_argument("--no-dense", action="store_true",
+                    help="skip the peers on a gathered dense copy (SDPA, Flex)")
     ap.add_argument("--explore", action="store_true",
                     help="also time other query tiles / split counts (comment lines)")
     ap.add_argument("--explore-min-ctx", type=int, default=0,
@@ -446,7 +452,8 @@ def main():
         have_xqa = False
         xqa_note = f"flashinfer unavailable ({type(e).__name__}: {e})"
     print(f"# spec_dec_attention on {dev}, {datetime.date.today()}; read bandwidth (sum of 2 GiB) "
-          f"{bw / 1e12:.2f} TB/s; bf16 matmul {mm / 1e12:.0f} TFLOP/s; {xqa_note}; page {args.page_size}")
+          f"{bw / 1e12:.2f} TB/s; bf16 matmul {mm / 1e12:.0f} TFLOP/s; {xqa_note}; page {args.page_size}"
+          f"{'' if args.layout == 'NHD' else ', ' + args.layout}")
     if args.host:
         host_table(bw, have_xqa, args.page_size)
         return
@@ -469,11 +476,11 @@ def main():
         kv_dtype = torch.float8_e4m3fn if kvn == "fp8" else torch.bfloat16
         draft = chain_parents(n) if "tree" not in qname else random_eagle_tree(n, rng)
         ps = args.page_size
-        a0 = build(batch, hq, hkv, d, ctx - n, draft, kv_dtype, ps)
+        a0 = build(batch, hq, hkv, d, ctx - n, draft, kv_dtype, ps, args.layout)
         L = ctx
         kv_bytes = batch * L * hkv * d * 2 * a0["k_cache"].element_size()
         copies = max(1, min(16, math.ceil(L2_DEFEAT_BYTES / kv_bytes)))
-        sets = [a0] + [build(batch, hq, hkv, d, ctx - n, draft, kv_dtype, ps, seed=s)
+        sets = [a0] + [build(batch, hq, hkv, d, ctx - n, draft, kv_dtype, ps, args.layout, seed=s)
                        for s in range(1, copies)]
         outs = [torch.empty_like(s["q"]) for s in sets]
         ours_calls = [(lambda s=s, o=o: spec_dec_attention(**s, out=o)) for s, o in zip(sets, outs)]
@@ -504,6 +511,8 @@ def main():
             cells["floor"] = read_floor(kv_bytes, copies)
         vis = None
         try:
+            if args.no_dense:
+                raise LookupError("--no-dense")
             if kv_bytes > DENSE_MAX_BYTES:
                 raise MemoryError(f"dense copies of {kv_bytes / 1e9:.1f} GB not built")
             k, v = gathered(a0, d)
@@ -514,6 +523,8 @@ def main():
             if not args.no_flex and "tree" in qname and batch == 8 and ctx == 8192 and (hq, hkv, d) == (32, 8, 128):
                 cells["flex"] = time_graph([flex_thunk(a0, n, k, v, vis)], reps=5)
             del k, v
+        except LookupError:
+            pass
         except Exception as e:   # noqa: BLE001
             print(f"<!-- dense peers failed: {type(e).__name__}: {e} -->")
 
