@@ -285,7 +285,8 @@ def attention(rbw, match=(), only_variants=()):
                     ("8 splits", {}, {"num_kv_splits": 8}), ("16 splits", {}, {"num_kv_splits": 16}),
                     ("32 splits", {}, {"num_kv_splits": 32}),
                     ("64 splits", {}, {"num_kv_splits": 64}),
-                    ("shape tiles", {}, {"small_grid_tiles": False})]
+                    ("shape tiles", {}, {"small_grid_tiles": False}),
+                    ("pages prefetched", {"JK_SD_PAGES_AT_ISSUE": 0}, {})]
     base_tiling = sda.pick_tiling
     base_on_grid = sda.tma_on_grid
     if only_variants:

@@ -273,6 +273,16 @@ static_assert(PIPE_T % CPR == 0 && RSTEP > 0 && PIPE_ROWS % RSTEP == 0, "pipelin
 // tiles spilled, at page 16).
 constexpr int PIPE_PAGES = PS >= PIPE_ROWS ? 1 : PIPE_ROWS / PS;
 constexpr bool SLOT_BASE = TILE_BASE && PS < TILE && (PIPE_PAGES == 1 || PS % RSTEP == 0);
+// 128-row tiles copying with tensor maps at page 16 (four slots) read their page ids when they
+// issue a tile's copies instead of holding them a tile ahead: one thread issues them, but every
+// thread of these 128-register tiles paid the four registers (ptxas: 84 bytes spilled).
+// Measured (H200, 64-node trees at page 16): 1.11-1.24x at batch 64. The 16- and 32-row tiles,
+// not register-bound, keep the prefetch (reading at issue: 0.99x decode at 8k batch 64, 0.93x
+// at head_dim 64). JK_SD_PAGES_AT_ISSUE 0 restores the prefetch for the probe.
+#ifndef JK_SD_PAGES_AT_ISSUE
+#define JK_SD_PAGES_AT_ISSUE 1
+#endif
+constexpr bool PAGES_AT_ISSUE = JK_SD_PAGES_AT_ISSUE && TMA && QT >= 128 && PIPE_PAGES > 2;
 static_assert(D % 32 == 0, "head dim");
 
 // bar.sync on barrier ID (1..15; 0 is __syncthreads) for N threads; immediate operands, so
@@ -399,12 +409,14 @@ __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const __gri
     const int kv_tiles = (p.kv_tiles * 64 + TILE - 1) / TILE;   // host units: 64 positions
     const int per0 = (kv_tiles + p.num_splits - 1) / p.num_splits;
     const int* bt = p.block_tables + (size_t)b * p.bt_stride;
-    int pg[PIPE_PAGES];
+    int pg[PAGES_AT_ISSUE ? 1 : PIPE_PAGES];
     // page ids of the pipeline's rows of `tile` (-1 past the table), loaded one tile ahead: slot
     // j holds logical page (tile * TILE + row_lo) / PS + j (row_lo: the pipeline's first row,
     // below)
     auto load_pages = [&](int tile) {
-        if constexpr (PS >= TILE) {
+        if constexpr (PAGES_AT_ISSUE) {
+            return;
+        } else if constexpr (PS >= TILE) {
             const int lp = (tile * TILE) / PS;
             pg[0] = lp < p.bt_stride ? __ldg(bt + lp) : -1;
         } else {
@@ -506,7 +518,13 @@ __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const __gri
 #pragma unroll
             for (int k = 0; k < PIPE_ROWS / TMA_BOX_ROWS; ++k) {
                 const int r = row_lo + k * TMA_BOX_ROWS;   // the box's first row in the tile
-                const int page = pg[k * TMA_BOX_ROWS / PS];  // (a box lies in one page)
+                int page;   // (a box lies in one page)
+                if constexpr (PAGES_AT_ISSUE) {
+                    const int lp = (tile * TILE + r) / PS;
+                    page = lp < p.bt_stride ? __ldg(bt + lp) : -1;
+                } else {
+                    page = pg[k * TMA_BOX_ROWS / PS];
+                }
                 const int tpos = (tile * TILE + r) % PS;
 #if JK_KV_HND
                 const int c1 = tpos, c2 = page * p.hkv + hk;

@@ -546,12 +546,12 @@ def test_kv_tma_configurations():
         assert use_tma("fp8_e4m3", 128, qt, (9, 0), *grid) == want
     assert not use_tma("fp8_e4m3", 64, 64, (9, 0), *big)   # head_dim 64: no whole boxes
     assert not use_tma("fp8_e4m3", 64, 16, (9, 0), *big)
-    # pages of 16 (boxes of 16 rows): large grids only, and never for fp8 16/32-row tiles; pages
-    # of 32 as 64
+    # pages of 16 (boxes of 16 rows): 16/32-row tiles on large grids only, never with fp8; the
+    # warpgroup tiles as at page 64; pages of 32 as 64
     for kv, qt, grid, want in (("bf16", 16, one, False), ("bf16", 16, two, False),
                                ("bf16", 16, big, True), ("bf16", 32, big, True),
                                ("bf16", 64, two, False), ("bf16", 64, big, True),
-                               ("bf16", 128, one, False), ("bf16", 128, big, True),
+                               ("bf16", 128, one, True), ("bf16", 128, big, True),
                                ("fp8_e4m3", 16, two, False), ("fp8_e4m3", 16, big, False),
                                ("fp8_e4m3", 32, big, False), ("fp8_e4m3", 64, big, True),
                                ("fp8_e4m3", 128, big, False)):

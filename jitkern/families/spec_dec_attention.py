@@ -147,20 +147,22 @@ def tma_grids(cfg: dict) -> str:
     128-row tiles 0.95-1.00x.
 
     Pages of 16 positions cut every box to 16 rows (a box never spans pages): four times the
-    copies a tile, issued by one thread. There the tensor maps pay on large grids only (16-bit
-    decode at 8k batch 64 1.02x, head_dim 64 1.08x, 128-row tiles 1.04x, fp8 64-row tiles
-    1.07x), not on smaller ones (16-bit decode at 8k and 32k batch 8 0.85-0.90x, 128-row tiles
-    at 8k batch 8 0.93x, batch 1 0.91-0.95x), nor for fp8 16-row tiles (decode at 8k batch 64
-    0.89x). Pages of 32 keep the rule above (1.00-1.28x on the same rows)."""
+    copies a tile, issued by one thread. There the 16- and 32-row tiles take tensor maps on
+    large grids only with a 16-bit cache (decode at 8k batch 64 1.02x, head_dim 64 1.08x; at 8k
+    and 32k batch 8 0.85-0.90x, 8/1/128 16-node trees at batch 1 0.91x) and never with an fp8
+    one (decode at 8k batch 64 0.89x). The warpgroup tiles keep the rule above (128-row tiles
+    1.03-1.05x on small grids, 1.11-1.16x on large ones; fp8 64-row tiles 1.07x), and so do
+    pages of 32 (1.00-1.28x)."""
     if not tma_shape(cfg):
         return "none"
+    small_tile = cfg["q_tile"] <= 32
     if cfg["kv_dtype"] == "fp8_e4m3":
-        grids = "crowded" if cfg["q_tile"] <= 32 else "large" if cfg["q_tile"] == 64 else "none"
-    else:
-        grids = "large" if cfg["q_tile"] == 64 else "all"
-    if cfg.get("page_size", 64) < 32 and grids != "none":
-        return "none" if cfg["kv_dtype"] == "fp8_e4m3" and cfg["q_tile"] <= 32 else "large"
-    return grids
+        if small_tile and cfg.get("page_size", 64) < 32:
+            return "none"
+        return "crowded" if small_tile else "large" if cfg["q_tile"] == 64 else "none"
+    if small_tile and cfg.get("page_size", 64) < 32:
+        return "large"
+    return "large" if cfg["q_tile"] == 64 else "all"
 
 
 def tma_on_grid(grids: str, ctas: int, splits: int, sms: int) -> bool:
