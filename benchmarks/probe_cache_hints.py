@@ -286,7 +286,8 @@ def attention(rbw, match=(), only_variants=()):
                     ("32 splits", {}, {"num_kv_splits": 32}),
                     ("64 splits", {}, {"num_kv_splits": 64}),
                     ("shape tiles", {}, {"small_grid_tiles": False}),
-                    ("pages prefetched", {"JK_SD_PAGES_AT_ISSUE": 0}, {})]
+                    ("pages prefetched", {"JK_SD_PAGES_AT_ISSUE": 0}, {}),
+                    ("pipeline page slots", {"JK_SD_THREAD_PAGES": 0}, {})]
     base_tiling = sda.pick_tiling
     base_on_grid = sda.tma_on_grid
     if only_variants:

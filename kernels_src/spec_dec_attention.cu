@@ -283,6 +283,16 @@ constexpr bool SLOT_BASE = TILE_BASE && PS < TILE && (PIPE_PAGES == 1 || PS % RS
 #define JK_SD_PAGES_AT_ISSUE 1
 #endif
 constexpr bool PAGES_AT_ISSUE = JK_SD_PAGES_AT_ISSUE && TMA && QT >= 128 && PIPE_PAGES > 2;
+// cp.async copies whose thread steps over whole pages (RSTEP a multiple of PS: fp8 128-row
+// tiles at page 16, 256 threads of 8 chunks a row) read each copied row's page id when they issue
+// it, and a row's offset in its page is then the thread's own constant. The pipeline's four
+// slots and a run-time pick among them spilled 56 bytes there (ptxas), and so did two ids a
+// thread held a tile ahead. JK_SD_THREAD_PAGES 0 restores the slots for the probe.
+#ifndef JK_SD_THREAD_PAGES
+#define JK_SD_THREAD_PAGES 1
+#endif
+constexpr bool THREAD_PAGES = JK_SD_THREAD_PAGES && !TMA && !SLOT_BASE && TILE_BASE && PS < TILE &&
+                              RSTEP % PS == 0 && RCOPY < PIPE_PAGES;
 static_assert(D % 32 == 0, "head dim");
 
 // bar.sync on barrier ID (1..15; 0 is __syncthreads) for N threads; immediate operands, so
@@ -409,13 +419,15 @@ __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const __gri
     const int kv_tiles = (p.kv_tiles * 64 + TILE - 1) / TILE;   // host units: 64 positions
     const int per0 = (kv_tiles + p.num_splits - 1) / p.num_splits;
     const int* bt = p.block_tables + (size_t)b * p.bt_stride;
-    int pg[PAGES_AT_ISSUE ? 1 : PIPE_PAGES];
+    int pg[PAGES_AT_ISSUE || THREAD_PAGES ? 1 : PIPE_PAGES];
     // page ids of the pipeline's rows of `tile` (-1 past the table), loaded one tile ahead: slot
     // j holds logical page (tile * TILE + row_lo) / PS + j (row_lo: the pipeline's first row,
-    // below)
+    // below); PAGES_AT_ISSUE and THREAD_PAGES read them when they issue
     auto load_pages = [&](int tile) {
         if constexpr (PAGES_AT_ISSUE) {
             return;
+        } else if constexpr (THREAD_PAGES) {
+            return;   // read at issue (held a tile ahead, the ids still spilled)
         } else if constexpr (PS >= TILE) {
             const int lp = (tile * TILE) / PS;
             pg[0] = lp < p.bt_stride ? __ldg(bt + lp) : -1;
@@ -581,6 +593,18 @@ __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const __gri
             if constexpr (ONE_PAGE) {
                 ok = r < rows;
                 src = base + (ok ? off0 + k * RSTEP * row_bytes : 0u);
+            } else if constexpr (THREAD_PAGES) {
+                // the row's offset in its page is the thread's (off0 less whole pages): tiles and
+                // steps are whole pages
+                const int lp = (tile * TILE + r) / PS;
+                const int page = lp < p.bt_stride ? __ldg(bt + lp) : -1;
+                ok = r < L - tile * TILE && page >= 0 && c_ok;
+                const u32 in_page = off0 - r0 / PS * PS * row_bytes;
+#if JK_KV_HND
+                src = ok ? ((size_t)page * p.hkv + hk) * (PS * row_bytes) + in_page : 0;
+#else
+                src = ok ? (size_t)page * (PS * row_bytes) + in_page : 0;
+#endif
             } else if constexpr (SLOT_BASE) {
                 // the row's slot: k * RSTEP <= r - row_lo < (k + 1) * RSTEP, and RSTEP divides PS
                 const int j = PIPE_PAGES == 1 ? 0 : k * RSTEP / PS;
