@@ -722,6 +722,92 @@ def test_tma_loads_equal_cp_async_over_poisoned_tails(shape, mode, kv, layout, p
     assert torch.equal(out, outs[True])
 
 
+def _repack_pages(a: dict, page_size: int, gen: torch.Generator) -> dict:
+    """``a`` with its caches moved to pages of ``page_size`` positions: the same logical K/V per
+    sequence, new pages in a shuffled pool whose unused rows hold NaN, a new page table."""
+    kc, vc, table = a["k_cache"], a["v_cache"], a["block_tables"]
+    nhd = a.get("kv_layout", "NHD") == "NHD"
+    ps = kc.shape[1] if nhd else kc.shape[2]
+    hkv, d = (kc.shape[2], kc.shape[3]) if nhd else (kc.shape[1], kc.shape[3])
+    lens = a["seq_lens"].tolist()
+    npg = [-(-L // page_size) for L in lens]
+    pool = sum(npg) + 2
+    perm = torch.randperm(pool, generator=gen).tolist()
+    new_table = torch.full((len(lens), max(npg) + 1), -1, dtype=torch.int32)
+    shape = (pool, page_size, hkv, d) if nhd else (pool, hkv, page_size, d)
+    # (fp8 caches move as bytes: indexing is not defined for float8 tensors; 0x7F is e4m3 NaN)
+    raw = {n: c.view(torch.uint8) if c.element_size() == 1 else c
+           for n, c in (("k_cache", kc), ("v_cache", vc))}
+    out = {n: torch.full(shape, 0x7F if c.dtype == torch.uint8 else float("nan"), dtype=c.dtype,
+                         device=c.device) for n, c in raw.items()}
+    k = 0
+    for b, L in enumerate(lens):
+        old = table[b, :-(-L // ps)].long().to(kc.device)
+        for name, c in raw.items():
+            seq = c[old] if nhd else c[old].transpose(1, 2)      # [pages, ps, hkv, d]
+            seq = seq.reshape(-1, hkv, d)[:L]
+            for i in range(npg[b]):
+                rows = seq[i * page_size:(i + 1) * page_size]
+                if nhd:
+                    out[name][perm[k + i], :rows.shape[0]] = rows
+                else:
+                    out[name][perm[k + i], :, :rows.shape[0]] = rows.transpose(0, 1)
+        new_table[b, :npg[b]] = torch.tensor(perm[k:k + npg[b]], dtype=torch.int32)
+        k += npg[b]
+    out = {n: o.view(kc.dtype) for n, o in out.items()}
+    return dict(a, **out, block_tables=new_table.to(table.device))
+
+
+@pytest.mark.parametrize("shape,mode,kv,batch,splits", [
+    ((32, 8, 128), "decode", torch.bfloat16, 3, None),    # 16-row tiles, small grid
+    ((32, 8, 128), "decode", torch.bfloat16, 40, None),   # large grid: tensor maps at page 16
+    ((32, 8, 128), "chain", torch.float8_e4m3fn, 3, None),   # fp8 warp pipelines
+    ((16, 16, 64), "decode", torch.bfloat16, 3, None),    # head_dim 64: the CTA's pipeline
+    ((32, 8, 128), "tree16", torch.bfloat16, 4, 2),       # 64-row warpgroup tiles
+    ((32, 8, 128), "tree64", torch.bfloat16, 2, 2),       # 128-row tiles, tensor maps
+    ((32, 8, 128), "tree64", torch.float8_e4m3fn, 2, 2),  # fp8 128-row tiles, cp.async
+    ((8, 4, 256), "tree16", torch.bfloat16, 3, None)],
+    ids=lambda v: str(v).replace("torch.", ""))
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+def test_pages_of_16_and_32_equal_pages_of_64(shape, mode, kv, batch, splits, layout):
+    """The same logical K/V in pages of 16, 32 and 64 positions (shuffled pools, NaN in every
+    row no page maps) gives bit-identical outputs: the page-table slots, the ids read at issue
+    (128-row tiles), and the copy forms each page size takes (tensor maps or cp.async) change
+    where bytes come from, never the arithmetic. The page-64 output is also checked against the
+    float64 reference."""
+    from jitkern.ops.spec_dec_attention import planned_config
+
+    hq, hkv, d = shape
+    rng = random.Random(hq * d + batch)
+    ctx = [rng.randint(200, 3000) for _ in range(batch)] if batch < 10 else \
+        [rng.randint(100, 400) for _ in range(batch)]
+    if mode.startswith("tree"):
+        drafts = [random_eagle_tree(int(mode[4:]), rng) for _ in ctx]
+    else:
+        drafts = [1 if mode == "decode" else 4] * len(ctx)
+    fp8 = kv == torch.float8_e4m3fn
+    gen = torch.Generator().manual_seed(hq + d + batch)
+    a = random_paged_inputs(ctx, drafts, num_heads=hq, num_kv_heads=hkv, head_dim=d,
+                            dtype=torch.bfloat16, kv_dtype=kv, kv_scale=0.6 if fp8 else None,
+                            kv_layout=layout, page_size=64, tree=mode.startswith("tree"),
+                            generator=gen)
+    # the same KV bound at every page size (it sets the split ranges), and the same splits
+    a["max_seq_len"] = int(a["seq_lens"].max())
+    if splits:
+        a["num_kv_splits"] = splits
+    want = _run(a)
+    assert _check(a, want, torch.bfloat16) < BOUND[torch.bfloat16]
+    for ps in (16, 32):
+        b = _repack_pages(a, ps, gen)
+        plan = planned_config(**b)
+        if mode == "tree64":   # (forced splits run the shape's own tile)
+            assert plan["q_tile"] == 128
+        if mode == "decode" and ps == 16 and hkv == 8 and torch.cuda.get_device_capability() >= (9, 0):
+            assert bool(plan.get("kv_tma")) == (batch == 40)   # large grids only at page 16
+        got = _run(b)
+        assert torch.equal(got, want), (ps, float((got.float() - want.float()).abs().max()))
+
+
 def test_misaligned_caches_and_refused_tensor_maps_are_named():
     """A cache view that does not start 16-byte aligned is refused before launch, naming it, on
     the tensor-map path (bf16 decode) and the cp.async one (a tree); a map the driver refuses
