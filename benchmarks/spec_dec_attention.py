@@ -509,24 +509,20 @@ def main():
                 xerr = f"fail: {type(e).__name__}"
         if args.floor:
             cells["floor"] = read_floor(kv_bytes, copies)
-        vis = None
-        try:
-            if args.no_dense:
-                raise LookupError("--no-dense")
-            if kv_bytes > DENSE_MAX_BYTES:
-                raise MemoryError(f"dense copies of {kv_bytes / 1e9:.1f} GB not built")
-            k, v = gathered(a0, d)
-            ctxp = L - n
-            tv = tree_visibility(draft).cuda()
-            vis = torch.cat([torch.ones(n, ctxp, dtype=torch.bool, device="cuda"), tv], 1)
-            cells["sdpa"] = time_graph([sdpa_thunk(a0, n, k, v, vis)], reps=5)
-            if not args.no_flex and "tree" in qname and batch == 8 and ctx == 8192 and (hq, hkv, d) == (32, 8, 128):
-                cells["flex"] = time_graph([flex_thunk(a0, n, k, v, vis)], reps=5)
-            del k, v
-        except LookupError:
-            pass
-        except Exception as e:   # noqa: BLE001
-            print(f"<!-- dense peers failed: {type(e).__name__}: {e} -->")
+        if not args.no_dense:
+            try:
+                if kv_bytes > DENSE_MAX_BYTES:
+                    raise MemoryError(f"dense copies of {kv_bytes / 1e9:.1f} GB not built")
+                k, v = gathered(a0, d)
+                ctxp = L - n
+                tv = tree_visibility(draft).cuda()
+                vis = torch.cat([torch.ones(n, ctxp, dtype=torch.bool, device="cuda"), tv], 1)
+                cells["sdpa"] = time_graph([sdpa_thunk(a0, n, k, v, vis)], reps=5)
+                if not args.no_flex and "tree" in qname and batch == 8 and ctx == 8192 and (hq, hkv, d) == (32, 8, 128):
+                    cells["flex"] = time_graph([flex_thunk(a0, n, k, v, vis)], reps=5)
+                del k, v
+            except Exception as e:   # noqa: BLE001
+                print(f"<!-- dense peers failed: {type(e).__name__}: {e} -->")
 
         def us(key):
             return f"{cells[key] * 1e6:.1f}" if key in cells else "-"

@@ -271,8 +271,10 @@ static_assert(PIPE_T % CPR == 0 && RSTEP > 0 && PIPE_ROWS % RSTEP == 0, "pipelin
 // wherever a thread's rows step by a divisor of the page (SLOT_BASE): one 64-bit base per slot
 // and tile, and no run-time index into the slots (which put them in local memory, and 128-row
 // tiles spilled, at page 16).
+// (Pages and steps are powers of two, so a step either divides the page or spans whole pages.)
 constexpr int PIPE_PAGES = PS >= PIPE_ROWS ? 1 : PIPE_ROWS / PS;
-constexpr bool SLOT_BASE = TILE_BASE && PS < TILE && (PIPE_PAGES == 1 || PS % RSTEP == 0);
+static_assert((PS & (PS - 1)) == 0 && (RSTEP & (RSTEP - 1)) == 0, "page and step sizes");
+constexpr bool SLOT_BASE = TILE_BASE && PS < TILE && RSTEP <= PS;
 // 128-row tiles copying with tensor maps at page 16 (four slots) read their page ids when they
 // issue a tile's copies instead of holding them a tile ahead: one thread issues them, but every
 // thread of these 128-register tiles paid the four registers (ptxas: 84 bytes spilled).
@@ -291,8 +293,9 @@ constexpr bool PAGES_AT_ISSUE = JK_SD_PAGES_AT_ISSUE && TMA && QT >= 128 && PIPE
 #ifndef JK_SD_THREAD_PAGES
 #define JK_SD_THREAD_PAGES 1
 #endif
-constexpr bool THREAD_PAGES = JK_SD_THREAD_PAGES && !TMA && !SLOT_BASE && TILE_BASE && PS < TILE &&
-                              RSTEP % PS == 0 && RCOPY < PIPE_PAGES;
+constexpr bool THREAD_PAGES = JK_SD_THREAD_PAGES && !TMA && TILE_BASE && PS < TILE && RSTEP > PS;
+// page ids held one tile ahead (load_pages), as against read when a copy is issued
+constexpr bool PAGES_AHEAD = !PAGES_AT_ISSUE && !THREAD_PAGES;
 static_assert(D % 32 == 0, "head dim");
 
 // bar.sync on barrier ID (1..15; 0 is __syncthreads) for N threads; immediate operands, so
@@ -419,23 +422,21 @@ __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const __gri
     const int kv_tiles = (p.kv_tiles * 64 + TILE - 1) / TILE;   // host units: 64 positions
     const int per0 = (kv_tiles + p.num_splits - 1) / p.num_splits;
     const int* bt = p.block_tables + (size_t)b * p.bt_stride;
-    int pg[PAGES_AT_ISSUE || THREAD_PAGES ? 1 : PIPE_PAGES];
-    // page ids of the pipeline's rows of `tile` (-1 past the table), loaded one tile ahead: slot
-    // j holds logical page (tile * TILE + row_lo) / PS + j (row_lo: the pipeline's first row,
-    // below); PAGES_AT_ISSUE and THREAD_PAGES read them when they issue
+    // the id of logical page lp + j (-1 past the table; written as the sum the callers form)
+    auto page_id = [&](int lp, int j) { return lp + j < p.bt_stride ? __ldg(bt + lp + j) : -1; };
+    int pg[PAGES_AHEAD ? PIPE_PAGES : 1];
+    // page ids of the pipeline's rows of `tile`, loaded one tile ahead (PAGES_AHEAD): slot j
+    // holds logical page (tile * TILE + row_lo) / PS + j (row_lo: the pipeline's first row, below)
     auto load_pages = [&](int tile) {
-        if constexpr (PAGES_AT_ISSUE) {
+        if constexpr (!PAGES_AHEAD) {
             return;
-        } else if constexpr (THREAD_PAGES) {
-            return;   // read at issue (held a tile ahead, the ids still spilled)
         } else if constexpr (PS >= TILE) {
-            const int lp = (tile * TILE) / PS;
-            pg[0] = lp < p.bt_stride ? __ldg(bt + lp) : -1;
+            pg[0] = page_id((tile * TILE) / PS, 0);
         } else {
             const int lp0 = (tile * TILE + (PRIVATE_PIPE ? wn * NW : 0)) / PS;
 #pragma unroll
             for (int j = 0; j < PIPE_PAGES; ++j)
-                pg[j] = lp0 + j < p.bt_stride ? __ldg(bt + lp0 + j) : -1;
+                pg[j] = page_id(lp0, j);
         }
     };
     load_pages(split * per0);
@@ -532,8 +533,7 @@ __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const __gri
                 const int r = row_lo + k * TMA_BOX_ROWS;   // the box's first row in the tile
                 int page;   // (a box lies in one page)
                 if constexpr (PAGES_AT_ISSUE) {
-                    const int lp = (tile * TILE + r) / PS;
-                    page = lp < p.bt_stride ? __ldg(bt + lp) : -1;
+                    page = page_id((tile * TILE + r) / PS, 0);
                 } else {
                     page = pg[k * TMA_BOX_ROWS / PS];
                 }
@@ -596,8 +596,7 @@ __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const __gri
             } else if constexpr (THREAD_PAGES) {
                 // the row's offset in its page is the thread's (off0 less whole pages): tiles and
                 // steps are whole pages
-                const int lp = (tile * TILE + r) / PS;
-                const int page = lp < p.bt_stride ? __ldg(bt + lp) : -1;
+                const int page = page_id((tile * TILE + r) / PS, 0);
                 ok = r < L - tile * TILE && page >= 0 && c_ok;
                 const u32 in_page = off0 - r0 / PS * PS * row_bytes;
 #if JK_KV_HND
@@ -607,7 +606,7 @@ __global__ void __launch_bounds__(NT, MIN_BLOCKS) spec_dec_attention(const __gri
 #endif
             } else if constexpr (SLOT_BASE) {
                 // the row's slot: k * RSTEP <= r - row_lo < (k + 1) * RSTEP, and RSTEP divides PS
-                const int j = PIPE_PAGES == 1 ? 0 : k * RSTEP / PS;
+                const int j = k * RSTEP / PS;
                 ok = r < srows[j];
                 if constexpr (PIPE_PAGES == 1)   // (the base is a row of the page)
                     src = sbase[0] + (ok ? off0 + k * RSTEP * row_bytes : 0u);

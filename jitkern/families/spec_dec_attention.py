@@ -155,14 +155,14 @@ def tma_grids(cfg: dict) -> str:
     pages of 32 (1.00-1.28x)."""
     if not tma_shape(cfg):
         return "none"
-    small_tile = cfg["q_tile"] <= 32
-    if cfg["kv_dtype"] == "fp8_e4m3":
-        if small_tile and cfg.get("page_size", 64) < 32:
-            return "none"
-        return "crowded" if small_tile else "large" if cfg["q_tile"] == 64 else "none"
-    if small_tile and cfg.get("page_size", 64) < 32:
+    fp8 = cfg["kv_dtype"] == "fp8_e4m3"
+    if cfg["q_tile"] <= 32:
+        if cfg.get("page_size", 64) < 32:   # boxes of 16 rows
+            return "none" if fp8 else "large"
+        return "crowded" if fp8 else "all"
+    if cfg["q_tile"] == 64:
         return "large"
-    return "large" if cfg["q_tile"] == 64 else "all"
+    return "none" if fp8 else "all"
 
 
 def tma_on_grid(grids: str, ctas: int, splits: int, sms: int) -> bool:
